@@ -1,0 +1,108 @@
+"""`grok1.load` and `grok1.Model`: a checkpoint on devices, ready to compute logits."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grok1 import checkpoint
+from grok1.config import ModelConfig
+from grok1.model import KVCache, transformed
+from grok1.quant import QuantizedWeight8bit
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def resolve_dtype(dtype: Any = None) -> jnp.dtype:
+    """None picks the platform default: float32 on CPU, bfloat16 on GPU/TPU."""
+    if dtype is None:
+        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)} (or a jnp dtype), got {dtype!r}")
+        return jnp.dtype(DTYPES[dtype])
+    resolved = jnp.dtype(dtype)
+    if resolved not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {resolved}")
+    return resolved
+
+
+@dataclasses.dataclass
+class Model:
+    """A Grok-1-architecture model with its parameters placed on devices.
+
+    `params` is the Haiku params dict (linear weights may be `QuantizedWeight8bit`), `dtype` the
+    compute dtype, `mesh` the device mesh or None for one device, `tokenizer` optional.
+    """
+
+    config: ModelConfig
+    params: dict
+    dtype: jnp.dtype
+    mesh: Optional[jax.sharding.Mesh] = None
+    tokenizer: Any = None
+
+    @functools.cached_property
+    def _forward(self):
+        return jax.jit(transformed(self.config, self.dtype).apply)
+
+    def logits(self, tokens: Any) -> np.ndarray:
+        """Full forward without cache: int tokens [B, T] (rows right-padded with the pad token)
+        -> float32 logits [B, T, vocab_size] as numpy."""
+        tokens = self.check_tokens(tokens)
+        logits, _ = self._forward(self.params, jnp.asarray(tokens))
+        return np.asarray(logits, dtype=np.float32)
+
+    def check_tokens(self, tokens: Any) -> np.ndarray:
+        """tokens as an int32 [B, T] array, or ValueError naming what is wrong and what is allowed."""
+        array = np.asarray(tokens)
+        if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1:
+            raise ValueError(f"tokens must be a non-empty 2-D [batch, time] array of ints, "
+                             f"got shape {array.shape}")
+        if not np.issubdtype(array.dtype, np.integer):
+            raise ValueError(f"tokens must be integers, got dtype {array.dtype}")
+        if array.min() < 0 or array.max() >= self.config.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), "
+                             f"got values in [{array.min()}, {array.max()}]")
+        return array.astype(np.int32)
+
+    def init_cache(self, batch: int, seq_len: Optional[int] = None) -> KVCache:
+        """An empty KV cache for `batch` rows of `seq_len` positions (default: sequence_len)."""
+        return KVCache.zeros(self.config, batch, seq_len, self.dtype)
+
+
+def place_on_device(spec: checkpoint.TensorSpec, value: Any) -> Any:
+    """One tensor onto the default device, int8 weights staying int8."""
+    if isinstance(value, QuantizedWeight8bit):
+        return QuantizedWeight8bit(weight=jax.device_put(value.weight), scales=jax.device_put(value.scales))
+    return jax.device_put(value)
+
+
+def load(path: str | os.PathLike, *, mesh: Optional[jax.sharding.Mesh] = None, dtype: Any = None,
+         tokenizer: Optional[str | os.PathLike] = None) -> Model:
+    """Load a folder holding `ckpt-0/` and `config.json` (and optionally `tokenizer.model`).
+
+    `dtype` is the compute dtype: "float32", "bfloat16", a jnp dtype, or None for the platform
+    default. `mesh` shards the parameters over its devices; None keeps them on one device.
+    """
+    path = os.fspath(path)
+    compute_dtype = resolve_dtype(dtype)
+    config = checkpoint.read_config(path)
+    if mesh is not None:
+        from grok1.sharding import place_sharded
+        place = functools.partial(place_sharded, mesh)
+    else:
+        place = place_on_device
+    params = checkpoint.load_params(path, config, place)
+    tok = None
+    tokenizer_path = tokenizer or os.path.join(path, TOKENIZER_FILE)
+    if tokenizer is not None or os.path.isfile(tokenizer_path):
+        from grok1.tokenizer import Tokenizer
+        tok = Tokenizer(tokenizer_path, vocab_size=config.vocab_size)
+    return Model(config=config, params=params, dtype=compute_dtype, mesh=mesh, tokenizer=tok)

@@ -1,0 +1,369 @@
+"""The Grok-1 model, top to bottom in forward order.
+
+    tokens -> in_out_embed * embedding_multiplier_scale
+           -> num_layers x DecoderLayer:
+                  h += rms_norm_1(attention(rms_norm(h)))      grouped-query, RoPE, 30*tanh(x/30) cap
+                  h += rms_norm_3(moe(rms_norm_2(h)))          router softmax, top-2 of 8 experts
+           -> rms_norm -> h @ in_out_embed.T * output_multiplier_scale -> logits
+
+Module and parameter names are the official checkpoint's (`transformer/decoder_layer_3/moe/linear_v`
+...), so a checkpoint maps 1:1 onto the parameter tree. Shapes: B batch, T new tokens, S keys
+(cache length), d emb_size, H query heads, N kv heads, G = H/N, K key_size, E experts, f ffn_size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from grok1.config import ModelConfig
+from grok1.quant import QuantizedWeight8bit, Weight, matmul
+
+RMS_NORM_EPS = 1e-5
+ROPE_BASE = 10000.0
+ATTN_LOGIT_CAP = 30.0
+MASKED_LOGIT = -1e30
+
+
+# ---- KV cache ---------------------------------------------------------------------------------
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of every layer for B rows of up to S positions.
+
+    `valid[b, s]` marks positions holding a real (non-pad) token; `length[b]` counts positions
+    written so far, so row b's next token goes to position `length[b]` (rows advance independently).
+    """
+
+    keys: tuple[jax.Array, ...]    # num_layers x [B, S, N, K]
+    values: tuple[jax.Array, ...]  # num_layers x [B, S, N, K]
+    valid: jax.Array               # [B, S] bool
+    length: jax.Array              # [B] int32
+
+    @classmethod
+    def zeros(cls, config: ModelConfig, batch: int, seq_len: Optional[int] = None,
+              dtype=jnp.bfloat16) -> "KVCache":
+        shape = (batch, seq_len or config.sequence_len, config.num_kv_heads, config.key_size)
+        return cls(keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+                   values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+                   valid=jnp.zeros(shape[:2], bool), length=jnp.zeros((batch,), jnp.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionContext:
+    """Where this step's tokens sit: RoPE positions of the queries and which keys they may see."""
+
+    positions: jax.Array   # [B, T] int32
+    mask: jax.Array        # [B, T, S] bool
+    cache: Optional[KVCache]
+
+
+def attention_context(tokens: jax.Array, pad_token: int, cache: Optional[KVCache]) -> AttentionContext:
+    """Masks per ARCHITECTURE.md: a key is visible iff it is not pad, not in the future and,
+    with a cache, already written."""
+    B, T = tokens.shape
+    new_valid = tokens != pad_token
+    if cache is None:
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        key_valid, key_positions = new_valid, positions
+    else:
+        positions = cache.length[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+        key_valid = jax.vmap(lambda v, n, s: jax.lax.dynamic_update_slice(v, n, (s,)))(
+            cache.valid, new_valid, cache.length)
+        key_positions = jnp.broadcast_to(jnp.arange(cache.valid.shape[1], dtype=jnp.int32),
+                                         cache.valid.shape)
+        cache = dataclasses.replace(cache, valid=key_valid)
+    mask = key_valid[:, None, :] & (key_positions[:, None, :] <= positions[:, :, None])
+    return AttentionContext(positions=positions, mask=mask, cache=cache)
+
+
+# ---- building blocks --------------------------------------------------------------------------
+
+class RMSNorm(hk.Module):
+    """x * rsqrt(mean(x^2) + 1e-5) * scale, in float32, no offset."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = hk.get_parameter("scale", [x.shape[-1]], jnp.float32, init=jnp.ones)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + RMS_NORM_EPS)
+        return (normed * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+class Linear(hk.Module):
+    """`x @ w` without bias; `w` may be int8 with block scales (see quant.py)."""
+
+    def __init__(self, output_size: int, dtype, name: str):
+        super().__init__(name=name)
+        self.output_size = output_size
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = get_weight("w", [x.shape[-1], self.output_size])
+        return matmul(x, w, self.dtype)
+
+
+def get_weight(name: str, shape: list[int]) -> Weight:
+    """A linear weight from the checkpoint (plain or QuantizedWeight8bit); random at init."""
+    fan_in = shape[-2]
+    init = hk.initializers.TruncatedNormal(stddev=fan_in ** -0.5)
+    return hk.get_parameter(name, shape, jnp.float32, init=init)
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """RoPE in float32 on [B, T, heads, K]: halves of the head dim rotate (not interleaved pairs)."""
+    K = x.shape[-1]
+    freqs = 1.0 / (ROPE_BASE ** (jnp.arange(0, K, 2, dtype=jnp.float32) / K))      # [K/2]
+    phase = positions.astype(jnp.float32)[:, :, None] * freqs                         # [B, T, K/2]
+    phase = jnp.concatenate([phase, phase], axis=-1)[:, :, None, :]                   # [B, T, 1, K]
+    x32 = x.astype(jnp.float32)
+    first, second = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    return (x32 * jnp.cos(phase) + rotated * jnp.sin(phase)).astype(x.dtype)
+
+
+def cap_attention_logits(logits: jax.Array) -> jax.Array:
+    """Grok-1's soft cap: 30 * tanh(logits / 30), so no attention logit exceeds +-30."""
+    return ATTN_LOGIT_CAP * jnp.tanh(logits / ATTN_LOGIT_CAP)
+
+
+# ---- attention --------------------------------------------------------------------------------
+
+class MultiHeadAttention(hk.Module):
+    """Grouped-query attention: H query heads read N kv heads in contiguous groups of G."""
+
+    def __init__(self, config: ModelConfig, dtype, name: str = "multi_head_attention"):
+        super().__init__(name=name)
+        self.config = config
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, ctx: AttentionContext, layer: int
+                 ) -> tuple[jax.Array, Optional[tuple[jax.Array, jax.Array]]]:
+        c = self.config
+        B, T, _ = x.shape
+        H, N, K = c.num_q_heads, c.num_kv_heads, c.key_size
+        q = Linear(H * K, self.dtype, name="query")(x).reshape(B, T, H, K)
+        k = Linear(N * K, self.dtype, name="key")(x).reshape(B, T, N, K)
+        v = Linear(N * K, self.dtype, name="value")(x).reshape(B, T, N, K)
+        q = rotary_embedding(q, ctx.positions)
+        k = rotary_embedding(k, ctx.positions)
+
+        new_kv = None
+        if ctx.cache is not None:  # write this step's keys at each row's own offset
+            write = jax.vmap(lambda buf, new, start: jax.lax.dynamic_update_slice(buf, new, (start, 0, 0)))
+            k = write(ctx.cache.keys[layer], k.astype(ctx.cache.keys[layer].dtype), ctx.cache.length)
+            v = write(ctx.cache.values[layer], v.astype(ctx.cache.values[layer].dtype), ctx.cache.length)
+            new_kv = (k, v)
+
+        q = q.reshape(B, T, N, H // N, K)                                   # [B, T, N, G, K]
+        logits = self.attention_logits(q, k.astype(self.dtype))            # [B, N, G, T, S]
+        logits = cap_attention_logits(logits)
+        logits = jnp.where(ctx.mask[:, None, None, :, :], logits, MASKED_LOGIT)
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bngts,bsnk->btngk", weights, v.astype(self.dtype))
+        out = out.reshape(B, T, H * K)
+        return Linear(c.emb_size, self.dtype, name="linear")(out), new_kv
+
+    def attention_logits(self, q: jax.Array, k: jax.Array) -> jax.Array:
+        """(q . k) * attn_output_multiplier in float32, before capping and masking."""
+        logits = jnp.einsum("btngk,bsnk->bngts", q, k).astype(jnp.float32)
+        return logits * self.config.attn_output_multiplier
+
+
+# ---- mixture of experts -----------------------------------------------------------------------
+
+class Router(hk.Module):
+    """Softmax over all experts of float32(x) @ w, in float32."""
+
+    def __init__(self, config: ModelConfig, name: str = "router"):
+        super().__init__(name=name)
+        self.config = config
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        w = hk.get_parameter("w", [x.shape[-1], self.config.num_experts], jnp.float32,
+                             init=hk.initializers.TruncatedNormal(stddev=x.shape[-1] ** -0.5))
+        return jax.nn.softmax(x.astype(jnp.float32) @ w.astype(jnp.float32), axis=-1)  # [B, T, E]
+
+
+class MoELayer(hk.Module):
+    """Top-k experts per token, each `(gelu(x @ linear) * (x @ linear_v)) @ linear_1`, weighted by
+    its router probability as is (not renormalised). Only the chosen experts are computed: the
+    token copies are sorted by expert and fed to grouped matmuls."""
+
+    def __init__(self, config: ModelConfig, dtype, name: str = "moe"):
+        super().__init__(name=name)
+        self.config = config
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, router_probs: jax.Array) -> jax.Array:
+        c = self.config
+        B, T, d = x.shape
+        E, f, k = c.num_experts, c.ffn_size, c.num_selected_experts
+        w_gate = ExpertWeight([E, d, f], name="linear")()
+        w_up = ExpertWeight([E, d, f], name="linear_v")()
+        w_down = ExpertWeight([E, f, d], name="linear_1")()
+
+        gates, experts = jax.lax.top_k(router_probs, k)                  # [B, T, k]
+        # Sort the B*T*k (token, expert) pairs by expert so each expert sees one contiguous group.
+        expert_ids = experts.reshape(-1)
+        order = jnp.argsort(expert_ids, stable=True)
+        token_of = order // k
+        sorted_experts = expert_ids[order]
+        group_sizes = jnp.bincount(expert_ids, length=E).astype(jnp.int32)
+        xs = x.reshape(B * T, d).astype(self.dtype)[token_of]           # [B*T*k, d]
+
+        h = jax.nn.gelu(grouped_matmul(xs, w_gate, group_sizes, sorted_experts, self.dtype))
+        h = h * grouped_matmul(xs, w_up, group_sizes, sorted_experts, self.dtype)
+        y = grouped_matmul(h, w_down, group_sizes, sorted_experts, self.dtype)  # [B*T*k, d]
+
+        y = y * gates.reshape(-1)[order][:, None].astype(self.dtype)
+        out = jnp.zeros((B * T, d), self.dtype).at[token_of].add(y)
+        return out.reshape(B, T, d)
+
+
+class ExpertWeight(hk.Module):
+    """The stacked [E, in, out] weight `moe/{name}/w` of all experts."""
+
+    def __init__(self, shape: list[int], name: str):
+        super().__init__(name=name)
+        self.shape = shape
+
+    def __call__(self) -> Weight:
+        return get_weight("w", self.shape)
+
+
+def grouped_matmul(xs: jax.Array, w: Weight, group_sizes: jax.Array, row_expert: jax.Array,
+                   dtype) -> jax.Array:
+    """Rows of `xs` sorted by expert times their expert's [in, out] matrix (`jax.lax.ragged_dot`).
+
+    For int8 weights each scale block of the input axis is its own ragged_dot, and the block's
+    scales (per expert and output column) multiply its partial product.
+    """
+    if not isinstance(w, QuantizedWeight8bit):
+        return jax.lax.ragged_dot(xs, w.astype(dtype), group_sizes)
+    E, n_in, n_out = w.weight.shape
+    blocks = w.num_blocks
+    size = n_in // blocks
+    out = None
+    for b in range(blocks):
+        part = jax.lax.ragged_dot(xs[:, b * size:(b + 1) * size],
+                                  w.weight[:, b * size:(b + 1) * size, :].astype(dtype), group_sizes)
+        part = part * w.scales[:, b, :].astype(dtype)[row_expert]
+        out = part if out is None else out + part
+    return out
+
+
+# ---- decoder layer and the stack --------------------------------------------------------------
+
+class DecoderLayer(hk.Module):
+    """Pre- and post-norm around both sublayers: four RMSNorms per layer."""
+
+    def __init__(self, config: ModelConfig, dtype, layer: int):
+        super().__init__(name=f"decoder_layer_{layer}")
+        self.config = config
+        self.dtype = dtype
+        self.layer = layer
+
+    def __call__(self, h: jax.Array, ctx: AttentionContext):
+        attn, new_kv = MultiHeadAttention(self.config, self.dtype)(
+            RMSNorm(name="rms_norm")(h), ctx, self.layer)
+        h = h + RMSNorm(name="rms_norm_1")(attn)
+
+        x = RMSNorm(name="rms_norm_2")(h)
+        router_probs = Router(self.config)(x)
+        h = h + RMSNorm(name="rms_norm_3")(MoELayer(self.config, self.dtype)(x, router_probs))
+        return h, new_kv
+
+
+class Transformer(hk.Module):
+    """The stack of decoder layers (`transformer/decoder_layer_{i}`)."""
+
+    def __init__(self, config: ModelConfig, dtype, name: str = "transformer"):
+        super().__init__(name=name)
+        self.config = config
+        self.dtype = dtype
+
+    def __call__(self, h: jax.Array, ctx: AttentionContext):
+        new_keys, new_values = [], []
+        for i in range(self.config.num_layers):
+            h, new_kv = DecoderLayer(self.config, self.dtype, i)(h, ctx)
+            if new_kv is not None:
+                new_keys.append(new_kv[0])
+                new_values.append(new_kv[1])
+        return h, (tuple(new_keys), tuple(new_values))
+
+
+class LanguageModel(hk.Module):
+    """Tied input/output embeddings with their two multipliers, and the final RMSNorm."""
+
+    def __init__(self, config: ModelConfig, dtype, name: str = "language_model"):
+        super().__init__(name=name)
+        self.config = config
+        self.dtype = dtype
+
+    # Both methods name their submodules as __call__ would, so the shared table is
+    # `language_model/in_out_embed` (not `language_model/~embed/...`).
+    @hk.experimental.name_like("__call__")
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        emb = InOutEmbed(self.config, name="in_out_embed")()
+        return emb[tokens].astype(self.dtype) * self.config.embedding_multiplier_scale  # [B, T, d]
+
+    @hk.experimental.name_like("__call__")
+    def unembed(self, h: jax.Array) -> jax.Array:
+        h = RMSNorm(name="rms_norm")(h)
+        logits = matmul(h, InOutEmbed(self.config, name="in_out_embed")().T, self.dtype)
+        return (logits * self.config.output_multiplier_scale).astype(jnp.float32)     # [..., V]
+
+
+class InOutEmbed(hk.Module):
+    """The [V, d] embedding table, shared by the input lookup and the output projection."""
+
+    def __init__(self, config: ModelConfig, name: str):
+        super().__init__(name=name)
+        self.config = config
+
+    def __call__(self) -> jax.Array:
+        c = self.config
+        return hk.get_parameter("embeddings", [c.vocab_size, c.emb_size], jnp.float32,
+                                init=hk.initializers.TruncatedNormal(stddev=1.0))
+
+
+# ---- the whole forward pass -------------------------------------------------------------------
+
+def forward(config: ModelConfig, dtype, tokens: jax.Array, cache: Optional[KVCache] = None,
+            logits_at: Optional[jax.Array] = None) -> tuple[jax.Array, Optional[KVCache]]:
+    """tokens [B, T] -> (logits, updated cache). Call inside `hk.transform`.
+
+    logits are [B, T, V], or [B, V] at position `logits_at[b]` of each row when given (decoding
+    needs only the last real position, and skipping the rest saves the 131072-wide projection).
+    With a cache, every row's length advances by T; callers with right-padded rows set `length`.
+    """
+    lm = LanguageModel(config, dtype)
+    transformer = Transformer(config, dtype)
+    ctx = attention_context(tokens, config.pad_token, cache)
+    h = lm.embed(tokens)
+    h, (keys, values) = transformer(h, ctx)
+    if logits_at is not None:
+        h = h[jnp.arange(h.shape[0]), logits_at]                               # [B, d]
+    logits = lm.unembed(h)
+    if cache is not None:
+        cache = KVCache(keys=keys, values=values, valid=ctx.cache.valid,
+                        length=cache.length + tokens.shape[1])
+    return logits, cache
+
+
+def transformed(config: ModelConfig, dtype=jnp.float32) -> hk.Transformed:
+    """`hk.transform` of `forward` for this config and compute dtype (no RNG needed at apply)."""
+    return hk.without_apply_rng(hk.transform(
+        lambda tokens, cache=None, logits_at=None: forward(config, dtype, tokens, cache, logits_at)))
+
+
+def param_shapes(config: ModelConfig) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
+    """The parameter tree (module path -> param name -> shape), computed abstractly."""
+    fn = transformed(config)
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return jax.eval_shape(fn.init, jax.random.PRNGKey(0), tokens)

@@ -85,15 +85,23 @@ def place_on_device(spec: checkpoint.TensorSpec, value: Any) -> Any:
 
 
 def load(path: str | os.PathLike, *, mesh: Optional[jax.sharding.Mesh] = None, dtype: Any = None,
-         tokenizer: Optional[str | os.PathLike] = None) -> Model:
+         tokenizer: Optional[str | os.PathLike] = None,
+         config: Optional[ModelConfig | str] = None) -> Model:
     """Load a folder holding `ckpt-0/` and `config.json` (and optionally `tokenizer.model`).
 
     `dtype` is the compute dtype: "float32", "bfloat16", a jnp dtype, or None for the platform
     default. `mesh` shards the parameters over its devices; None keeps them on one device.
+    `config` (a ModelConfig or a PRESETS name) replaces `config.json`, e.g. for the release,
+    which ships none.
     """
     path = os.fspath(path)
     compute_dtype = resolve_dtype(dtype)
-    config = checkpoint.read_config(path)
+    if isinstance(config, str):
+        from grok1.config import PRESETS
+        if config not in PRESETS:
+            raise ValueError(f"unknown preset {config!r}; presets: {', '.join(sorted(PRESETS))}")
+        config = PRESETS[config]
+    config = config or checkpoint.read_config(path)
     if mesh is not None:
         from grok1.sharding import place_sharded
         place = functools.partial(place_sharded, mesh)

@@ -1,0 +1,79 @@
+"""Shared fixtures: the golden sets and reference files from ../shared, skipped when absent."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+GOLDEN = SHARED / "golden"
+REFERENCE = SHARED / "reference"
+GOLDEN_SETS = ("two_layer", "twelve_layer")
+
+
+def require(path: pathlib.Path) -> pathlib.Path:
+    """`path`, or skip the test with the reason that ../shared does not provide it."""
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared is not beside the repo)")
+    return path
+
+
+class Golden:
+    """One golden set: checkpoint folder, config, prompts and reference logits."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.path = require(GOLDEN / name)
+        with open(self.path / "golden.json") as f:
+            self.data = json.load(f)
+        self.prompts: list[list[int]] = self.data["prompts"]
+        npz = np.load(self.path / "golden.npz")
+        self.logits = [npz[f"logits_{i}"] for i in range(len(self.prompts))]
+
+
+@pytest.fixture(params=GOLDEN_SETS)
+def golden(request) -> Golden:
+    return Golden(request.param)
+
+
+@pytest.fixture
+def two_layer() -> Golden:
+    return Golden("two_layer")
+
+
+@pytest.fixture
+def twelve_layer() -> Golden:
+    return Golden("twelve_layer")
+
+
+@pytest.fixture
+def tokenizer_path() -> pathlib.Path:
+    return require(REFERENCE / "tokenizer.model")
+
+
+@pytest.fixture
+def tensor_index_path() -> pathlib.Path:
+    return require(REFERENCE / "grok1_tensor_index.json")
+
+
+def run_with_devices(code: str, devices: int = 8, timeout: float = 600) -> str:
+    """Run Python `code` in a subprocess with `devices` forced CPU devices; return its stdout.
+
+    XLA_FLAGS must be set before jax is imported, hence the separate process.
+    """
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=str(REPO))
+    if proc.returncode != 0:
+        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout

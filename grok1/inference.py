@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +15,9 @@ from grok1 import checkpoint
 from grok1.config import ModelConfig
 from grok1.model import KVCache, transformed
 from grok1.quant import QuantizedWeight8bit
+
+if TYPE_CHECKING:
+    from grok1.inspect import Trace
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TOKENIZER_FILE = "tokenizer.model"
@@ -58,6 +61,13 @@ class Model:
         tokens = self.check_tokens(tokens)
         logits, _ = self._forward(self.params, jnp.asarray(tokens))
         return np.asarray(logits, dtype=np.float32)
+
+    def trace(self, tokens: Any) -> Trace:
+        """Forward pass on int tokens [B, T] recording, per layer, the router probabilities and
+        chosen experts, expert load, attention logits before/after the cap and the residual RMS
+        (see grok1.inspect)."""
+        from grok1.inspect import trace
+        return trace(self, tokens)
 
     def check_tokens(self, tokens: Any) -> np.ndarray:
         """tokens as an int32 [B, T] array, or ValueError naming what is wrong and what is allowed."""

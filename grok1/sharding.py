@@ -1,8 +1,10 @@
-"""Device meshes and the one table that says how every parameter is split over them.
+"""Device meshes and the one table that says how every array is split over them.
 
-Each parameter declares its *logical* axes once (`PARAM_AXES`); `LOGICAL_TO_MESH` maps logical
-axes to mesh axes. To try another sharding strategy, change that mapping; the rest of the code
-turns it into `NamedSharding`s. No regexes over parameter paths.
+Each parameter declares its *logical* axes once (`PARAM_AXES`), and so do the KV cache and the
+step inputs/outputs (`ACTIVATION_AXES`); `LOGICAL_TO_MESH` maps logical axes to mesh axes. To try
+another sharding strategy, change that mapping; the rest of the code turns it into
+`NamedSharding`s. Activations inside the model are not annotated: XLA propagates shardings from
+the weights and the step inputs. No regexes over parameter paths.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from grok1.model import KVCache
 from grok1.quant import QuantizedWeight8bit
 
 MESH_AXES = ("data", "expert", "model")
@@ -33,24 +36,45 @@ PARAM_AXES: dict[str, tuple[Optional[str], ...]] = {
     "linear_1@moe": ("experts", "ffn", "embed_out"),
 }
 
-# Logical axis -> mesh axes it is split over (None: replicated).
+# Logical axes of the KV cache and of the arrays that enter and leave a forward step.
+ACTIVATION_AXES: dict[str, tuple[Optional[str], ...]] = {
+    "tokens": ("batch", "seq"),                          # [B, T]
+    "logits": ("batch", "seq", "vocab"),                 # [B, T, V]
+    "last_logits": ("batch", "vocab"),                   # [B, V]
+    "cache_kv": ("batch", "seq", "cache_heads", None),   # [B, S, N, K] per layer
+    "cache_valid": ("batch", "seq"),                     # [B, S]
+    "cache_length": ("batch",),                          # [B]
+}
+
+# Logical axis -> the mesh axes it is split over, jointly and in this order (None: replicated).
+# Every large weight is split over ALL mesh axes together, so each of n devices holds 1/n of it:
+# Grok-1's 314 GB of int8 only fits when nothing big is replicated. A mesh axis splits at most one
+# axis of an array (the first that claims it), and only where the sizes divide (see partition_spec).
 LOGICAL_TO_MESH: dict[str, Any] = {
-    # The embedding table is split along d over the model axis, like the official code: the input
-    # lookup then needs no communication, and the tied output projection reduces over d.
-    "embed": "model",
+    # Attention heads and the expert hidden (ffn) axis: Megatron-style column-parallel in and
+    # row-parallel out, one all-reduce per sublayer. They are also split over "data" (ZeRO-3 /
+    # FSDP style): data-parallel replicas share one copy of the weights, which XLA gathers per layer.
+    "heads": ("data", "expert", "model"),
+    "kv_heads": ("data", "expert", "model"),
+    "ffn": ("data", "model"),
+    # Experts go to the expert axis (expert parallelism); with no expert axis it has size 1.
+    "experts": "expert",
+    # The embedding table is split along d, like the official code: the input lookup needs no
+    # communication and the tied output projection reduces over d (one all-reduce of the logits).
+    "embed": ("data", "expert", "model"),
     "vocab": None,
-    # Norm scales and the router are tiny: replicate them everywhere.
+    # Norm scales and the router are tiny ([d] and [d, 8]): replicated everywhere.
     "norm": None,
     "router_experts": None,
+    # The d axis of a weight that is already split along its other axis stays whole.
     "embed_in": None,
     "embed_out": None,
-    # Attention heads and the expert hidden (ffn) axis are split over the model axis
-    # (Megatron-style: column-parallel in, row-parallel out, one all-reduce per sublayer).
-    "heads": "model",
-    "kv_heads": "model",
-    "ffn": "model",
-    # Experts go to the expert axis when the mesh has one (size 1 otherwise: no split).
-    "experts": "expert",
+    # Rows of a batch are independent: data parallelism. The KV cache is split by rows first and
+    # then by kv heads over whatever mesh axes remain, so even batch 1 spreads its cache over all
+    # devices (Grok-1 has 8 kv heads: one per device on an 8-way model axis).
+    "batch": "data",
+    "cache_heads": ("data", "expert", "model"),
+    "seq": None,
 }
 
 
@@ -67,6 +91,8 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
             name, value = (s.strip() for s in part.split("="))
             if name not in MESH_AXES:
                 raise ValueError(f"unknown mesh axis {name!r} in {spec!r}; allowed: {', '.join(MESH_AXES)}")
+            if name in shape:
+                raise ValueError(f"mesh axis {name!r} given twice in {spec!r}")
             shape[name] = int(value)
     else:
         raise ValueError(f"mesh spec {spec!r} is not DATAxMODEL, DATAxEXPERTxMODEL or "
@@ -77,7 +103,11 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
 
 
 def make_mesh(spec: str | dict[str, int] = "1x1", devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-    """A mesh with axes (data, expert, model) from a spec such as "1x8" or "data=2,model=4"."""
+    """A mesh with axes (data, expert, model) from a spec such as "1x8" or "data=2,model=4".
+
+    With several processes, `jax.devices()` lists every process's devices, so the mesh spans
+    them all; the model axis varies fastest, keeping tensor-parallel groups on one host.
+    """
     shape = parse_mesh_spec(spec) if isinstance(spec, str) else {n: spec.get(n, 1) for n in MESH_AXES}
     devices = list(jax.devices() if devices is None else devices)
     needed = math.prod(shape.values())
@@ -95,18 +125,29 @@ def logical_axes(module: str, param: str) -> tuple[Optional[str], ...]:
     key = re.sub(r"^rms_norm(_\d+)?$", "rms_norm", parts[-1])
     if key in ("linear", "linear_v", "linear_1"):
         key = f"{key}@{'moe' if parts[-2] == 'moe' else 'attention'}"
+    if key not in PARAM_AXES:
+        raise KeyError(f"no partition rule for parameter {module}/{param}; rules: {sorted(PARAM_AXES)}")
     return PARAM_AXES[key]
 
 
 def partition_spec(axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh) -> P:
-    """PartitionSpec for `shape`, splitting an axis only where its mesh axes divide it."""
+    """PartitionSpec for `shape` with logical `axes`.
+
+    Each array axis takes, in order, the mesh axes its logical axis maps to, skipping mesh axes
+    of size 1, those an earlier array axis already took, and those that would not divide it.
+    """
+    used: set[str] = set()
     out = []
     for axis, size in zip(axes, shape):
-        mesh_axis = LOGICAL_TO_MESH.get(axis) if axis else None
-        if mesh_axis is not None and size % mesh.shape[mesh_axis] == 0 and mesh.shape[mesh_axis] > 1:
-            out.append(mesh_axis)
-        else:
-            out.append(None)
+        rule = LOGICAL_TO_MESH.get(axis) if axis else None
+        wanted = (rule,) if isinstance(rule, str) else tuple(rule or ())
+        taken: list[str] = []
+        for mesh_axis in wanted:
+            n = mesh.shape[mesh_axis]
+            if n > 1 and mesh_axis not in used and size % (math.prod(mesh.shape[a] for a in taken) * n) == 0:
+                taken.append(mesh_axis)
+        used.update(taken)
+        out.append(None if not taken else taken[0] if len(taken) == 1 else tuple(taken))
     return P(*out)
 
 
@@ -124,14 +165,48 @@ def param_sharding(mesh: Mesh, module: str, param: str, value: Any) -> Any:
     return NamedSharding(mesh, partition_spec(axes, value.shape, mesh))
 
 
+def params_sharding(mesh: Mesh, params: dict) -> dict:
+    """The sharding tree of a whole Haiku params dict {module: {param: value}}."""
+    return {module: {name: param_sharding(mesh, module, name, value) for name, value in group.items()}
+            for module, group in params.items()}
+
+
+def activation_sharding(mesh: Mesh, kind: str, shape: Sequence[int]) -> NamedSharding:
+    """NamedSharding of a step input/output or cache array named in ACTIVATION_AXES."""
+    if kind not in ACTIVATION_AXES:
+        raise KeyError(f"unknown activation {kind!r}; known: {sorted(ACTIVATION_AXES)}")
+    return NamedSharding(mesh, partition_spec(ACTIVATION_AXES[kind], shape, mesh))
+
+
+def kv_cache_sharding(mesh: Mesh, cache: KVCache) -> KVCache:
+    """A KVCache of NamedShardings: rows over data, then kv heads over the remaining mesh axes."""
+    return KVCache(keys=tuple(activation_sharding(mesh, "cache_kv", k.shape) for k in cache.keys),
+                   values=tuple(activation_sharding(mesh, "cache_kv", v.shape) for v in cache.values),
+                   valid=activation_sharding(mesh, "cache_valid", cache.valid.shape),
+                   length=activation_sharding(mesh, "cache_length", cache.length.shape))
+
+
 def place_sharded(mesh: Mesh, spec: Any, value: Any) -> Any:
-    """Put one host tensor onto the mesh; each device receives only its own slice."""
+    """Put one host tensor onto the mesh; each device receives only its own slice.
+
+    With several processes each calls this with the same tensor and transfers only the slices
+    of its own (addressable) devices.
+    """
     sharding = param_sharding(mesh, spec.module, spec.param, value)
     if isinstance(value, QuantizedWeight8bit):
-        return QuantizedWeight8bit(weight=_from_host(value.weight, sharding.weight),
-                                   scales=_from_host(value.scales, sharding.scales))
-    return _from_host(value, sharding)
+        return QuantizedWeight8bit(weight=from_host(value.weight, sharding.weight),
+                                   scales=from_host(value.scales, sharding.scales))
+    return from_host(value, sharding)
 
 
-def _from_host(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+def from_host(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array from a host array that every process holds in full."""
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+    """The full value of a (possibly multi-process) array as numpy, on every process."""
+    if array.is_fully_addressable:
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))

@@ -1,0 +1,122 @@
+"""Multi-process runs: 2 processes x 4 CPU devices act as one 8-device mesh; the launcher never hangs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from grok1 import distributed
+from tests.conftest import REPO
+
+GREEDY_STEPS = 6
+
+# Greedy decoding by full recompute over a fixed padded length (one compile): right padding with
+# the pad token leaves every earlier position's logits unchanged.
+GREEDY_WORKER = """
+import json, sys
+from grok1 import distributed
+distributed.initialize()
+import jax, numpy as np, grok1
+from grok1.sharding import make_mesh
+
+path, steps = sys.argv[1], int(sys.argv[2])
+model = grok1.load(path, mesh=make_mesh("1x8"), dtype="float32")
+prompt = json.load(open(path + "/golden.json"))["prompts"][0]
+tokens = np.full((1, len(prompt) + steps), model.config.pad_token, np.int32)
+tokens[0, :len(prompt)] = prompt
+for i in range(len(prompt), len(prompt) + steps):
+    tokens[0, i] = model.logits(tokens)[0, i - 1].argmax()
+print("RESULT", json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
+                            "local_devices": jax.local_device_count(),
+                            "tokens": tokens[0, len(prompt):].tolist()}), flush=True)
+"""
+
+
+def launch(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "grok1.distributed", *args], env=env, cwd=str(REPO),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def greedy_one_process(path, steps: int) -> list[int]:
+    import grok1
+    model = grok1.load(path, dtype="float32")
+    prompt = json.load(open(path / "golden.json"))["prompts"][0]
+    tokens = np.full((1, len(prompt) + steps), model.config.pad_token, np.int32)
+    tokens[0, :len(prompt)] = prompt
+    for i in range(len(prompt), len(prompt) + steps):
+        tokens[0, i] = model.logits(tokens)[0, i - 1].argmax()
+    return tokens[0, len(prompt):].tolist()
+
+
+def test_two_processes_of_four_devices_decode_like_one_process(two_layer):
+    proc = launch("--num-processes", "2", "--devices-per-process", "4", "--timeout", "240", "--",
+                  sys.executable, "-c", GREEDY_WORKER, str(two_layer.path), str(GREEDY_STEPS), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
+               if line.startswith("RESULT ")]
+    assert sorted(r["process"] for r in results) == [0, 1]
+    assert all(r["devices"] == 8 and r["local_devices"] == 4 for r in results)
+    expected = greedy_one_process(two_layer.path, GREEDY_STEPS)
+    assert [r["tokens"] for r in results] == [expected, expected]
+
+
+def test_launcher_stops_the_others_when_one_process_fails():
+    worker = ("import os, sys, time\n"
+              "if os.environ['GROK1_PROCESS_ID'] == '1': sys.exit(3)\n"
+              "time.sleep(120)\n")
+    start = time.monotonic()
+    proc = launch("--num-processes", "2", "--", sys.executable, "-c", worker, timeout=60)
+    assert proc.returncode == 3
+    assert "process 1 exited with code 3" in proc.stderr
+    assert time.monotonic() - start < 30
+
+
+def test_launcher_stops_everything_after_its_timeout():
+    proc = launch("--num-processes", "2", "--timeout", "1", "--",
+                  sys.executable, "-c", "import time; time.sleep(120)", timeout=60)
+    assert proc.returncode == 124
+    assert "still running after 1 s" in proc.stderr
+
+
+def test_launcher_gives_each_process_its_id_and_the_shared_coordinator():
+    worker = ("import os; print('ENV', os.environ['GROK1_PROCESS_ID'], os.environ['GROK1_NUM_PROCESSES'], "
+              "os.environ['GROK1_COORDINATOR'], os.environ['XLA_FLAGS'], flush=True)")
+    proc = launch("--num-processes", "3", "--devices-per-process", "2", "--", sys.executable, "-c", worker,
+                  timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = sorted(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("ENV"))
+    assert [line[0] for line in lines] == ["0", "1", "2"]
+    assert {line[1] for line in lines} == {"3"}
+    assert len({line[2] for line in lines}) == 1 and lines[0][2].startswith("127.0.0.1:")
+    assert {line[3] for line in lines} == {"--xla_force_host_platform_device_count=2"}
+
+
+def test_initialize_without_a_cluster_is_single_process(monkeypatch):
+    for name in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.initialize() is False
+
+
+def test_initialize_names_the_missing_cluster_settings(monkeypatch):
+    monkeypatch.setenv(distributed.ENV_COORDINATOR, "127.0.0.1:1234")
+    monkeypatch.delenv(distributed.ENV_NUM_PROCESSES, raising=False)
+    monkeypatch.delenv(distributed.ENV_PROCESS_ID, raising=False)
+    with pytest.raises(ValueError, match="number of processes"):
+        distributed.initialize()
+
+
+def test_initialize_rejects_a_process_id_outside_the_cluster():
+    with pytest.raises(ValueError, match=r"process id must lie in \[0, 2\)"):
+        distributed.initialize("127.0.0.1:1234", num_processes=2, process_id=2)
+
+
+def test_launcher_refuses_an_empty_command():
+    proc = launch("--num-processes", "2", "--", timeout=60)
+    assert proc.returncode == 2 and "no command" in proc.stderr

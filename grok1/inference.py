@@ -59,8 +59,15 @@ class Model:
         """Full forward without cache: int tokens [B, T] (rows right-padded with the pad token)
         -> float32 logits [B, T, vocab_size] as numpy."""
         tokens = self.check_tokens(tokens)
-        logits, _ = self._forward(self.params, jnp.asarray(tokens))
-        return np.asarray(logits, dtype=np.float32)
+        if self.mesh is None:
+            logits, _ = self._forward(self.params, jnp.asarray(tokens))
+            return np.asarray(logits, dtype=np.float32)
+        from grok1.sharding import activation_sharding, from_host, to_host
+        # Rows split over the data axis; with several processes every process passes the same
+        # tokens and receives all the logits.
+        logits, _ = self._forward(self.params, from_host(
+            tokens, activation_sharding(self.mesh, "tokens", tokens.shape)))
+        return to_host(logits).astype(np.float32)
 
     def trace(self, tokens: Any) -> Trace:
         """Forward pass on int tokens [B, T] recording, per layer, the router probabilities and

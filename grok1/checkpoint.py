@@ -10,16 +10,21 @@ downloaded file cannot run code; anything else is refused with the file and the 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import itertools
+import math
 import os
 import pickle
 import shutil
-from typing import Any, Callable, Iterator, Optional
+import struct
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import ml_dtypes
 import numpy as np
 
 from grok1.config import ModelConfig
+from grok1.progress import Progress
 from grok1.quant import QuantizedWeight8bit, check_block_layout
 
 CKPT_DIR = "ckpt-0"
@@ -70,7 +75,7 @@ def tensor_specs(config: ModelConfig) -> list[TensorSpec]:
     return specs
 
 
-# ---- reading ----------------------------------------------------------------------------------
+# ---- reading: the restricted unpickler (the general path) -------------------------------------
 
 class _PickledQuantizedWeight:
     """What `__main__.QuantizedWeight8bit` unpickles to: a bare record filled by BUILD."""
@@ -94,6 +99,12 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Callable[[], Any]] = {
 }
 
 
+def _refused_global(source: str, module: str, name: str) -> CheckpointError:
+    allowed = ", ".join(f"{m}.{n}" for m, n in _ALLOWED_GLOBALS)
+    return CheckpointError(f"{source}: refused pickle global {module}.{name} "
+                           f"(a checkpoint may only reference {allowed})")
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file, source: str):
         super().__init__(file)
@@ -102,15 +113,12 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         resolve = _ALLOWED_GLOBALS.get((module, name))
         if resolve is None:
-            allowed = ", ".join(f"{m}.{n}" for m, n in _ALLOWED_GLOBALS)
-            raise CheckpointError(f"{self.source}: refused pickle global {module}.{name} "
-                                  f"(a checkpoint may only reference {allowed})")
+            raise _refused_global(self.source, module, name)
         return resolve()
 
 
-def read_tensor(path: str | os.PathLike) -> np.ndarray | QuantizedWeight8bit:
-    """Unpickle one checkpoint file safely: a numpy array or a QuantizedWeight8bit of numpy arrays."""
-    path = os.fspath(path)
+def _unpickle(path: str) -> np.ndarray | QuantizedWeight8bit:
+    """The whole file through the restricted unpickler: slower, but follows any pickle layout."""
     try:
         with open(path, "rb", buffering=1 << 20) as f:
             obj = _RestrictedUnpickler(f, path).load()
@@ -132,8 +140,392 @@ def read_tensor(path: str | os.PathLike) -> np.ndarray | QuantizedWeight8bit:
     return obj
 
 
-def check_tensor(value: np.ndarray | QuantizedWeight8bit, spec: TensorSpec, path: str) -> None:
-    """Raise CheckpointError naming the parameter and file when `value` does not fit `spec`."""
+# ---- reading: locating arrays without reading them (the fast path) ----------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ArrayRef:
+    """A pickled array's raw C-order bytes, located but not read: they start at `offset` in `path`."""
+
+    path: str
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+# A located tensor: one ArrayRef, or a QuantizedWeight8bit whose weight and scales are ArrayRefs.
+Located = Union[ArrayRef, QuantizedWeight8bit]
+
+
+class _Unusual(Exception):
+    """A pickle layout the scanner does not follow; the restricted unpickler reads such files."""
+
+
+@dataclasses.dataclass
+class _Global:
+    module: str
+    name: str
+
+
+@dataclasses.dataclass
+class _Payload:
+    offset: int
+    size: int
+
+
+class _ArrayStub:
+    ref: Optional[ArrayRef] = None
+
+
+class _QuantizedStub:
+    state: Optional[dict] = None
+
+
+class _Opaque:
+    """Anything the scanner does not model (lists, unexpected calls): the file is then unusual."""
+
+
+_RECONSTRUCT = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
+_op = {name: getattr(pickle, name)[0] for name in dir(pickle)
+       if name.isupper() and isinstance(getattr(pickle, name), bytes) and len(getattr(pickle, name)) == 1}
+_LENGTH_BYTES = {_op["SHORT_BINUNICODE"]: 1, _op["BINUNICODE"]: 4, _op["BINUNICODE8"]: 8,
+                 _op["SHORT_BINBYTES"]: 1, _op["BINBYTES"]: 4, _op["BINBYTES8"]: 8,
+                 _op["SHORT_BINSTRING"]: 1, _op["BINSTRING"]: 4, _op["BYTEARRAY8"]: 8}
+_TEXT_OPS = {_op["SHORT_BINUNICODE"], _op["BINUNICODE"], _op["BINUNICODE8"]}
+_CONSTANTS = {_op["NONE"]: None, _op["NEWTRUE"]: True, _op["NEWFALSE"]: False}
+_FIXED_INTS = {_op["BININT1"]: (1, False), _op["BININT2"]: (2, False), _op["BININT"]: (4, True)}
+_EMPTY = {_op["EMPTY_TUPLE"]: tuple, _op["EMPTY_LIST"]: list, _op["EMPTY_DICT"]: dict,
+          _op["EMPTY_SET"]: set}
+_TUPLE_N = {_op["TUPLE1"]: 1, _op["TUPLE2"]: 2, _op["TUPLE3"]: 3}
+_LINE_VALUES = {_op["INT"], _op["LONG"], _op["FLOAT"], _op["STRING"], _op["UNICODE"]}
+
+
+class _Scanner:
+    """Runs a pickle's opcodes symbolically up to STOP: every global is checked against the
+    allow-list, array payloads become (offset, size) and are skipped with a seek, so no array
+    data is read. Calls other than the few the format needs are not made, only noted (unusual)."""
+
+    def __init__(self, file, path: str):
+        self.file, self.path = file, path
+        self.size = os.fstat(file.fileno()).st_size
+        self.unusual = False
+
+    def take(self, n: int) -> bytes:
+        data = self.file.read(n)
+        if len(data) < n:
+            raise CheckpointError(f"{self.path}: truncated pickle (ends at byte {self.size} "
+                                  f"before its STOP opcode)")
+        return data
+
+    def line(self) -> str:
+        data = self.file.readline()
+        if not data.endswith(b"\n"):
+            raise CheckpointError(f"{self.path}: truncated pickle (ends at byte {self.size} "
+                                  f"before its STOP opcode)")
+        return data[:-1].decode("utf-8")
+
+    def opaque(self) -> _Opaque:
+        self.unusual = True
+        return _Opaque()
+
+    def run(self) -> Located:
+        stack: list[Any] = []
+        marks: list[int] = []
+        memo: dict[int, Any] = {}
+
+        def since_mark() -> list[Any]:
+            start = marks.pop()
+            items = stack[start:]
+            del stack[start:]
+            return items
+
+        while True:
+            op = self.take(1)[0]
+            if op == _op["PROTO"]:
+                self.take(1)
+            elif op == _op["FRAME"]:
+                self.take(8)  # frames only group opcodes; we read the raw file
+            elif op in _LENGTH_BYTES:
+                n = int.from_bytes(self.take(_LENGTH_BYTES[op]), "little")
+                stack.append(self.take(n).decode("utf-8") if op in _TEXT_OPS else self.skip(n))
+            elif op in _FIXED_INTS:
+                width, signed = _FIXED_INTS[op]
+                stack.append(int.from_bytes(self.take(width), "little", signed=signed))
+            elif op == _op["LONG1"]:
+                stack.append(int.from_bytes(self.take(self.take(1)[0]), "little", signed=True))
+            elif op == _op["BINFLOAT"]:
+                stack.append(struct.unpack(">d", self.take(8))[0])
+            elif op in _LINE_VALUES:
+                self.line()
+                stack.append(self.opaque())
+            elif op in _CONSTANTS:
+                stack.append(_CONSTANTS[op])
+            elif op == _op["MEMOIZE"]:
+                memo[len(memo)] = stack[-1]
+            elif op == _op["BINPUT"]:
+                memo[self.take(1)[0]] = stack[-1]
+            elif op == _op["LONG_BINPUT"]:
+                memo[int.from_bytes(self.take(4), "little")] = stack[-1]
+            elif op == _op["PUT"]:
+                memo[int(self.line())] = stack[-1]
+            elif op == _op["BINGET"]:
+                stack.append(memo[self.take(1)[0]])
+            elif op == _op["LONG_BINGET"]:
+                stack.append(memo[int.from_bytes(self.take(4), "little")])
+            elif op == _op["GET"]:
+                stack.append(memo[int(self.line())])
+            elif op == _op["STACK_GLOBAL"]:
+                name, module = stack.pop(), stack.pop()
+                if not isinstance(module, str) or not isinstance(name, str):
+                    raise CheckpointError(f"{self.path}: corrupt pickle (STACK_GLOBAL of non-strings)")
+                stack.append(self.global_(module, name))
+            elif op == _op["GLOBAL"]:
+                module = self.line()
+                stack.append(self.global_(module, self.line()))
+            elif op == _op["INST"]:
+                module = self.line()
+                self.global_(module, self.line())
+                since_mark()
+                stack.append(self.opaque())
+            elif op == _op["MARK"]:
+                marks.append(len(stack))
+            elif op in _EMPTY:
+                stack.append(_EMPTY[op]())
+            elif op in _TUPLE_N:
+                n = _TUPLE_N[op]
+                items = tuple(stack[-n:])
+                del stack[-n:]
+                stack.append(items)
+            elif op == _op["TUPLE"]:
+                stack.append(tuple(since_mark()))
+            elif op == _op["LIST"]:
+                stack.append(since_mark())
+            elif op == _op["DICT"]:
+                items = since_mark()
+                stack.append(dict(zip(items[::2], items[1::2])))
+            elif op == _op["FROZENSET"]:
+                since_mark()
+                stack.append(self.opaque())
+            elif op == _op["APPEND"]:
+                self.add(stack[-2], [stack.pop()])
+            elif op in (_op["APPENDS"], _op["ADDITEMS"]):
+                items = since_mark()
+                self.add(stack[-1], items)
+            elif op == _op["SETITEM"]:
+                value, key = stack.pop(), stack.pop()
+                self.setitems(stack[-1], [key, value])
+            elif op == _op["SETITEMS"]:
+                items = since_mark()
+                self.setitems(stack[-1], items)
+            elif op == _op["POP"]:
+                if marks and marks[-1] == len(stack):
+                    marks.pop()
+                else:
+                    stack.pop()
+            elif op == _op["POP_MARK"]:
+                since_mark()
+            elif op == _op["DUP"]:
+                stack.append(stack[-1])
+            elif op == _op["REDUCE"]:
+                args, fn = stack.pop(), stack.pop()
+                stack.append(self.reduce(fn, args))
+            elif op == _op["NEWOBJ"]:
+                args, cls = stack.pop(), stack.pop()
+                if isinstance(cls, _Global) and cls.name == "QuantizedWeight8bit" and args == ():
+                    stack.append(_QuantizedStub())
+                else:
+                    stack.append(self.opaque())
+            elif op == _op["NEWOBJ_EX"]:
+                del stack[-3:]
+                stack.append(self.opaque())
+            elif op == _op["OBJ"]:
+                since_mark()
+                stack.append(self.opaque())
+            elif op == _op["BUILD"]:
+                state = stack.pop()
+                self.build(stack[-1], state)
+            elif op == _op["STOP"]:
+                result = stack.pop()
+                if self.unusual:
+                    raise _Unusual
+                return self.result(result)
+            else:  # persistent ids, out-of-band buffers, extension registry: not in checkpoints
+                raise _Unusual
+
+    def skip(self, n: int) -> _Payload:
+        offset = self.file.tell()
+        if offset + n > self.size:
+            raise CheckpointError(f"{self.path}: truncated pickle (an array's data runs to byte "
+                                  f"{offset + n} but the file has {self.size} bytes)")
+        self.file.seek(n, os.SEEK_CUR)
+        return _Payload(offset, n)
+
+    def global_(self, module: str, name: str) -> _Global:
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise _refused_global(self.path, module, name)
+        return _Global(module, name)
+
+    def add(self, target: Any, items: list[Any]) -> None:
+        if isinstance(target, list):
+            target.extend(items)
+        else:
+            self.unusual = True
+
+    def setitems(self, target: Any, items: list[Any]) -> None:
+        if isinstance(target, dict):
+            try:
+                target.update(zip(items[::2], items[1::2]))
+                return
+            except TypeError:  # unhashable symbolic key
+                pass
+        self.unusual = True
+
+    def reduce(self, fn: Any, args: Any) -> Any:
+        if isinstance(fn, _Global) and isinstance(args, tuple):
+            if (fn.module, fn.name) in _RECONSTRUCT:
+                return _ArrayStub()
+            kind = args[0] if args else None
+            if isinstance(kind, _Global) and kind.name == "bfloat16":
+                kind = ml_dtypes.bfloat16
+            if (fn.module, fn.name) == ("numpy", "dtype") and isinstance(kind, (str, type)) \
+                    and all(isinstance(a, bool) for a in args[1:]):
+                return np.dtype(kind, *args[1:])
+        return self.opaque()
+
+    def build(self, obj: Any, state: Any) -> None:
+        if isinstance(obj, np.dtype):
+            obj.__setstate__(state)
+        elif isinstance(obj, _ArrayStub):
+            _, shape, dtype, fortran, raw = state
+            if fortran or not isinstance(raw, _Payload) or not isinstance(dtype, np.dtype) \
+                    or dtype.hasobject:
+                self.unusual = True
+                return
+            ref = ArrayRef(self.path, raw.offset, tuple(int(n) for n in shape), dtype)
+            if ref.nbytes != raw.size:
+                raise CheckpointError(f"{self.path}: corrupt pickle (an array of shape {ref.shape} "
+                                      f"{dtype} needs {ref.nbytes} bytes, the file holds {raw.size})")
+            obj.ref = ref
+        elif isinstance(obj, _QuantizedStub) and isinstance(state, dict):
+            obj.state = state
+        else:
+            self.unusual = True
+
+    def result(self, obj: Any) -> Located:
+        if isinstance(obj, _ArrayStub) and obj.ref is not None:
+            return obj.ref
+        if isinstance(obj, _QuantizedStub) and obj.state is not None:
+            weight, scales = obj.state.get("weight"), obj.state.get("scales")
+            if isinstance(weight, _ArrayStub) and isinstance(scales, _ArrayStub):
+                return QuantizedWeight8bit(weight=weight.ref, scales=scales.ref)
+        raise _Unusual
+
+
+def locate_tensor(path: str | os.PathLike) -> Optional[Located]:
+    """Where one file's arrays lie, from its pickle opcodes alone (a few hundred bytes are read).
+
+    None when the file uses a pickle layout the scanner does not follow (`read_tensor` then
+    unpickles it). Refused globals and truncation raise CheckpointError before any data is read.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            return _Scanner(f, path).run()
+    except FileNotFoundError:
+        raise CheckpointError(f"missing checkpoint file {path}") from None
+    except _Unusual:
+        return None
+    except (IndexError, KeyError, TypeError, ValueError, UnicodeDecodeError, AttributeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: truncated or corrupt pickle ({type(e).__name__}: {e})") from None
+
+
+# jax's CPU client adopts host buffers with this alignment instead of copying them.
+_ALIGNMENT = 64
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % _ALIGNMENT
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _normalise(box: Optional[Sequence[slice]], shape: tuple[int, ...]) -> tuple[slice, ...]:
+    box = tuple(box or ()) + (slice(None),) * (len(shape) - len(box or ()))
+    out = []
+    for s, n in zip(box, shape):
+        start, stop, step = s.indices(n)
+        if step != 1:
+            raise ValueError(f"box slices must have step 1, got {s}")
+        out.append(slice(start, max(start, stop)))
+    return tuple(out)
+
+
+def _runs(shape: tuple[int, ...], itemsize: int, box: tuple[slice, ...]) -> Iterator[tuple[int, int]]:
+    """(byte offset in the array, byte length) of each contiguous run of `box`, in C order."""
+    lens = [s.stop - s.start for s in box]
+    strides = [math.prod(shape[i + 1:]) * itemsize for i in range(len(shape))]
+    k = len(shape)  # axes k.. are whole, so one run spans them and the slice of axis k-1
+    while k > 0 and lens[k - 1] == shape[k - 1]:
+        k -= 1
+    if k == 0:
+        yield 0, math.prod(shape) * itemsize
+        return
+    run = lens[k - 1] * strides[k - 1]
+    base = sum(s.start * st for s, st in zip(box, strides))
+    for outer in itertools.product(*(range(n) for n in lens[:k - 1])):
+        yield base + sum(i * st for i, st in zip(outer, strides)), run
+
+
+def _read_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
+    while buf.nbytes:
+        n = os.preadv(fd, [buf], offset)
+        if n == 0:
+            raise CheckpointError(f"{path}: truncated (no data at byte {offset})")
+        buf, offset = buf[n:], offset + n
+
+
+def read_box(ref: ArrayRef, box: Optional[Sequence[slice]] = None) -> np.ndarray:
+    """The part `box` (a slice per axis; None: all) of a located array, read from the file straight
+    into a new aligned array: the only copy is the one from the page cache."""
+    box = _normalise(box, ref.shape)
+    out = _aligned_empty(tuple(s.stop - s.start for s in box), ref.dtype)
+    if out.size:
+        dest = memoryview(out.reshape(-1).view(np.uint8))
+        with open(ref.path, "rb", buffering=0) as f:
+            pos = 0
+            for offset, size in _runs(ref.shape, ref.dtype.itemsize, box):
+                _read_into(f.fileno(), dest[pos:pos + size], ref.offset + offset, ref.path)
+                pos += size
+    return out
+
+
+def _read_located(located: Located) -> np.ndarray | QuantizedWeight8bit:
+    if isinstance(located, QuantizedWeight8bit):
+        return QuantizedWeight8bit(weight=read_box(located.weight), scales=read_box(located.scales))
+    return read_box(located)
+
+
+def read_tensor(path: str | os.PathLike) -> np.ndarray | QuantizedWeight8bit:
+    """One checkpoint file, safely: a numpy array or a QuantizedWeight8bit of numpy arrays.
+
+    Only the allowed globals are resolved, so a downloaded file cannot run code. Plain layouts
+    (all the official files) are located by their opcodes and read straight into their arrays;
+    anything else goes through the restricted unpickler.
+    """
+    path = os.fspath(path)
+    located = locate_tensor(path)
+    return _unpickle(path) if located is None else _read_located(located)
+
+
+def check_tensor(value: np.ndarray | QuantizedWeight8bit | Located, spec: TensorSpec, path: str) -> None:
+    """Raise CheckpointError naming the parameter and file when `value` (read or only located)
+    does not fit `spec`."""
     where = f"parameter {spec.name} ({path})"
     if tuple(value.shape) != spec.shape:
         raise CheckpointError(f"{where}: expected shape {spec.shape}, found {tuple(value.shape)}")
@@ -143,7 +535,7 @@ def check_tensor(value: np.ndarray | QuantizedWeight8bit, spec: TensorSpec, path
         if value.scales.dtype not in FLOAT_DTYPES:
             raise CheckpointError(f"{where}: expected float scales (bfloat16, float16, float32), "
                                   f"found {value.scales.dtype}")
-        problem = check_block_layout(value.shape, value.scales.shape)
+        problem = check_block_layout(value.shape, tuple(value.scales.shape))
         if problem:
             raise CheckpointError(f"{where}: {problem}")
     elif value.dtype not in FLOAT_DTYPES:
@@ -163,33 +555,228 @@ def checkpoint_dir(path: str | os.PathLike) -> str:
     raise CheckpointError(f"{path} holds no {CKPT_DIR}/ folder with {tensor_filename(0)}")
 
 
-def iter_tensors(ckpt: str, config: ModelConfig) -> Iterator[tuple[TensorSpec, np.ndarray | QuantizedWeight8bit]]:
-    """(spec, value) for every tensor, checked, reading one file at a time."""
+# ---- validation before loading ----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class CheckedTensor:
+    """A checkpoint file that passed validation: located (None: unusual layout, unpickled later)."""
+
+    spec: TensorSpec
+    path: str
+    file_bytes: int
+    located: Optional[Located]
+
+
+def check_checkpoint(ckpt: str, config: ModelConfig) -> list[CheckedTensor]:
+    """Validate every file of `ckpt` against `config` before any array data is read.
+
+    Checks that each expected file exists and no extra one does, then, from each pickle's opcodes
+    alone, that it references only allowed globals, holds the expected shape and dtype, and that
+    its array data lies inside the file (an unusual layout: a size check, then the restricted
+    unpickler).
+    """
     specs = tensor_specs(config)
-    missing = [s.filename for s in specs if not os.path.isfile(os.path.join(ckpt, s.filename))]
+    paths = [os.path.join(ckpt, s.filename) for s in specs]
+    missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise CheckpointError(
-            f"missing checkpoint file {os.path.join(ckpt, missing[0])} ({len(missing)} of the "
-            f"{len(specs)} files that num_layers={config.num_layers} expects are missing)")
+            f"missing checkpoint file {missing[0]} ({len(missing)} of the {len(specs)} files that "
+            f"config num_layers={config.num_layers} expects are missing)")
     extra = os.path.join(ckpt, tensor_filename(len(specs)))
     if os.path.exists(extra):
         raise CheckpointError(f"{ckpt} holds more tensors than config num_layers={config.num_layers} "
                               f"expects ({len(specs)}): found {extra}")
-    for spec in specs:
-        path = os.path.join(ckpt, spec.filename)
-        value = read_tensor(path)
-        check_tensor(value, spec, path)
-        yield spec, value
+    checked = []
+    for spec, path in zip(specs, paths):
+        size = os.path.getsize(path)
+        located = locate_tensor(path)  # exact: globals, shapes, dtypes, data inside the file
+        if located is None:  # unusual layout: a size check, then the restricted unpickler
+            least = math.prod(spec.shape) * (1 if spec.quantized else 2)  # int8 / 16-bit floats
+            if size < least:
+                raise CheckpointError(f"{path}: truncated? {size} bytes cannot hold parameter "
+                                      f"{spec.name} of shape {spec.shape} (at least {least} bytes)")
+        check_tensor(_unpickle(path) if located is None else located, spec, path)
+        checked.append(CheckedTensor(spec, path, size, located))
+    return checked
+
+
+def _arrays(located: Located) -> list[ArrayRef]:
+    return [located.weight, located.scales] if isinstance(located, QuantizedWeight8bit) else [located]
+
+
+def _shardings(located: Any, sharding: Any) -> list[Any]:
+    return [sharding.weight, sharding.scales] if isinstance(located, QuantizedWeight8bit) else [sharding]
+
+
+def host_available_bytes() -> int:
+    """Host RAM that can still be allocated (psutil's `available`)."""
+    import psutil
+    return int(psutil.virtual_memory().available)
+
+
+def device_available_bytes(device: Any) -> Optional[int]:
+    """Free memory of an accelerator (bytes_limit - bytes_in_use), None when it does not say."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+def estimate_device_bytes(checked: Sequence[CheckedTensor], shardings: Sequence[Any]) -> dict[Any, int]:
+    """Bytes of parameters each local device will hold once loaded (parameters keep their stored
+    dtypes: int8 weights, bf16/f32 scales, embeddings and norms)."""
+    need: dict[Any, int] = {}
+    for entry, sharding in zip(checked, shardings):
+        if entry.located is None:  # unusual layout: the file's bytes, split like the weight
+            parts = [(entry.spec.shape, sharding, entry.file_bytes / max(1, math.prod(entry.spec.shape)))]
+        else:
+            parts = [(ref.shape, s, ref.dtype.itemsize)
+                     for ref, s in zip(_arrays(entry.located), _shardings(entry.located, sharding))]
+        for shape, s, itemsize in parts:
+            shard = int(math.prod(s.shard_shape(shape)) * itemsize)
+            for device in s.addressable_devices:
+                need[device] = need.get(device, 0) + shard
+    return need
+
+
+def check_memory(ckpt: str, checked: Sequence[CheckedTensor], shardings: Sequence[Any],
+                 in_flight_bytes: int) -> None:
+    """Refuse (CheckpointError: needed vs available) when the parameters cannot fit the devices,
+    or host RAM cannot hold the CPU devices' share plus the tensors being read."""
+    need = estimate_device_bytes(checked, shardings)
+    gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
+    host_need = in_flight_bytes
+    for device, nbytes in sorted(need.items(), key=lambda kv: str(kv[0])):
+        if device.platform == "cpu":
+            host_need += nbytes
+            continue
+        available = device_available_bytes(device)
+        if available is not None and nbytes > available:
+            raise CheckpointError(
+                f"{ckpt}: the parameters need {gb(nbytes)} on {device} but only {gb(available)} is "
+                f"free there; use a mesh over more devices or devices with more memory")
+    available = host_available_bytes()
+    if host_need > available:
+        cpu = sum(n for d, n in need.items() if d.platform == "cpu")
+        raise CheckpointError(
+            f"{ckpt}: loading needs {gb(host_need)} of host RAM ({gb(cpu)} of parameters on CPU "
+            f"devices + {gb(in_flight_bytes)} for tensors being read) but only {gb(available)} is "
+            f"available")
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+class _ShapeOnly:
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = shape
+
+
+def _sharding_for(mesh: Any, spec: TensorSpec, value: Any) -> Any:
+    """The final sharding of a tensor: from the mesh's table, or the first device without a mesh."""
+    import jax
+    if mesh is None:
+        single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return QuantizedWeight8bit(weight=single, scales=single) if isinstance(value, QuantizedWeight8bit) else single
+    from grok1.sharding import param_sharding
+    return param_sharding(mesh, spec.module, spec.param, value)
+
+
+def _bounding_box(indices: Iterable[tuple[slice, ...]], shape: tuple[int, ...]) -> tuple[slice, ...]:
+    boxes = [_normalise(index, shape) for index in indices]
+    return tuple(slice(min(b[i].start for b in boxes), max(b[i].stop for b in boxes))
+                 for i in range(len(shape)))
+
+
+def _array_from(source: ArrayRef | np.ndarray, sharding: Any) -> tuple[Any, int]:
+    """A jax.Array with `sharding`, reading from the file only the part this process's devices
+    hold (one host buffer, which each device's shard slices). Returns (array, bytes read)."""
+    import jax
+    shape = tuple(source.shape)
+    box = _bounding_box(sharding.addressable_devices_indices_map(shape).values(), shape)
+    host = read_box(source, box) if isinstance(source, ArrayRef) else source[box]
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+        return host[tuple(slice(s.start - b.start, s.stop - b.start)
+                          for s, b in zip(_normalise(index, shape), box))]
+
+    return jax.make_array_from_callback(shape, sharding, shard), host.nbytes
+
+
+def _load_one(entry: CheckedTensor, mesh: Any) -> tuple[Any, int]:
+    value = entry.located
+    if value is None:
+        value = _unpickle(entry.path)
+        check_tensor(value, entry.spec, entry.path)
+    sharding = _sharding_for(mesh, entry.spec, value)
+    if isinstance(value, QuantizedWeight8bit):
+        weight, n_w = _array_from(value.weight, sharding.weight)
+        scales, n_s = _array_from(value.scales, sharding.scales)
+        return QuantizedWeight8bit(weight=weight, scales=scales), n_w + n_s
+    return _array_from(value, sharding)
+
+
+def _checked_params(checked: Sequence[CheckedTensor], work: Callable[[CheckedTensor], tuple[Any, int]],
+                    workers: int, progress: Optional[bool], total: int) -> dict:
+    """Run `work` over the tensors on `workers` threads, at most `workers` tensors in flight."""
+    params: dict[str, dict[str, Any]] = {}
+    todo = iter(checked)
+    with Progress(len(checked), total, enabled=progress) as bar, \
+            concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ckpt") as pool:
+        pending: dict[concurrent.futures.Future, CheckedTensor] = {}
+        while True:
+            while len(pending) < workers and (entry := next(todo, None)) is not None:
+                pending[pool.submit(work, entry)] = entry
+            if not pending:
+                return params
+            done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                spec = pending.pop(future).spec
+                value, nbytes = future.result()
+                params.setdefault(spec.module, {})[spec.param] = value
+                bar.update(nbytes)
+
+
+DEFAULT_WORKERS = 4
 
 
 def load_params(path: str | os.PathLike, config: ModelConfig,
-                place: Callable[[TensorSpec, Any], Any] = lambda spec, value: value) -> dict:
-    """The Haiku params dict {module: {param: value}}, each tensor passed through `place`
-    (e.g. onto devices) as soon as it is read, so at most one tensor is held in host memory."""
-    params: dict[str, dict[str, Any]] = {}
-    for spec, value in iter_tensors(checkpoint_dir(path), config):
-        params.setdefault(spec.module, {})[spec.param] = place(spec, value)
-    return params
+                place: Optional[Callable[[TensorSpec, Any], Any]] = None, *,
+                mesh: Any = None, progress: Optional[bool] = None, workers: int = DEFAULT_WORKERS,
+                memory_check: bool = True) -> dict:
+    """The Haiku params dict {module: {param: jax.Array or QuantizedWeight8bit}}.
+
+    The whole checkpoint is validated first (files, sizes, globals, shapes, dtypes, and whether the
+    parameters fit the devices), then `workers` threads read tensors, each straight into its final
+    sharding over `mesh` (None: the first device), reading only what this process's devices hold.
+    At most `workers` tensors are in host memory at once. `place(spec, value)`, when given,
+    replaces the placement and receives each whole tensor as numpy. `progress`: bar on a TTY (None),
+    always (True), never (False).
+    """
+    ckpt = checkpoint_dir(path)
+    checked = check_checkpoint(ckpt, config)
+    if place is not None:
+        def work(entry: CheckedTensor) -> tuple[Any, int]:
+            value = _unpickle(entry.path) if entry.located is None else _read_located(entry.located)
+            check_tensor(value, entry.spec, entry.path)
+            return place(entry.spec, value), _as_numpy(value).nbytes
+    else:
+        def work(entry: CheckedTensor) -> tuple[Any, int]:
+            return _load_one(entry, mesh)
+        if memory_check:
+            shardings = [_sharding_for(mesh, e.spec, e.located if e.located is not None
+                                       else _ShapeOnly(e.spec.shape)) for e in checked]
+            largest = max(e.file_bytes for e in checked)
+            check_memory(ckpt, checked, shardings, in_flight_bytes=workers * largest)
+    total = sum(e.file_bytes for e in checked)
+    return _checked_params(checked, work, workers, progress, total)
+
+
+def iter_tensors(ckpt: str, config: ModelConfig) -> Iterator[tuple[TensorSpec, np.ndarray | QuantizedWeight8bit]]:
+    """(spec, numpy value) for every tensor in file order, validated first, one file at a time."""
+    for entry in check_checkpoint(ckpt, config):
+        value = _unpickle(entry.path) if entry.located is None else _read_located(entry.located)
+        check_tensor(value, entry.spec, entry.path)
+        yield entry.spec, value
 
 
 # ---- writing ----------------------------------------------------------------------------------
@@ -290,3 +877,50 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     return ModelConfig.from_json(file)
 
 
+
+
+# ---- quantisation -----------------------------------------------------------------------------
+
+def quantize_params(params: dict, config: ModelConfig, num_blocks: int = 1,
+                    scale_dtype: Any = np.float32) -> dict:
+    """A copy of `params` whose float linear weights (the tensors the release stores as int8) are
+    int8 with `num_blocks` scale blocks along their input axis; everything else is kept as is,
+    as are weights that are already quantized. The result can be `save`d in the official format."""
+    from grok1.quant import quantize
+    out = {module: dict(values) for module, values in params.items()}
+    for spec in tensor_specs(config):
+        value = params.get(spec.module, {}).get(spec.param)
+        if value is None:
+            raise CheckpointError(f"params lack parameter {spec.name} that config expects")
+        if not spec.quantized or isinstance(value, QuantizedWeight8bit):
+            continue
+        n_in = spec.shape[-2]
+        if num_blocks < 1 or n_in % num_blocks:
+            raise CheckpointError(f"parameter {spec.name}: num_blocks={num_blocks} does not divide its "
+                                  f"input axis of size {n_in} (shape {spec.shape})")
+        out[spec.module][spec.param] = quantize(np.asarray(value), num_blocks, scale_dtype=scale_dtype)
+    return out
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> None:
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m grok1.checkpoint",
+                                     description="Checkpoint tools for the official Grok-1 format.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    quant = commands.add_parser("quantize", help="float linear weights -> int8 + block scales")
+    quant.add_argument("src", help="folder with ckpt-0/ and config.json")
+    quant.add_argument("dst", help="folder to write (ckpt-0/ and config.json)")
+    quant.add_argument("--blocks", type=int, default=1, help="scale blocks along each input axis")
+    quant.add_argument("--scale-dtype", choices=("float32", "bfloat16"), default="float32")
+    args = parser.parse_args(argv)
+    config = read_config(args.src)
+    params = {}
+    for spec, value in iter_tensors(checkpoint_dir(args.src), config):
+        params.setdefault(spec.module, {})[spec.param] = value
+    scale_dtype = np.float32 if args.scale_dtype == "float32" else ml_dtypes.bfloat16
+    save(quantize_params(params, config, args.blocks, scale_dtype), args.dst, config)
+    print(f"wrote {args.dst} ({len(tensor_specs(config))} tensors, {args.blocks} scale blocks)")
+
+
+if __name__ == "__main__":
+    _main()

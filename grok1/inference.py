@@ -103,13 +103,14 @@ def place_on_device(spec: checkpoint.TensorSpec, value: Any) -> Any:
 
 def load(path: str | os.PathLike, *, mesh: Optional[jax.sharding.Mesh] = None, dtype: Any = None,
          tokenizer: Optional[str | os.PathLike] = None,
-         config: Optional[ModelConfig | str] = None) -> Model:
+         config: Optional[ModelConfig | str] = None, progress: Optional[bool] = None) -> Model:
     """Load a folder holding `ckpt-0/` and `config.json` (and optionally `tokenizer.model`).
 
     `dtype` is the compute dtype: "float32", "bfloat16", a jnp dtype, or None for the platform
     default. `mesh` shards the parameters over its devices; None keeps them on one device.
     `config` (a ModelConfig or a PRESETS name) replaces `config.json`, e.g. for the release,
-    which ships none.
+    which ships none. The checkpoint is validated (files, shapes, dtypes, memory per device)
+    before anything is loaded; `progress` shows a bar on a TTY (None), always (True) or never.
     """
     path = os.fspath(path)
     compute_dtype = resolve_dtype(dtype)
@@ -119,12 +120,8 @@ def load(path: str | os.PathLike, *, mesh: Optional[jax.sharding.Mesh] = None, d
             raise ValueError(f"unknown preset {config!r}; presets: {', '.join(sorted(PRESETS))}")
         config = PRESETS[config]
     config = config or checkpoint.read_config(path)
-    if mesh is not None:
-        from grok1.sharding import place_sharded
-        place = functools.partial(place_sharded, mesh)
-    else:
-        place = place_on_device
-    params = checkpoint.load_params(path, config, place)
+    # Each tensor goes straight into its final sharding over `mesh` (one device without a mesh).
+    params = checkpoint.load_params(path, config, mesh=mesh, progress=progress)
     tok = None
     tokenizer_path = tokenizer or os.path.join(path, TOKENIZER_FILE)
     if tokenizer is not None or os.path.isfile(tokenizer_path):

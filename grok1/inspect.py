@@ -181,7 +181,7 @@ def describe(config: ModelConfig, mesh_spec: Optional[str] = None) -> dict[str, 
         "total": total,
         "active_per_token": {"params": sum(active.values()), "params_by_component": active,
                              "note": f"{c.num_selected_experts} of {c.num_experts} experts per layer; "
-                                     "the whole embedding table (tied output projection)"},
+                                     "all embeddings, which the tied output projection reads"},
         "flops_per_token": {
             "counted": "2 x weights multiplied (attention, router, chosen experts, unembedding) "
                        "+ 4 x H x K x layers per visible key (scores and weighted values)",
@@ -248,13 +248,13 @@ def format_description(d: dict[str, Any]) -> str:
             lines.append("  ".join("-" * w for w in widths))
     per_layer, total, active = d["per_layer"], d["total"], d["active_per_token"]
     lines += ["",
-              f"per layer   {per_layer['params']:>22,} params  {_human_bytes(per_layer['bytes']):>12}",
-              f"total       {total['params']:>22,} params  {_human_bytes(total['bytes']):>12}  "
+              f"{'per layer':<13}{per_layer['params']:>20,} params  {_human_bytes(per_layer['bytes']):>11}",
+              f"{'total':<13}{total['params']:>20,} params  {_human_bytes(total['bytes']):>11}  "
               f"({d['num_tensors']} tensors)",
-              "            by component: " + ", ".join(
+              f"{'':<13}by component: " + ", ".join(
                   f"{k} {_human_count(v)}" for k, v in total["params_by_component"].items()),
-              f"active/token{active['params']:>22,} params  ({active['note']})",
-              "            by component: " + ", ".join(
+              f"{'active/token':<13}{active['params']:>20,} params  ({active['note']})",
+              f"{'':<13}by component: " + ", ".join(
                   f"{k} {_human_count(v)}" for k, v in active["params_by_component"].items()),
               ""]
     flops = d["flops_per_token"]
@@ -262,8 +262,9 @@ def format_description(d: dict[str, Any]) -> str:
                  f"x visible keys")
     lines.append(f"  counted: {flops['counted']}")
     for entry in flops["by_context"]:
-        lines.append(f"  context {entry['context']:>6}: prefill {_human_count(entry['prefill'])}FLOP "
-                     f"(mean over the prompt), decode {_human_count(entry['decode'])}FLOP")
+        n = entry["context"]
+        lines.append(f"  prompt of {n:>5} tokens: prefill {_human_count(entry['prefill'])}FLOP per token "
+                     f"(mean); decoding token {n}: {_human_count(entry['decode'])}FLOP")
     kv = d["kv_cache"]
     lines += ["",
               f"KV cache per token: {_human_bytes(kv['bytes_per_token']['bfloat16'])} in bf16 "
@@ -384,8 +385,16 @@ def _traced_apply(config: ModelConfig, dtype):
 def trace(model: Any, tokens: Any) -> Trace:
     """Run `model` (a grok1.Model) on tokens [B, T] and return what every layer did."""
     tokens = model.check_tokens(tokens)
-    logits, embedding_rms, layers = _traced_apply(model.config, model.dtype)(model.params,
-                                                                              jnp.asarray(tokens))
+    apply = _traced_apply(model.config, model.dtype)
+    if model.mesh is None:
+        outputs = apply(model.params, jnp.asarray(tokens))
+        logits, embedding_rms, layers = jax.tree_util.tree_map(np.asarray, outputs)
+    else:
+        # Like Model.logits: rows split over the data axis, every process receives everything.
+        from grok1.sharding import activation_sharding, from_host, to_host
+        outputs = apply(model.params, from_host(tokens, activation_sharding(model.mesh, "tokens",
+                                                                            tokens.shape)))
+        logits, embedding_rms, layers = jax.tree_util.tree_map(to_host, outputs)
     c = model.config
     real = tokens != c.pad_token
     traced_layers = []

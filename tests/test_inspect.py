@@ -274,3 +274,17 @@ def test_plot_without_matplotlib_says_how_to_install_it(traced_two_layer, tmp_pa
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
     with pytest.raises(ImportError, match="pip install matplotlib"):
         plot_trace(trace, tmp_path / "experts.png")
+
+
+def test_trace_on_a_mesh_equals_one_device(two_layer):
+    from conftest import run_with_devices
+    out = run_with_devices(f"""
+import numpy as np, grok1
+tokens = [[1, 5, 9, 33, 4, 0], [1, 7, 7, 8, 9, 10]]
+one = grok1.load({str(two_layer.path)!r}, dtype="float32").trace(tokens)
+mesh = grok1.load({str(two_layer.path)!r}, dtype="float32", mesh=grok1.make_mesh("2x4")).trace(tokens)
+assert all((a.experts == b.experts).all() for a, b in zip(one.layers, mesh.layers))
+assert all((a.expert_load == b.expert_load).all() for a, b in zip(one.layers, mesh.layers))
+print(max(np.abs(a.residual_rms - b.residual_rms).max() for a, b in zip(one.layers, mesh.layers)))
+""")
+    assert float(out) < 1e-4

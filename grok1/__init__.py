@@ -3,8 +3,9 @@
 from grok1.config import PRESETS, ConfigError, ModelConfig
 from grok1.checkpoint import CheckpointError
 from grok1.inference import Model, load
+from grok1.inspect import Trace, describe
 from grok1.quant import QuantizedWeight8bit
 from grok1.sharding import make_mesh
 
 __all__ = ["ModelConfig", "PRESETS", "ConfigError", "CheckpointError", "Model", "load",
-           "QuantizedWeight8bit", "make_mesh"]
+           "QuantizedWeight8bit", "make_mesh", "describe", "Trace"]

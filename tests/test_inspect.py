@@ -288,3 +288,26 @@ assert all((a.expert_load == b.expert_load).all() for a, b in zip(one.layers, me
 print(max(np.abs(a.residual_rms - b.residual_rms).max() for a, b in zip(one.layers, mesh.layers)))
 """)
     assert float(out) < 1e-4
+
+
+def test_architecture_doc_names_code_that_exists():
+    """Every `name` in a "Code:" line of docs/ARCHITECTURE.md exists in model.py or a linked file."""
+    import importlib
+    import pathlib
+    import re
+
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    doc = (repo / "docs" / "ARCHITECTURE.md").read_text()
+    paragraphs = [p for p in doc.split("\n\n") if p.startswith("Code:")]
+    assert len(paragraphs) >= 10
+    for paragraph in paragraphs:
+        files = ["grok1/model.py"] + re.findall(r"\]\(\.\./(grok1/\w+\.py)\)", paragraph)
+        assert all((repo / f).is_file() for f in files), paragraph
+        modules = [importlib.import_module(f[:-3].replace("/", ".")) for f in files]
+        namespaces = modules + [v for m in modules for v in vars(m).values() if isinstance(v, type)]
+        for name in re.findall(r"`([A-Za-z_][\w.]*)`", paragraph):
+            head, *rest = name.split(".")
+            found = [ns for ns in namespaces if hasattr(ns, head)]
+            assert found, f"{name} in {paragraph!r}"
+            for attr in rest:
+                assert hasattr(getattr(found[0], head), attr), f"{name} in {paragraph!r}"

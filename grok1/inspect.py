@@ -121,33 +121,6 @@ def _bytes_per_device(tensors: list[dict[str, Any]], mesh_spec: str) -> dict[str
             "param_bytes_per_device": per_device, "by_component": by_component}
 
 
-def matmul_params_per_token(config: ModelConfig) -> dict[str, int]:
-    """Weights one token multiplies through, by component (the 2-of-8 experts only).
-
-    The input embedding is a row lookup (no FLOPs); the tied output projection reads the whole
-    table, so the embeddings count once, as the unembedding matmul.
-    """
-    c = config
-    d, f = c.emb_size, c.ffn_size
-    attention = d * c.num_q_heads * c.key_size * 2 + d * c.num_kv_heads * c.key_size * 2
-    return {"attention": c.num_layers * attention,
-            "router": c.num_layers * d * c.num_experts,
-            "experts": c.num_layers * c.num_selected_experts * 3 * d * f,
-            "unembedding": c.vocab_size * d}
-
-
-def flops_per_token(config: ModelConfig, visible_keys: float) -> int:
-    """Forward FLOPs of one token that attends to `visible_keys` positions (itself included).
-
-    Counted: 2 per multiply-add of every matmul (2 x matmul_params_per_token) plus the attention
-    scores q.k and the weighted sum of values, 2 * H * K each per visible key per layer. Not
-    counted: norms, RoPE, softmax, activations, the embedding lookup (all O(d) per token).
-    """
-    c = config
-    matmuls = 2 * sum(matmul_params_per_token(c).values())
-    return int(matmuls + 4 * c.num_layers * c.num_q_heads * c.key_size * visible_keys)
-
-
 def describe(config: ModelConfig, mesh_spec: Optional[str] = None) -> dict[str, Any]:
     """Every parameter of `config`'s model with shape, count and bytes (release storage), totals
     per layer and overall, active parameters and FLOPs per token, KV-cache bytes per token and,
@@ -167,9 +140,17 @@ def describe(config: ModelConfig, mesh_spec: Optional[str] = None) -> dict[str, 
     layer_0 = [t for t in tensors if _layer_of(t["module"]) == 0]
     per_layer = totals(layer_0)
     total = totals(tensors)
-    expert_share = c.num_selected_experts / c.num_experts
-    active = {component: count for component, count in total["params_by_component"].items()}
-    active["experts"] = int(active["experts"] * expert_share)
+    active = dict(total["params_by_component"])
+    active["experts"] = active["experts"] * c.num_selected_experts // c.num_experts
+    # FLOPs: 2 per multiply-add of every weight a token multiplies through (its active parameters
+    # but the norm scales; the embeddings once, as the tied output projection; the input lookup is
+    # free), plus q.k and the weighted sum of v: 2 * H * K each, per visible key and layer.
+    matmul_weights = sum(n for component, n in active.items() if component != "norms")
+    per_key = 4 * c.num_layers * c.num_q_heads * c.key_size
+
+    def flops(visible_keys: float) -> int:
+        return int(2 * matmul_weights + per_key * visible_keys)
+
     kv_per_token = 2 * c.num_layers * c.num_kv_heads * c.key_size
     contexts = sorted({1, min(1024, c.sequence_len), c.sequence_len})
     return {
@@ -185,12 +166,12 @@ def describe(config: ModelConfig, mesh_spec: Optional[str] = None) -> dict[str, 
         "flops_per_token": {
             "counted": "2 x weights multiplied (attention, router, chosen experts, unembedding) "
                        "+ 4 x H x K x layers per visible key (scores and weighted values)",
-            "matmul": flops_per_token(c, 0),
-            "per_visible_key": 4 * c.num_layers * c.num_q_heads * c.key_size,
+            "matmul": flops(0),
+            "per_visible_key": per_key,
             # context n: prefill of an n-token prompt, where token t sees t+1 keys (causal), (n+1)/2
             # on average; decode of the n-th token, which sees all n.
-            "by_context": [{"context": n, "prefill": flops_per_token(c, (n + 1) / 2),
-                            "decode": flops_per_token(c, n)} for n in contexts],
+            "by_context": [{"context": n, "prefill": flops((n + 1) / 2),
+                            "decode": flops(n)} for n in contexts],
         },
         "kv_cache": {"bytes_per_token": {dtype: kv_per_token * BYTES[dtype]
                                          for dtype in ("bfloat16", "float32")},

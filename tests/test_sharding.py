@@ -1,0 +1,186 @@
+"""Meshes and partition rules: every large weight is split 1/n over the whole mesh, and a sharded
+model computes what one device computes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec as P
+
+from conftest import run_with_devices
+from grok1 import sharding
+from grok1.config import PRESETS
+from grok1.model import KVCache, param_shapes
+from grok1.quant import QuantizedWeight8bit
+
+MESHES = ("1x8", "2x4", "8x1", "1x2x4")
+LARGE = ("query", "key", "value", "linear", "linear_v", "linear_1", "in_out_embed")
+
+
+def abstract_mesh(spec: str) -> AbstractMesh:
+    shape = sharding.parse_mesh_spec(spec)
+    return AbstractMesh(tuple(shape.values()), tuple(shape))
+
+
+def mesh_axes_of(spec: P) -> list[str]:
+    axes = []
+    for entry in spec:
+        axes += [entry] if isinstance(entry, str) else list(entry or ())
+    return axes
+
+
+# ---- mesh specs -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, expected", [
+    ("1x8", {"data": 1, "expert": 1, "model": 8}),
+    ("2x4", {"data": 2, "expert": 1, "model": 4}),
+    ("8x1", {"data": 8, "expert": 1, "model": 1}),
+    ("1x2x4", {"data": 1, "expert": 2, "model": 4}),
+    ("data=2,model=4", {"data": 2, "expert": 1, "model": 4}),
+    ("expert=8", {"data": 1, "expert": 8, "model": 1}),
+])
+def test_parse_mesh_spec_names_data_expert_model(spec, expected):
+    assert sharding.parse_mesh_spec(spec) == expected
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("8", "is not DATAxMODEL"),
+    ("1x2x3x4", "is not DATAxMODEL"),
+    ("pipeline=2", "unknown mesh axis 'pipeline'"),
+    ("0x8", "must be positive"),
+    ("model=2,model=4", "given twice"),
+])
+def test_parse_mesh_spec_rejects_bad_specs_saying_what_is_allowed(spec, message):
+    with pytest.raises(ValueError, match=message):
+        sharding.parse_mesh_spec(spec)
+
+
+def test_make_mesh_refuses_a_device_count_mismatch():
+    with pytest.raises(ValueError, match=r"needs 8 devices but 1 are available"):
+        sharding.make_mesh("1x8", jax.devices()[:1])
+
+
+# ---- the table --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", MESHES)
+def test_every_large_grok1_weight_is_split_over_all_eight_devices(spec):
+    mesh = abstract_mesh(spec)
+    for module, group in param_shapes(PRESETS["grok-1"]).items():
+        if module.split("/")[-1] not in LARGE:
+            continue
+        for name, struct in group.items():
+            pspec = sharding.partition_spec(sharding.logical_axes(module, name), struct.shape, mesh)
+            assert math.prod(mesh.shape[a] for a in mesh_axes_of(pspec)) == 8, (module, pspec)
+
+
+@pytest.mark.parametrize("spec", MESHES)
+def test_small_parameters_are_replicated(spec):
+    mesh = abstract_mesh(spec)
+    assert sharding.partition_spec(sharding.logical_axes("transformer/decoder_layer_0/router", "w"),
+                                   (6144, 8), mesh) == P(None, None)
+    assert sharding.partition_spec(sharding.logical_axes("transformer/decoder_layer_0/rms_norm_3", "scale"),
+                                   (6144,), mesh) == P(None)
+
+
+def test_experts_go_to_the_expert_axis_and_ffn_to_the_rest():
+    axes = sharding.logical_axes("transformer/decoder_layer_0/moe/linear_1", "w")
+    assert sharding.partition_spec(axes, (8, 32768, 6144), abstract_mesh("1x2x4")) == P("expert", "model", None)
+
+
+def test_an_axis_that_does_not_divide_stays_whole():
+    axes = sharding.logical_axes("transformer/decoder_layer_0/multi_head_attention/query", "w")
+    assert sharding.partition_spec(axes, (64, 12), abstract_mesh("1x8")) == P(None, None)
+
+
+def test_block_scales_are_split_like_the_weight_input_axis():
+    mesh = abstract_mesh("2x4")
+    weight = QuantizedWeight8bit(weight=jax.ShapeDtypeStruct((8, 32768, 6144), jnp.int8),
+                                 scales=jax.ShapeDtypeStruct((8, 8, 6144), jnp.bfloat16))
+    s = sharding.param_sharding(mesh, "transformer/decoder_layer_0/moe/linear_1", "w", weight)
+    assert s.weight.spec == P(None, ("data", "model"), None)
+    assert s.scales.spec == P(None, ("data", "model"), None)
+
+
+def test_unknown_parameter_names_its_path():
+    with pytest.raises(KeyError, match="transformer/decoder_layer_0/adapter/w"):
+        sharding.logical_axes("transformer/decoder_layer_0/adapter", "w")
+
+
+def test_kv_cache_rows_go_over_data_and_heads_over_the_rest():
+    cache = jax.eval_shape(lambda: KVCache.zeros(PRESETS["grok-1"].replace(num_layers=2), 2, 128))
+    s = sharding.kv_cache_sharding(abstract_mesh("2x4"), cache)
+    assert [k.spec for k in s.keys] == [P("data", None, "model", None)] * 2
+    assert s.valid.spec == P("data", None) and s.length.spec == P("data")
+
+
+def test_kv_cache_of_one_row_spreads_its_heads_over_every_device():
+    cache = jax.eval_shape(lambda: KVCache.zeros(PRESETS["grok-1"].replace(num_layers=1), 1, 128))
+    s = sharding.kv_cache_sharding(abstract_mesh("2x4"), cache)
+    assert s.keys[0].spec == P(None, None, ("data", "model"), None)
+
+
+def test_step_inputs_and_outputs_are_split_by_rows():
+    mesh = abstract_mesh("2x4")
+    assert sharding.activation_sharding(mesh, "tokens", (4, 16)).spec == P("data", None)
+    assert sharding.activation_sharding(mesh, "logits", (4, 16, 512)).spec == P("data", None, None)
+    with pytest.raises(KeyError, match="unknown activation 'hidden'"):
+        sharding.activation_sharding(mesh, "hidden", (4, 16, 512))
+
+
+# ---- eight devices, real checkpoints ----------------------------------------------------------
+
+EIGHT_DEVICES = """
+import json, numpy as np, jax, grok1
+from grok1.sharding import make_mesh
+from grok1.quant import QuantizedWeight8bit
+path, specs = {path!r}, {specs!r}
+prompts = json.load(open(path + "/golden.json"))["prompts"]
+T = max(len(p) for p in prompts)
+tokens = np.array([p + [0] * (T - len(p)) for p in prompts])
+reference = grok1.load(path, dtype="float32", mesh=make_mesh("1x1", jax.devices()[:1])).logits(tokens)
+out = {{}}
+for spec in specs:
+    model = grok1.load(path, dtype="float32", mesh=make_mesh(spec))
+    fractions = {{}}
+    for module, group in model.params.items():
+        if module.split("/")[-1] not in {large!r}:
+            continue
+        for name, value in group.items():
+            w = value.weight if isinstance(value, QuantizedWeight8bit) else value
+            fractions[module + "/" + name] = sorted({{s.data.size / w.size for s in w.addressable_shards}})
+    out[spec] = {{"max_diff": float(np.abs(model.logits(tokens) - reference).max()), "fractions": fractions}}
+print(json.dumps(out))
+"""
+
+
+def sharded_results(path, specs=MESHES) -> dict:
+    return json.loads(run_with_devices(EIGHT_DEVICES.format(path=str(path), specs=list(specs), large=LARGE)))
+
+
+@pytest.fixture(scope="module")
+def two_layer_results():
+    from conftest import Golden
+    return sharded_results(Golden("two_layer").path)
+
+
+@pytest.mark.parametrize("spec", MESHES)
+def test_sharded_logits_equal_one_device(two_layer_results, spec):
+    assert two_layer_results[spec]["max_diff"] <= 1e-4
+
+
+@pytest.mark.parametrize("spec", MESHES)
+def test_each_device_holds_an_eighth_of_every_large_weight(two_layer_results, spec):
+    fractions = two_layer_results[spec]["fractions"]
+    assert len(fractions) == 2 * 7 + 1
+    assert all(f == [1 / 8] for f in fractions.values()), fractions
+
+
+@pytest.mark.slow
+def test_twelve_layer_sharded_logits_equal_one_device(twelve_layer):
+    results = sharded_results(twelve_layer.path)
+    assert all(r["max_diff"] <= 1e-4 for r in results.values()), results

@@ -93,6 +93,18 @@ class Model:
         """An empty KV cache for `batch` rows of `seq_len` positions (default: sequence_len)."""
         return KVCache.zeros(self.config, batch, seq_len, self.dtype)
 
+    def generate(self, prompts: Any, **settings: Any) -> list:
+        """Complete a batch of prompts (strings or lists of token ids) -> list of
+        `sampler.Completion`. Settings: max_new_tokens, temperature, top_p, top_k, seed, stop,
+        logprobs, strict, slots (see grok1/sampler.py)."""
+        from grok1 import sampler
+        return sampler.generate(self, prompts, **settings)
+
+    def stream(self, prompt: Any, **settings: Any):
+        """Complete one prompt, yielding `sampler.Delta`s (.text, .token_ids) as tokens arrive."""
+        from grok1 import sampler
+        return sampler.stream(self, prompt, **settings)
+
 
 def place_on_device(spec: checkpoint.TensorSpec, value: Any) -> Any:
     """One tensor onto the default device, int8 weights staying int8."""

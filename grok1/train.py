@@ -1,0 +1,344 @@
+"""Train the small model shipped in `checkpoints/small/`: corpus, tokenizer, optax, int8 checkpoint.
+
+    python -m grok1.train                      # writes checkpoints/small/ (about 20 min on 2 cores)
+
+Corpus: the English prose bundled with CPython itself (the language reference topics of
+`pydoc_data.topics` and the docstrings of the standard library, read with `ast`, never imported),
+so it exists offline wherever Python does; licence PSF-2.0. Documents are split into training and
+held-out sets by index; a SentencePiece tokenizer is trained on the training set; the model is the
+Grok-1 architecture (`grok1.model.transformed`) at a small width, trained with AdamW; its linear
+weights are then quantized to int8 like the release and the held-out loss is measured again through
+the inference path (`grok1.load(...).logits`) and recorded in `training.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import sysconfig
+import tempfile
+import time
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from grok1 import checkpoint, model
+from grok1.config import ModelConfig
+from grok1.quant import quantize
+
+PAD, BOS, EOS, UNK = 0, 1, 2, 3
+HELDOUT_EVERY = 20           # document i is held out when i % 20 == 19
+METADATA_FILE = "training.json"
+HELDOUT_FILE = "heldout.npy"
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def small_config(vocab_size: int = 4096, emb_size: int = 256, num_layers: int = 4,
+                 num_kv_heads: int = 2, key_size: int = 32, widening_factor: float = 2,
+                 sequence_len: int = 256) -> ModelConfig:
+    """Grok-1 unchanged but narrow: 8 experts top-2, GQA, multipliers scaled to the width."""
+    return ModelConfig(
+        vocab_size=vocab_size, emb_size=emb_size, num_layers=num_layers,
+        num_q_heads=emb_size // key_size, num_kv_heads=num_kv_heads, key_size=key_size,
+        widening_factor=widening_factor, num_experts=8, num_selected_experts=2,
+        sequence_len=sequence_len, embedding_multiplier_scale=math.sqrt(emb_size),
+        output_multiplier_scale=1 / math.sqrt(3), attn_output_multiplier=1 / math.sqrt(key_size),
+        pad_token=PAD, eos_token=EOS)
+
+
+# ---- corpus -----------------------------------------------------------------------------------
+
+def prose(text: str) -> str:
+    """The prose paragraphs of a reST-ish text on one line: code (indented or doctest), tables and
+    title underlines are dropped, whitespace collapsed."""
+    kept = []
+    for paragraph in text.split("\n\n"):
+        lines = [line for line in paragraph.split("\n")
+                 if line.strip() and any(c.isalnum() for c in line)]
+        if not lines or lines[0].startswith((" ", "\t")) or any(">>>" in line for line in lines):
+            continue
+        words = " ".join(" ".join(lines).split())
+        letters = sum(c.isalpha() for c in words)
+        if len(words.split()) >= 4 and letters >= 0.6 * len(words.replace(" ", "")):
+            kept.append(words)
+    return " ".join(kept)
+
+
+def corpus_documents() -> list[str]:
+    """Every document of the corpus in a fixed order: the reference topics (sorted by name), then
+    the docstrings of each stdlib module, class and function (files in sorted order)."""
+    from pydoc_data.topics import topics
+
+    texts = [topics[name] for name in sorted(topics)]
+    root = sysconfig.get_paths()["stdlib"]
+    skip = {"site-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3"}
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if d not in skip)
+        for name in sorted(files):
+            if not name.endswith(".py"):
+                continue
+            try:
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc:
+                        texts.append(doc)
+    documents = [prose(t) for t in texts]
+    return [d for d in documents if len(d) >= 80]
+
+
+def split_documents(documents: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(training, held-out): every HELDOUT_EVERY-th document is held out."""
+    train = [d for i, d in enumerate(documents) if i % HELDOUT_EVERY != HELDOUT_EVERY - 1]
+    heldout = [d for i, d in enumerate(documents) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1]
+    return train, heldout
+
+
+# ---- tokenizer --------------------------------------------------------------------------------
+
+def train_tokenizer(documents: Sequence[str], path: str, vocab_size: int) -> None:
+    """A byte-fallback BPE SentencePiece model with Grok-1's special ids (pad 0, bos 1, eos 2,
+    unk 3), written to `path`."""
+    import sentencepiece
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = os.path.join(tmp, "tokenizer")
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(documents), model_prefix=prefix, vocab_size=vocab_size,
+            model_type="bpe", byte_fallback=True, character_coverage=0.9995, split_digits=True,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            pad_id=PAD, bos_id=BOS, eos_id=EOS, unk_id=UNK,
+            pad_piece="[PAD]", bos_piece="[BOS]", eos_piece="[EOS]", unk_piece="[UNK]",
+            max_sentence_length=1 << 16, shuffle_input_sentence=False, num_threads=1,
+            minloglevel=2)
+        shutil.copyfile(prefix + ".model", path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def token_stream(tokenizer_path: str, documents: Sequence[str]) -> np.ndarray:
+    """All documents as one int32 stream, each as [BOS] tokens [EOS]."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=tokenizer_path)
+    pieces = []
+    for ids in sp.encode(list(documents)):
+        pieces.append(np.asarray([BOS, *ids, EOS], np.int32))
+    return np.concatenate(pieces)
+
+
+def heldout_windows(stream: np.ndarray, seq_len: int, count: int) -> np.ndarray:
+    """The first `count` non-overlapping windows of seq_len + 1 tokens (inputs and targets)."""
+    n = min(count, len(stream) // (seq_len + 1))
+    return stream[:n * (seq_len + 1)].reshape(n, seq_len + 1)
+
+
+def next_token_loss(logits: np.ndarray, windows: np.ndarray) -> float:
+    """Mean cross-entropy (nats) of windows[:, 1:] under logits computed from windows[:, :-1]."""
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    targets = windows[:, 1:]
+    return float(-np.take_along_axis(log_probs, targets[..., None], axis=-1).mean())
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+def blocked_grouped_matmul(xs: jax.Array, w, group_sizes: jax.Array, row_expert: jax.Array,
+                           dtype, block: int = 128) -> jax.Array:
+    """The same product as `model.grouped_matmul` for float weights, faster on CPU.
+
+    On CPU `jax.lax.ragged_dot` computes every expert for every row (8x the work); here each
+    expert's rows are padded to whole blocks of `block` rows, each block is multiplied by its
+    expert's matrix in one batched matmul, and the padding is dropped again. Exact, no token dropped.
+    """
+    w = w.astype(dtype)
+    rows, experts = xs.shape[0], w.shape[0]
+    blocks = rows // block + experts
+    padded = (group_sizes + block - 1) // block * block
+    start = jnp.cumsum(group_sizes) - group_sizes
+    padded_start = jnp.cumsum(padded) - padded
+    dest = padded_start[row_expert] + jnp.arange(rows) - start[row_expert]          # [rows]
+    x_blocks = jnp.zeros((blocks * block, xs.shape[1]), xs.dtype).at[dest].set(xs)
+    block_expert = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(blocks) * block, side="right")
+    block_expert = jnp.minimum(block_expert, experts - 1)
+    out = jnp.einsum("nbi,nio->nbo", x_blocks.reshape(blocks, block, -1), w[block_expert])
+    return out.reshape(blocks * block, -1)[dest]
+
+
+@contextlib.contextmanager
+def fast_cpu_experts() -> Iterator[None]:
+    """Within this block the model's expert matmuls use `blocked_grouped_matmul` (training only;
+    the checkpoint's held-out loss is then re-measured through the unchanged inference path)."""
+    original = model.grouped_matmul
+    model.grouped_matmul = blocked_grouped_matmul
+    try:
+        yield
+    finally:
+        model.grouped_matmul = original
+
+
+def init_params(config: ModelConfig, seed: int) -> dict:
+    """Haiku's init of the model, with embeddings at std 1/sqrt(d) so that after the
+    sqrt(d) input multiplier the residual stream starts at unit scale."""
+    fn = model.transformed(config, jnp.float32)
+    params = fn.init(jax.random.PRNGKey(seed), jnp.ones((1, 8), jnp.int32))
+    params = jax.tree_util.tree_map(lambda x: x, params)
+    embed = params["language_model/in_out_embed"]
+    embed["embeddings"] = embed["embeddings"] / math.sqrt(config.emb_size)
+    return params
+
+
+def train(config: ModelConfig, stream: np.ndarray, *, steps: int, batch: int, learning_rate: float,
+          seed: int, log_every: int = 25) -> dict:
+    """AdamW (warmup + cosine decay, clipping) on random windows of the stream; float32 params."""
+    import optax
+
+    fn = model.transformed(config, jnp.float32)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(100, steps // 10), steps,
+                                                  learning_rate / 10)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0),
+                            optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.01))
+    params = init_params(config, seed)
+    opt_state = optimizer.init(params)
+
+    def loss_fn(params, windows):
+        logits, _ = fn.apply(params, windows[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
+
+    @jax.jit
+    def step(params, opt_state, windows):
+        loss, grads = jax.value_and_grad(loss_fn)(params, windows)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    rng = np.random.default_rng(seed)
+    seq = config.sequence_len
+    start, losses = time.time(), []
+    for i in range(1, steps + 1):
+        offsets = rng.integers(0, len(stream) - seq - 1, batch)
+        windows = np.stack([stream[o:o + seq + 1] for o in offsets])
+        with fast_cpu_experts():
+            params, opt_state, loss = step(params, opt_state, jnp.asarray(windows))
+        losses.append(float(loss))
+        if i % log_every == 0 or i == steps:
+            elapsed = time.time() - start
+            print(f"step {i}/{steps}  loss {np.mean(losses[-log_every:]):.3f}  "
+                  f"{i * batch * seq / elapsed:.0f} tokens/s  {elapsed / 60:.1f} min", flush=True)
+    return jax.device_get(params)
+
+
+def release_format(params: dict) -> dict:
+    """Linear weights as int8 with bfloat16 per-column scales (one block, like the release),
+    the router in float32, embeddings and norm scales in bfloat16."""
+    out: dict[str, dict] = {}
+    for module, values in params.items():
+        for name, value in values.items():
+            value = np.asarray(value, np.float32)
+            if name == "w" and not module.endswith("/router"):
+                stored = quantize(value, 1, scale_dtype=ml_dtypes.bfloat16)
+            elif name == "w":
+                stored = value
+            else:
+                stored = value.astype(ml_dtypes.bfloat16)
+            out.setdefault(module, {})[name] = stored
+    return out
+
+
+def heldout_loss_of(params: dict, config: ModelConfig, windows: np.ndarray) -> float:
+    """Held-out loss of float training params (same forward as inference)."""
+    fn = jax.jit(model.transformed(config, jnp.float32).apply)
+    logits, _ = fn(params, jnp.asarray(windows[:, :-1]))
+    return next_token_loss(np.asarray(logits), windows)
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m grok1.train", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default="checkpoints/small", help="output folder")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    parser.add_argument("--batch", type=int, default=16, help="windows per step")
+    parser.add_argument("--learning-rate", type=float, default=3e-3, help="peak AdamW learning rate")
+    parser.add_argument("--vocab-size", type=int, default=4096, help="SentencePiece vocabulary size")
+    parser.add_argument("--emb-size", type=int, default=256, help="model width d")
+    parser.add_argument("--num-layers", type=int, default=4, help="decoder layers")
+    parser.add_argument("--widening-factor", type=float, default=2, help="expert ffn width factor")
+    parser.add_argument("--seq-len", type=int, default=256, help="training window length")
+    parser.add_argument("--heldout-windows", type=int, default=16, help="held-out windows to evaluate")
+    parser.add_argument("--seed", type=int, default=0, help="seed of init and batch order")
+    args = parser.parse_args(argv)
+
+    t0 = time.time()
+    config = small_config(vocab_size=args.vocab_size, emb_size=args.emb_size, num_layers=args.num_layers,
+                          widening_factor=args.widening_factor, sequence_len=args.seq_len)
+    documents = corpus_documents()
+    train_docs, heldout_docs = split_documents(documents)
+    print(f"corpus: {len(documents)} documents, {sum(map(len, documents)) / 1e6:.2f} M characters "
+          f"({len(heldout_docs)} held out)", flush=True)
+
+    os.makedirs(args.out, exist_ok=True)
+    tokenizer_path = os.path.join(args.out, TOKENIZER_FILE)
+    train_tokenizer(train_docs, tokenizer_path, args.vocab_size)
+    train_stream = token_stream(tokenizer_path, train_docs)
+    windows = heldout_windows(token_stream(tokenizer_path, heldout_docs), args.seq_len,
+                              args.heldout_windows)
+    print(f"tokens: {len(train_stream)} training, {windows.size} held out; "
+          f"{config.param_count / 1e6:.1f} M parameters", flush=True)
+
+    t_train = time.time()
+    params = train(config, train_stream, steps=args.steps, batch=args.batch,
+                   learning_rate=args.learning_rate, seed=args.seed)
+    train_minutes = (time.time() - t_train) / 60
+    float_loss = heldout_loss_of(params, config, windows)
+
+    checkpoint.save(release_format(params), args.out, config)
+    np.save(os.path.join(args.out, HELDOUT_FILE + ".tmp.npy"), windows)
+    os.replace(os.path.join(args.out, HELDOUT_FILE + ".tmp.npy"), os.path.join(args.out, HELDOUT_FILE))
+
+    from grok1.inference import load
+    shipped = load(args.out, dtype="float32")
+    int8_loss = next_token_loss(shipped.logits(windows[:, :-1]), windows)
+    metadata = {
+        "heldout_loss": int8_loss,
+        "heldout_loss_float32_params": float_loss,
+        "heldout": f"{HELDOUT_FILE}: the first {len(windows)} windows of {args.seq_len + 1} tokens of "
+                   f"the held-out documents; loss = mean next-token cross-entropy in nats through "
+                   f"grok1.load(...).logits (float32 compute, int8 weights)",
+        "corpus": "English prose bundled with CPython: pydoc_data.topics and standard-library "
+                  "docstrings (code, doctests and tables dropped)",
+        "corpus_licence": "PSF-2.0 (Python Software Foundation License)",
+        "python": platform.python_version(),
+        "documents": {"train": len(train_docs), "heldout": len(heldout_docs)},
+        "tokens": {"train": int(len(train_stream)), "seen": args.steps * args.batch * args.seq_len},
+        "command": "python -m grok1.train " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "settings": vars(args),
+        "training_minutes": round(train_minutes, 1),
+        "total_minutes": round((time.time() - t0) / 60, 1),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__}",
+    }
+    text = json.dumps(metadata, indent=1) + "\n"
+    with open(os.path.join(args.out, METADATA_FILE + ".tmp"), "w") as f:
+        f.write(text)
+    os.replace(os.path.join(args.out, METADATA_FILE + ".tmp"), os.path.join(args.out, METADATA_FILE))
+    print(f"held-out loss {int8_loss:.4f} (int8 checkpoint via grok1.load), {float_loss:.4f} "
+          f"(float32 params); wrote {args.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""grok1.train: corpus preparation, the training-time expert matmul, and the release format."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from grok1 import model
+from grok1.quant import QuantizedWeight8bit
+from grok1.train import (blocked_grouped_matmul, heldout_windows, next_token_loss, prose,
+                         release_format, small_config, split_documents, train)
+
+
+def test_blocked_grouped_matmul_equals_the_models_ragged_dot():
+    rng = np.random.default_rng(0)
+    sizes = np.array([5, 0, 130, 1, 0, 40, 77, 3], np.int32)      # empty and multi-block groups
+    rows = int(sizes.sum())
+    xs = jnp.asarray(rng.normal(size=(rows, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(8, 16, 24)), jnp.float32)
+    row_expert = jnp.asarray(np.repeat(np.arange(8), sizes), jnp.int32)
+    expected = model.grouped_matmul(xs, w, jnp.asarray(sizes), row_expert, jnp.float32)
+    got = blocked_grouped_matmul(xs, w, jnp.asarray(sizes), row_expert, jnp.float32, block=32)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-4)
+
+
+def test_prose_keeps_sentences_and_drops_titles_code_and_doctests():
+    text = ("The \"if\" statement\n******************\n\n"
+            "It selects exactly one of the suites\nby evaluating the expressions.\n\n"
+            "   if_stmt ::= \"if\" expression\n\n"
+            ">>> print(1)\n1\n")
+    assert prose(text) == "It selects exactly one of the suites by evaluating the expressions."
+
+
+def test_every_twentieth_document_is_held_out():
+    documents = [f"doc {i}" for i in range(40)]
+    train_docs, heldout = split_documents(documents)
+    assert heldout == ["doc 19", "doc 39"]
+    assert len(train_docs) == 38 and not set(heldout) & set(train_docs)
+
+
+def test_heldout_windows_are_consecutive_and_do_not_overlap():
+    windows = heldout_windows(np.arange(100, dtype=np.int32), seq_len=9, count=50)
+    assert windows.shape == (10, 10)
+    assert windows[1, 0] == windows[0, -1] + 1
+
+
+def test_next_token_loss_of_uniform_logits_is_log_vocab():
+    windows = np.array([[1, 2, 3, 4]])
+    assert next_token_loss(np.zeros((1, 3, 16)), windows) == pytest.approx(np.log(16))
+
+
+def test_release_format_makes_linear_weights_int8_and_keeps_the_router_float32():
+    config = small_config(vocab_size=64, emb_size=32, num_layers=1, key_size=8, sequence_len=16)
+    params = model.transformed(config).init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))
+    stored = release_format(jax.device_get(params))
+    layer = "transformer/decoder_layer_0"
+    assert isinstance(stored[f"{layer}/multi_head_attention/query"]["w"], QuantizedWeight8bit)
+    assert isinstance(stored[f"{layer}/moe/linear_v"]["w"], QuantizedWeight8bit)
+    assert stored[f"{layer}/router"]["w"].dtype == np.float32
+    assert stored["language_model/in_out_embed"]["embeddings"].dtype.name == "bfloat16"
+
+
+def test_training_lowers_the_loss_on_a_repeating_text():
+    config = small_config(vocab_size=64, emb_size=32, num_layers=1, key_size=8, sequence_len=16)
+    stream = np.tile(np.arange(4, 20, dtype=np.int32), 64)
+    windows = heldout_windows(stream, 16, 4)
+    fn = jax.jit(model.transformed(config).apply)
+    from grok1.train import init_params
+    before = next_token_loss(np.asarray(fn(init_params(config, 0), windows[:, :-1])[0]), windows)
+    params = train(config, stream, steps=30, batch=4, learning_rate=1e-2, seed=0, log_every=1000)
+    after = next_token_loss(np.asarray(fn(params, windows[:, :-1])[0]), windows)
+    assert after < 0.5 * before

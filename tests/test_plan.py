@@ -1,0 +1,130 @@
+"""The full-size dry run: per-device bytes agree with the release's tensor shapes, and the sharded
+steps of grok-1 at full width compile on forced CPU devices."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, run_with_devices
+from grok1 import plan
+from grok1.config import PRESETS
+
+GB = 10**9
+# Scale blocks in the release (ARCHITECTURE.md): 8 for the attention output and moe linear_1.
+EIGHT_BLOCKS = ("multi_head_attention/linear", "moe/linear_1")
+QUANTIZED = ("query", "key", "value", "linear", "linear_v", "linear_1")
+
+
+def release_bytes(index: list[dict], num_layers: int) -> int:
+    """Bytes of the release from its tensor index: int8 weights + bf16 scales, bf16 embeddings and
+    norms, float32 router; only the first `num_layers` decoder layers."""
+    total = 0
+    for entry in index:
+        module, shape = entry["module"], entry["shape"]
+        if "decoder_layer_" in module and int(module.split("decoder_layer_")[1].split("/")[0]) >= num_layers:
+            continue
+        if module.split("/")[-1] in QUANTIZED:
+            blocks = 8 if module.endswith(EIGHT_BLOCKS) else 1
+            total += math.prod(shape) + 2 * math.prod(shape[:-2]) * blocks * shape[-1]
+        elif module.endswith("router"):
+            total += 4 * math.prod(shape)
+        else:
+            total += 2 * math.prod(shape)
+    return total
+
+
+PLAN_TWO_LAYERS = """
+import json, time
+from grok1 import plan
+from grok1.config import PRESETS
+from grok1.sharding import make_mesh
+full = PRESETS["grok-1"]
+start = time.perf_counter()
+two = plan.make_plan(full.replace(num_layers=2), "1x8", batch=2, context=256)
+two["elapsed"] = time.perf_counter() - start
+two["full_weights"] = plan.weight_bytes_per_device(full, make_mesh("1x8"))
+two["full_weights_1x2x4"] = plan.weight_bytes_per_device(full, make_mesh("1x2x4"))
+two["text"] = plan.format_plan(two)
+print(json.dumps(two))
+"""
+
+
+@pytest.fixture(scope="module")
+def two_layer_plan() -> dict:
+    return json.loads(run_with_devices(PLAN_TWO_LAYERS, devices=8).strip().splitlines()[-1])
+
+
+def test_full_grok1_weights_per_device_on_1x8_match_the_release_index(two_layer_plan, tensor_index_path):
+    index = json.loads(tensor_index_path.read_text())
+    expected = release_bytes(index, 64) / 8
+    assert two_layer_plan["full_weights"] == pytest.approx(expected, rel=0.01)
+
+
+def test_expert_parallel_mesh_holds_the_same_weight_bytes_per_device(two_layer_plan):
+    assert two_layer_plan["full_weights_1x2x4"] == pytest.approx(two_layer_plan["full_weights"], rel=0.01)
+
+
+def test_reduced_depth_plan_weights_match_the_release_index(two_layer_plan, tensor_index_path):
+    index = json.loads(tensor_index_path.read_text())
+    weights = two_layer_plan["bytes_per_device"]["weights"]
+    assert weights == pytest.approx(release_bytes(index, 2) / 8, rel=0.01)
+
+
+def test_reduced_depth_plan_kv_cache_holds_an_eighth_of_keys_and_values(two_layer_plan):
+    c = PRESETS["grok-1"]
+    keys_values = 2 * 2 * 2 * 256 * c.num_kv_heads * c.key_size * 2  # layers x (k, v) x B x ctx x N x K x bf16
+    valid_and_length = 2 * 256 + 2 * 4                                # [B, S] bool, [B] int32: replicated
+    assert two_layer_plan["bytes_per_device"]["kv_cache"] == keys_values / 8 + valid_and_length
+
+
+def test_reduced_depth_plan_compiles_both_steps_with_temporaries(two_layer_plan):
+    b = two_layer_plan["bytes_per_device"]
+    assert b["temporaries_prefill"] > 0 and b["temporaries_decode"] > 0
+    assert b["total"] == b["weights"] + b["kv_cache"] + max(b["temporaries_prefill"], b["temporaries_decode"])
+
+
+def test_fits_compares_the_total_with_each_accelerator(two_layer_plan):
+    total = two_layer_plan["bytes_per_device"]["total"]
+    assert two_layer_plan["fits"] == {name: total <= size for name, size in plan.ACCELERATORS.items()}
+
+
+def test_plan_of_two_full_width_layers_finishes_quickly(two_layer_plan):
+    assert two_layer_plan["elapsed"] < 90
+
+
+def test_format_plan_shows_each_figure_and_the_verdicts(two_layer_plan):
+    text = two_layer_plan["text"]
+    for words in ("mesh 1x8", "weights", "KV cache", "temporaries, prefill", "temporaries, decode",
+                  "H200 (141 GB)", "TPU v5e (16 GB)"):
+        assert words in text
+
+
+def test_release_structs_use_eight_scale_blocks_for_row_parallel_weights():
+    structs = plan.release_param_structs(PRESETS["grok-1"].replace(num_layers=1))
+    layer = "transformer/decoder_layer_0"
+    assert structs[f"{layer}/multi_head_attention/linear"]["w"].scales.shape == (8, 6144)
+    assert structs[f"{layer}/moe/linear_1"]["w"].scales.shape == (8, 8, 6144)
+    assert structs[f"{layer}/moe/linear"]["w"].scales.shape == (8, 1, 32768)
+    assert str(structs["language_model/in_out_embed"]["embeddings"].dtype) == "bfloat16"
+
+
+def test_make_plan_names_the_missing_devices():
+    with pytest.raises(ValueError, match="needs 8 devices but 1 are available"):
+        plan.make_plan(PRESETS["grok-1"], "1x8")
+
+
+@pytest.mark.parametrize("kwargs, message", [({"batch": 0}, "batch"), ({"context": 0}, "context")])
+def test_make_plan_rejects_non_positive_sizes(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        plan.make_plan(PRESETS["grok-1"], "1x1", **kwargs)
+
+
+def test_command_line_rejects_a_bad_mesh():
+    proc = subprocess.run([sys.executable, "-m", "grok1.plan", "--mesh", "8"], cwd=str(REPO),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "is not DATAxMODEL" in proc.stderr

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import itertools
 import math
+import mmap
 import os
 import pickle
+import re
 import shutil
 import struct
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
@@ -65,14 +68,37 @@ class TensorSpec:
 
 def tensor_specs(config: ModelConfig) -> list[TensorSpec]:
     """Every tensor of the checkpoint, in file order (sorted module paths, then param names)."""
-    from grok1.model import param_shapes  # model imports nothing from here; keep import light
+    return list(_tensor_specs(config))
 
-    shapes = param_shapes(config)
-    specs = []
+
+@functools.lru_cache(maxsize=8)
+def _tensor_specs(config: ModelConfig) -> tuple[TensorSpec, ...]:
+    shapes = _param_shapes(config)
+    specs: list[TensorSpec] = []
     for module in sorted(shapes):
         for param in sorted(shapes[module]):
-            specs.append(TensorSpec(len(specs), module, param, tuple(shapes[module][param].shape)))
-    return specs
+            specs.append(TensorSpec(len(specs), module, param, shapes[module][param]))
+    return tuple(specs)
+
+
+_LAYER = re.compile(r"(^|/)decoder_layer_0(/|$)")
+
+
+def _param_shapes(config: ModelConfig) -> dict[str, dict[str, tuple[int, ...]]]:
+    """The model's parameter shapes, tracing a one-layer model and repeating its layer: layers are
+    identical, and tracing all 64 of Grok-1 would take seconds."""
+    from grok1.model import param_shapes  # model imports nothing from here; keep import light
+
+    one = param_shapes(dataclasses.replace(config, num_layers=1))
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    for module, params in one.items():
+        layer = {name: tuple(value.shape) for name, value in params.items()}
+        if _LAYER.search(module):
+            for i in range(config.num_layers):
+                shapes[_LAYER.sub(rf"\g<1>decoder_layer_{i}\g<2>", module)] = layer
+        else:
+            shapes[module] = layer
+    return shapes
 
 
 # ---- reading: the restricted unpickler (the general path) -------------------------------------
@@ -444,12 +470,17 @@ def locate_tensor(path: str | os.PathLike) -> Optional[Located]:
         raise CheckpointError(f"{path}: truncated or corrupt pickle ({type(e).__name__}: {e})") from None
 
 
-# jax's CPU client adopts host buffers with this alignment instead of copying them.
+# jax's CPU client adopts (does not copy) host buffers with this alignment.
 _ALIGNMENT = 64
+# Above this size a buffer is its own anonymous mapping: page aligned, and without the huge-page
+# advice numpy gives large arrays, whose compaction stalls made fresh buffers 2x slower to fill.
+_MAPPED_BYTES = 1 << 20
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes >= _MAPPED_BYTES:
+        return np.frombuffer(mmap.mmap(-1, nbytes), dtype).reshape(shape)
     raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
     start = -raw.ctypes.data % _ALIGNMENT
     return raw[start:start + nbytes].view(dtype).reshape(shape)

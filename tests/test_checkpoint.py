@@ -61,6 +61,16 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
+# ---- file order -------------------------------------------------------------------------------
+
+def test_file_order_and_shapes_match_the_golden_tensor_index(golden):
+    import json
+    index = json.loads((golden.path / "tensor_index.json").read_text())
+    config = checkpoint.read_config(golden.path)
+    assert [(s.filename, s.module, s.param, list(s.shape)) for s in checkpoint.tensor_specs(config)] == \
+        [(t["file"], t["module"], t["param"], t["shape"]) for t in index]
+
+
 # ---- round trips ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scale_dtype", [ml_dtypes.bfloat16, np.float32])
@@ -142,10 +152,16 @@ eight = grok1.load({path!r}, dtype="float32", mesh=make_mesh("1x8"), progress=Fa
 
 
 def test_golden_loads_sharded_over_8_devices_bit_exact_each_device_holding_its_part(golden):
-    code = SHARDED_LOAD.format(path=str(golden.path)) + """
-w = eight.params["transformer/decoder_layer_0/moe/linear"]["w"].weight
+    code = f"""
+import numpy as np, jax
+from grok1 import checkpoint
+from grok1.sharding import make_mesh
+config = checkpoint.read_config({str(golden.path)!r})
+one = checkpoint.load_params({str(golden.path)!r}, config, progress=False)
+eight = checkpoint.load_params({str(golden.path)!r}, config, mesh=make_mesh("1x8"), progress=False)
+w = eight["transformer/decoder_layer_0/moe/linear"]["w"].weight
 assert len(w.sharding.device_set) == 8 and w.addressable_shards[0].data.shape[-1] * 8 == w.shape[-1]
-pairs = zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(eight.params))
+pairs = zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(eight))
 print(all(a.dtype == b.dtype and np.asarray(a).tobytes() == np.asarray(b).tobytes() for a, b in pairs))
 """
     assert run_with_devices(code, devices=8).strip() == "True"

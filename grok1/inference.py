@@ -13,6 +13,7 @@ import numpy as np
 
 from grok1 import checkpoint
 from grok1.config import ModelConfig
+from grok1.layout import prepare_params
 from grok1.model import KVCache, transformed
 from grok1.quant import QuantizedWeight8bit
 
@@ -134,6 +135,8 @@ def load(path: str | os.PathLike, *, mesh: Optional[jax.sharding.Mesh] = None, d
     config = config or checkpoint.read_config(path)
     # Each tensor goes straight into its final sharding over `mesh` (one device without a mesh).
     params = checkpoint.load_params(path, config, mesh=mesh, progress=progress)
+    if mesh is None:  # on CPU: float weights, one array per expert (grok1/layout.py says why)
+        params = prepare_params(params, compute_dtype)
     tok = None
     tokenizer_path = tokenizer or os.path.join(path, TOKENIZER_FILE)
     if tokenizer is not None or os.path.isfile(tokenizer_path):

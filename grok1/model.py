@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from grok1.config import ModelConfig
+from grok1.layout import ExpertWeights
 from grok1.quant import QuantizedWeight8bit, Weight, matmul
 
 RMS_NORM_EPS = 1e-5
@@ -208,6 +209,10 @@ class MoELayer(hk.Module):
         w_down = ExpertWeight([E, f, d], name="linear_1")()
 
         gates, experts = jax.lax.top_k(router_probs, k)                  # [B, T, k]
+        if isinstance(w_gate, ExpertWeights):  # the CPU layout of grok1/layout.py
+            out = per_expert_moe(x.reshape(B * T, d).astype(self.dtype), gates.reshape(B * T, k),
+                                 experts.reshape(B * T, k), (w_gate, w_up, w_down), self.dtype)
+            return out.reshape(B, T, d)
         # Sort the B*T*k (token, expert) pairs by expert so each expert sees one contiguous group.
         expert_ids = experts.reshape(-1)
         order = jnp.argsort(expert_ids, stable=True)
@@ -255,6 +260,66 @@ def grouped_matmul(xs: jax.Array, w: Weight, group_sizes: jax.Array, row_expert:
         part = part * w.scales[:, b, :].astype(dtype)[row_expert]
         out = part if out is None else out + part
     return out
+
+
+# Up to this many tokens (decoding), every chosen expert runs on all of them; more go in tiles.
+DENSE_MOE_TOKENS = 64
+MOE_TILE = 64
+
+
+def expert_ffn(x: jax.Array, w_gate: Weight, w_up: Weight, w_down: Weight, dtype) -> jax.Array:
+    """One expert on rows x [n, d]: (gelu(x @ linear) * (x @ linear_v)) @ linear_1."""
+    h = jax.nn.gelu(matmul(x, w_gate, dtype)) * matmul(x, w_up, dtype)
+    return matmul(h, w_down, dtype)
+
+
+def per_expert_moe(x: jax.Array, gates: jax.Array, experts: jax.Array,
+                   weights: tuple[ExpertWeights, ExpertWeights, ExpertWeights], dtype) -> jax.Array:
+    """The MoE sum over ExpertWeights (one array per expert) for tokens x [N, d] with their top-k
+    `gates` and `experts` [N, k]; experts are picked by branch, so no weight is ever copied."""
+    per_expert = list(zip(*(w.experts for w in weights)))          # E x (gate, up, down)
+    if x.shape[0] <= DENSE_MOE_TOKENS:
+        return chosen_experts_dense(x, gates, experts, per_expert, dtype)
+    return tiled_experts(x, gates, experts, per_expert, dtype, MOE_TILE)
+
+
+def chosen_experts_dense(x, gates, experts, per_expert, dtype) -> jax.Array:
+    """Every expert that some token chose runs on all N rows (`lax.cond` skips the others), its
+    output weighted by each row's gate for it (0 where the row did not choose it). For the few
+    rows of a decode step, reading an expert's weights costs far more than the extra rows."""
+    out = jnp.zeros(x.shape, dtype)
+    for e, w in enumerate(per_expert):
+        chosen = experts == e                                               # [N, k]
+        gate = jnp.sum(jnp.where(chosen, gates, 0.0), axis=-1).astype(dtype)
+        out = out + jax.lax.cond(
+            jnp.any(chosen), lambda x, g, w=w: expert_ffn(x, *w, dtype) * g[:, None],
+            lambda x, g: jnp.zeros_like(x), x, gate)
+    return out
+
+
+def tiled_experts(x, gates, experts, per_expert, dtype, tile: int) -> jax.Array:
+    """Sparse top-k for many rows: the (row, expert) pairs sorted by expert, each expert's group
+    padded to a multiple of `tile` rows, and every tile run through its own expert's matrices
+    (`lax.switch`); tiles past the last group run nothing."""
+    N, d = x.shape
+    k, E = experts.shape[1], len(per_expert)
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sorted_experts = flat[order]
+    sizes = jnp.bincount(flat, length=E)
+    padded = (sizes + tile - 1) // tile * tile
+    padded_end = jnp.cumsum(padded)
+    rank = jnp.arange(N * k) - (jnp.cumsum(sizes) - sizes)[sorted_experts]
+    dest = (padded_end - padded)[sorted_experts] + rank                   # row of each pair
+    num_tiles = -(-(N * k + E * (tile - 1)) // tile)
+    xs = jnp.zeros((num_tiles * tile, d), dtype).at[dest].set(x[order // k])
+    tile_expert = jnp.searchsorted(padded_end, jnp.arange(num_tiles) * tile, side="right")
+    branches = [lambda rows, w=w: expert_ffn(rows, *w, dtype) for w in per_expert]
+    branches.append(jnp.zeros_like)                                     # index E: unused tile
+    ys = jax.lax.map(lambda args: jax.lax.switch(args[1], branches, args[0]),
+                     (xs.reshape(num_tiles, tile, d), tile_expert)).reshape(-1, d)
+    y = ys[dest] * gates.reshape(-1)[order][:, None].astype(dtype)
+    return jnp.zeros((N, d), dtype).at[order // k].add(y)
 
 
 # ---- decoder layer and the stack --------------------------------------------------------------

@@ -1,0 +1,107 @@
+"""Parameter layouts chosen at load time for the platform that computes with them.
+
+Checkpoints always hold the official tree (int8 `QuantizedWeight8bit` linear weights, experts
+stacked as [E, in, out]). On accelerators that tree is used as is: the int8 -> float convert fuses
+into the matmul. XLA on CPU does not fuse it (a convert feeding a dot moves a few GB/s of int8,
+a plain float32 matrix-vector product several times more), and slicing one expert out of a
+stacked array copies it. So on CPU, when memory allows, `prepare_params` dequantises every linear
+weight once into the compute dtype and splits each expert stack into `ExpertWeights`, one array
+per expert, which the MoE layer selects with `lax.cond` / `lax.switch` without copying.
+Results are those of the official tree up to float rounding (dequantising before or after the
+dot only reorders one multiply).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from grok1.quant import QuantizedWeight8bit
+
+# Keep the float layout only while it leaves this share of the host's available memory free.
+MAX_MEMORY_SHARE = 0.6
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ExpertWeights:
+    """The [E, in, out] weight of all experts as E separate float [in, out] arrays."""
+
+    experts: tuple[jax.Array, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.experts),) + tuple(self.experts[0].shape)
+
+    @property
+    def dtype(self):
+        return self.experts[0].dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(w.nbytes) for w in self.experts)
+
+
+@jax.jit
+def _dequantize(weight: jax.Array, scales: jax.Array, dtype_probe: jax.Array) -> jax.Array:
+    return QuantizedWeight8bit(weight, scales).dequantize(dtype_probe.dtype)
+
+
+def float_weight(w: Any, dtype) -> jax.Array:
+    """A linear weight as one float array of `dtype` (dequantised when int8)."""
+    if isinstance(w, QuantizedWeight8bit):
+        return _dequantize(jnp.asarray(w.weight), jnp.asarray(w.scales), jnp.zeros((), dtype))
+    return jnp.asarray(w, dtype)
+
+
+def float_layout_bytes(params: dict, dtype) -> int:
+    """At most the bytes the float layout of `params` takes (every tensor in `dtype`)."""
+    leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, QuantizedWeight8bit))
+    return sum(math.prod(leaf.shape) for leaf in leaves) * jnp.dtype(dtype).itemsize
+
+
+def fits_in_memory(params: dict, dtype) -> bool:
+    """Whether the float layout fits in MAX_MEMORY_SHARE of the host's available memory."""
+    try:
+        import psutil
+    except ImportError:
+        return False
+    return float_layout_bytes(params, dtype) <= MAX_MEMORY_SHARE * psutil.virtual_memory().available
+
+
+def prepare_params(params: dict, dtype, platform: Optional[str] = None) -> dict:
+    """The params laid out for fast compute on `platform` (default: the default backend).
+
+    CPU (when it fits in memory): every linear weight dequantised into `dtype`, expert stacks
+    split into ExpertWeights, the embedding table in `dtype` (it is also the output projection).
+    Other platforms, or too little memory: `params` unchanged. Each original array is released as
+    soon as its replacement exists, so peak memory stays near the float layout's size.
+    """
+    platform = platform or jax.default_backend()
+    if platform != "cpu" or not fits_in_memory(params, dtype):
+        return params
+    prepared: dict[str, dict[str, Any]] = {}
+    for module in list(params):
+        prepared[module] = {}
+        for name in list(params[module]):
+            value = params[module].pop(name)
+            if name == "w" and module.split("/")[-2] == "moe":
+                experts = tuple(float_weight(_index(value, e), dtype) for e in range(value.shape[0]))
+                value = ExpertWeights(experts)
+            elif name == "w" and not module.endswith("/router"):
+                value = float_weight(value, dtype)
+            elif name == "embeddings":
+                value = jnp.asarray(value, dtype)
+            prepared[module][name] = value
+    return prepared
+
+
+def _index(w: Any, e: int) -> Any:
+    """Expert `e` of a stacked [E, in, out] weight (plain or int8)."""
+    if isinstance(w, QuantizedWeight8bit):
+        return QuantizedWeight8bit(weight=w.weight[e], scales=w.scales[e])
+    return w[e]

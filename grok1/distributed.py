@@ -106,7 +106,7 @@ def launch(command: Sequence[str], num_processes: int, *, devices_per_process: O
         raise ValueError(f"--num-processes must be at least 1, got {num_processes}")
     coordinator = coordinator or f"127.0.0.1:{free_port()}"
     ids = list(range(num_processes)) if process_ids is None else list(process_ids)
-    procs = {i: subprocess.Popen(list(command), start_new_session=True,
+    procs = {i: subprocess.Popen(list(command), start_new_session=True, preexec_fn=_die_with_parent,
                                  env=process_env(os.environ, coordinator, num_processes, i, devices_per_process))
              for i in ids}
     deadline = time.monotonic() + timeout_s
@@ -129,6 +129,19 @@ def launch(command: Sequence[str], num_processes: int, *, devices_per_process: O
     finally:
         for p in procs.values():
             _stop(p)
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL when the launcher dies, even by SIGKILL (Linux; elsewhere a no-op)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -164,6 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if args.process_id and args.coordinator is None and args.num_processes > len(args.process_id):
         parser.error("--process-id for a cluster spread over several hosts needs --coordinator host0:port")
+    signal.signal(signal.SIGTERM, _raise_exit)  # so that `launch` stops its processes on the way out
     try:
         return launch(command, args.num_processes, devices_per_process=args.devices_per_process,
                       coordinator=args.coordinator, process_ids=args.process_id, timeout_s=args.timeout)

@@ -28,6 +28,10 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
+from jax.sharding import Mesh
+
+from grok1.config import ModelConfig
+
 # Named accelerators and their memory per device in bytes (vendor figures, decimal units).
 ACCELERATORS: dict[str, int] = {
     "TPU v5e (16 GB)": 16 * 10**9,
@@ -45,25 +49,18 @@ RELEASE_SCALE_BLOCKS = {"linear@attention": 8, "linear_1@moe": 8}
 QUANTIZED_PARAMS = ("query", "key", "value", "linear@attention", "linear@moe", "linear_v@moe", "linear_1@moe")
 
 
-def _rule_key(module: str) -> str:
-    parts = module.split("/")
-    name = parts[-1]
-    if name in ("linear", "linear_v", "linear_1"):
-        return f"{name}@{'moe' if parts[-2] == 'moe' else 'attention'}"
-    return name
-
-
-def release_param_structs(config) -> dict:
+def release_param_structs(config: ModelConfig) -> dict:
     """The parameter tree as ShapeDtypeStructs stored like the release: int8 + bf16 scales for the
     linear weights, bf16 embeddings and norm scales, float32 router."""
     import jax
     import jax.numpy as jnp
     from grok1.model import param_shapes
     from grok1.quant import QuantizedWeight8bit
+    from grok1.sharding import param_kind
 
     out: dict = {}
     for module, group in param_shapes(config).items():
-        key = _rule_key(module)
+        key = param_kind(module)
         for name, struct in group.items():
             shape = tuple(struct.shape)
             if key in QUANTIZED_PARAMS:
@@ -93,7 +90,7 @@ def bytes_per_device(structs: Any, shardings: Any) -> int:
     return max(total.values(), default=0)
 
 
-def weight_bytes_per_device(config, mesh) -> int:
+def weight_bytes_per_device(config: ModelConfig, mesh: Mesh) -> int:
     """Bytes of the release-format parameters that each device holds under the sharding table."""
     from grok1 import sharding as sh
     params = release_param_structs(config)
@@ -106,7 +103,7 @@ def _with_sharding(structs: Any, shardings: Any) -> Any:
                                   structs, shardings)
 
 
-def compile_steps(config, mesh, *, batch: int, context: int, dtype) -> dict[str, dict[str, int]]:
+def compile_steps(config: ModelConfig, mesh: Mesh, *, batch: int, context: int, dtype) -> dict[str, dict[str, int]]:
     """Lower and compile the prefill ([B, context] prompt into an empty cache) and decode (one token
     per row against a full cache) steps; memory_analysis of each, in bytes per device."""
     import jax
@@ -139,12 +136,13 @@ def compile_steps(config, mesh, *, batch: int, context: int, dtype) -> dict[str,
     return figures
 
 
-def make_plan(config, mesh_spec: str, *, batch: int = 1, context: Optional[int] = None,
+def make_plan(config: ModelConfig, mesh_spec: str, *, batch: int = 1, context: Optional[int] = None,
               dtype: Any = "bfloat16") -> dict:
     """Per-device memory of running `config` on mesh `mesh_spec` (see the module docstring).
 
-    Needs as many devices as the mesh has: on a machine without them, set
-    XLA_FLAGS=--xla_force_host_platform_device_count=N before jax is imported.
+    Needs as many devices as the mesh has: on a machine without them, call
+    `force_cpu_devices(N)` (or set XLA_FLAGS=--xla_force_host_platform_device_count=N) before
+    JAX's first computation.
     """
     import jax
     import jax.numpy as jnp

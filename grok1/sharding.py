@@ -119,12 +119,19 @@ def make_mesh(spec: str | dict[str, int] = "1x1", devices: Optional[Sequence[jax
     return Mesh(grid, MESH_AXES)
 
 
-def logical_axes(module: str, param: str) -> tuple[Optional[str], ...]:
-    """Logical axes of a parameter from its official module path."""
+def param_kind(module: str) -> str:
+    """The PARAM_AXES key of a module path: its last part, "@moe"/"@attention" for the linears
+    (the same names occur in both sublayers), and "rms_norm" for every numbered norm."""
     parts = module.split("/")
     key = re.sub(r"^rms_norm(_\d+)?$", "rms_norm", parts[-1])
     if key in ("linear", "linear_v", "linear_1"):
-        key = f"{key}@{'moe' if parts[-2] == 'moe' else 'attention'}"
+        key = f"{key}@{'moe' if len(parts) > 1 and parts[-2] == 'moe' else 'attention'}"
+    return key
+
+
+def logical_axes(module: str, param: str) -> tuple[Optional[str], ...]:
+    """Logical axes of a parameter from its official module path."""
+    key = param_kind(module)
     if key not in PARAM_AXES:
         raise KeyError(f"no partition rule for parameter {module}/{param}; rules: {sorted(PARAM_AXES)}")
     return PARAM_AXES[key]

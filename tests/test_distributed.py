@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from grok1 import distributed
-from tests.conftest import REPO
+from conftest import REPO
 
 GREEDY_STEPS = 6
 

@@ -5,6 +5,8 @@
 Writes (once, cached in benchmarks/.cache/) an int8 checkpoint of about `--gb` GB in the official
 format, then measures, each run in a fresh process, median of `--repeat`:
   - plain read: every file read sequentially into one reused buffer (`cat > /dev/null`);
+  - fresh: every file read into its own new buffer, all kept: the least any loader must do to
+    hold the data in RAM (new pages are faulted in and zeroed by the kernel first);
   - load: `grok1.checkpoint.load_params` onto one CPU device (the loader of this project);
   - unpickle: each file through the restricted unpickler, then `jax.device_put` (the simple way);
 and reports GB/s, load/plain ratio, and peak RSS (ru_maxrss) against the checkpoint size.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import pathlib
 import platform
@@ -97,6 +100,13 @@ def child(mode: str, path: str, workers: int) -> dict:
             with open(file, "rb", buffering=0) as f:
                 while f.readinto(buffer):
                     pass
+    elif mode == "fresh":
+        kept = []
+        for file in files_of(pathlib.Path(path)):
+            buffer = mmap.mmap(-1, os.path.getsize(file))
+            with open(file, "rb", buffering=0) as f:
+                f.readinto(buffer)
+            kept.append(buffer)
     else:
         if mode == "load":
             params = checkpoint.load_params(path, config, workers=workers, progress=False)
@@ -127,7 +137,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per mode (median reported)")
     parser.add_argument("--workers", type=int, default=4, help="reader threads of load_params")
     parser.add_argument("--cold", action="store_true", help="drop the page cache before each run")
-    parser.add_argument("--modes", default="plain,load,unpickle")
+    parser.add_argument("--modes", default="plain,fresh,load,unpickle")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -152,9 +162,9 @@ def main() -> None:
         print(f"{mode:9s} {seconds:6.2f} s  {summary[mode]:5.2f} GB/s  peak RSS {rss / 1e9:5.2f} GB "
               f"= {rss / size:4.2f} x checkpoint  (runs: "
               f"{', '.join(format(r['seconds'], '.2f') for r in results)} s)")
-    if "plain" in summary:
-        for mode in summary.keys() - {"plain"}:
-            print(f"{mode} throughput = {summary[mode] / summary['plain']:.0%} of plain read")
+    for base in ("plain", "fresh"):
+        for mode in [m for m in summary if base in summary and m not in ("plain", base)]:
+            print(f"{mode} throughput = {summary[mode] / summary[base]:.0%} of {base} read")
 
 
 if __name__ == "__main__":

@@ -324,6 +324,22 @@ def test_quantize_params_refuses_blocks_that_do_not_divide_the_input_axis():
         checkpoint.quantize_params(random_params(TINY), TINY, num_blocks=3)
 
 
+def test_convert_quantize_writes_an_int8_checkpoint_that_loads(tmp_path):
+    import subprocess
+    checkpoint.save(random_params(TINY), tmp_path / "float", TINY)
+    subprocess.run([sys.executable, "-m", "grok1.convert", "quantize", str(tmp_path / "float"),
+                    str(tmp_path / "int8"), "--blocks", "4", "--scale-dtype", "bfloat16"],
+                   check=True, capture_output=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    value = checkpoint.read_tensor(tensor_file(str(tmp_path / "int8"), 3))
+    assert value.weight.dtype == np.int8 and value.num_blocks == 4
+    assert value.scales.dtype == ml_dtypes.bfloat16
+
+
+def test_a_process_reads_only_the_box_around_its_devices_slices():
+    quarter = [(slice(0, 2), slice(None)), (slice(2, 4), slice(None))]  # 2 of 8 row blocks
+    assert checkpoint._bounding_box(quarter, (16, 5)) == (slice(0, 4), slice(0, 5))
+
+
 def test_progress_is_quiet_when_not_asked(capsys):
     with Progress(2, 100, enabled=False) as bar:
         bar.update(50)

@@ -401,10 +401,13 @@ class Runner:
                              f"got {self.buckets}")
         apply = transformed(config, model.dtype).apply
         constrain, self._state_sharding = self._sharding()
+        # On a mesh the outputs keep the input shardings, so every call reuses one compilation.
+        placement = {} if model.mesh is None else dict(out_shardings=(
+            self._state_sharding, self._state_sharding.tokens, self._state_sharding.tokens))
         self.decode = jax.jit(functools.partial(decode_steps, apply, constrain, int(decode_chunk)),
-                              donate_argnums=(1,))
+                              donate_argnums=(1,), **placement)
         self.prefill = jax.jit(functools.partial(prefill_slot, apply, config, model.dtype, constrain),
-                               donate_argnums=(1,))
+                               donate_argnums=(1,), **placement)
         self._state: Optional[SlotState] = None
 
     def _sharding(self):
@@ -416,7 +419,7 @@ class Runner:
         from jax.sharding import NamedSharding, PartitionSpec
         from grok1.sharding import kv_cache_sharding
 
-        shape = jax.eval_shape(empty_state, self.model.config, self.model.dtype, self.slots)
+        shape = jax.eval_shape(functools.partial(empty_state, self.model.config, self.model.dtype, self.slots))
         replicated = NamedSharding(mesh, PartitionSpec())
         sharding = dataclasses.replace(
             jax.tree_util.tree_map(lambda _: replicated, shape),

@@ -18,7 +18,7 @@ import grok1
 from grok1.sampler import Runner, runner_for, sampling_settings
 from grok1.tokenizer import REPLACEMENT_CHAR, IncrementalDecoder, Tokenizer
 
-from conftest import GOLDEN, Golden
+from conftest import GOLDEN, Golden, run_with_devices
 
 SLOTS = 4
 TRAINING_TEXT = ["The quick brown fox jumps over the lazy dog.", "你好，世界！今天天气很好。",
@@ -238,3 +238,30 @@ def test_no_compilation_during_64_decode_steps_after_warm_up(model):
         runner.decode = decode
     assert len(steps) >= 64
     assert compilations == []
+
+
+# ---- on a mesh --------------------------------------------------------------------------------
+
+SHARDED_GENERATE = """
+import json, jax
+import grok1
+from grok1.sharding import make_mesh
+model = grok1.load({path!r}, dtype="float32", mesh=make_mesh("2x4"))
+outs = model.generate({prompts!r}, slots=4, temperature=0, max_new_tokens=8)
+runner = model._runners[4]
+print(json.dumps(dict(tokens=[o.token_ids for o in outs], cache_spec=str(runner._state.cache.keys[0].sharding.spec),
+                      compilations=[runner.decode._cache_size(), runner.prefill._cache_size()])))
+"""
+
+
+@pytest.mark.slow
+def test_sharded_cache_on_a_2x4_mesh_generates_what_one_device_does(model):
+    import json
+
+    prompts = prompts_of_lengths(2, 7, 13, 29)
+    result = json.loads(run_with_devices(SHARDED_GENERATE.format(path=str(GOLDEN / "two_layer"),
+                                                                 prompts=prompts)).splitlines()[-1])
+    assert result["tokens"] == [o.token_ids for o in
+                                model.generate(prompts, slots=SLOTS, temperature=0, max_new_tokens=8)]
+    assert result["cache_spec"] == "P('data', None, 'model', None)"   # slots over data, kv heads over model
+    assert result["compilations"] == [1, 1]

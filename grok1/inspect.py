@@ -429,7 +429,7 @@ def plot_trace(t: Trace, path: str | os.PathLike) -> None:
     share = load / np.maximum(load.sum(axis=1, keepdims=True), 1)
     layers = np.arange(len(t.layers))
     fig, (ax_experts, ax_logits, ax_capped) = plt.subplots(
-        1, 3, figsize=(12, max(3.2, 0.16 * len(layers) + 2.0)), sharey=True,
+        1, 3, figsize=(12, max(3.2, 0.13 * len(layers) + 2.0)), sharey=True,
         gridspec_kw={"width_ratios": [1.2, 1, 1]})
     image = ax_experts.imshow(share, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
     ax_experts.set_xlabel("expert")
@@ -437,7 +437,7 @@ def plot_trace(t: Trace, path: str | os.PathLike) -> None:
     ax_experts.set_xticks(range(t.num_experts))
     ax_experts.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax_experts.set_title(f"expert usage ({int(t.real.sum())} tokens)")
-    fig.colorbar(image, ax=ax_experts, label="share of routed tokens")
+    fig.colorbar(image, ax=ax_experts, label="share of routed tokens", fraction=0.08, pad=0.03)
 
     ax_logits.plot([layer.logit_max_abs_before_cap for layer in t.layers], layers, "o-",
                    label="before cap")

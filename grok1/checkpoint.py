@@ -4,8 +4,12 @@ Tensor i is the i-th (module path, param name) of the parameter tree flattened t
 `jax.tree_util` flattens a Haiku params dict: module paths sorted as strings, then param names.
 The order is derived from the model code, never from an index file (real checkpoints carry none).
 
-Each file is unpickled by an unpickler that only resolves the few globals the format needs, so a
-downloaded file cannot run code; anything else is refused with the file and the global named.
+Reading never runs code from a file. Each pickle's opcodes are first walked symbolically
+(`locate_tensor`): globals are checked against the few the format needs (anything else is refused,
+naming file and global) and each array's raw bytes are located (offset, shape, dtype) without being
+read. Loading then reads, with a few threads, only the part of each tensor that this process's
+devices hold, straight into the buffer that becomes the device array. Files in a layout the walk
+does not follow go through an unpickler restricted to the same globals.
 """
 
 from __future__ import annotations
@@ -726,9 +730,10 @@ def _bounding_box(indices: Iterable[tuple[slice, ...]], shape: tuple[int, ...]) 
                  for i in range(len(shape)))
 
 
-def _array_from(source: ArrayRef | np.ndarray, sharding: Any) -> tuple[Any, int]:
+def _array_from(source: ArrayRef | np.ndarray, sharding: Any) -> Any:
     """A jax.Array with `sharding`, reading from the file only the part this process's devices
-    hold (one host buffer, which each device's shard slices). Returns (array, bytes read)."""
+    hold (one host buffer, which each device's shard slices; with one device it becomes the
+    device array without a copy on CPU)."""
     import jax
     shape = tuple(source.shape)
     box = _bounding_box(sharding.addressable_devices_indices_map(shape).values(), shape)
@@ -738,27 +743,28 @@ def _array_from(source: ArrayRef | np.ndarray, sharding: Any) -> tuple[Any, int]
         return host[tuple(slice(s.start - b.start, s.stop - b.start)
                           for s, b in zip(_normalise(index, shape), box))]
 
-    return jax.make_array_from_callback(shape, sharding, shard), host.nbytes
+    return jax.make_array_from_callback(shape, sharding, shard)
 
 
-def _load_one(entry: CheckedTensor, mesh: Any) -> tuple[Any, int]:
+def _load_one(entry: CheckedTensor, mesh: Any) -> Any:
     value = entry.located
     if value is None:
         value = _unpickle(entry.path)
         check_tensor(value, entry.spec, entry.path)
     sharding = _sharding_for(mesh, entry.spec, value)
     if isinstance(value, QuantizedWeight8bit):
-        weight, n_w = _array_from(value.weight, sharding.weight)
-        scales, n_s = _array_from(value.scales, sharding.scales)
-        return QuantizedWeight8bit(weight=weight, scales=scales), n_w + n_s
+        return QuantizedWeight8bit(weight=_array_from(value.weight, sharding.weight),
+                                   scales=_array_from(value.scales, sharding.scales))
     return _array_from(value, sharding)
 
 
-def _checked_params(checked: Sequence[CheckedTensor], work: Callable[[CheckedTensor], tuple[Any, int]],
-                    workers: int, progress: Optional[bool], total: int) -> dict:
-    """Run `work` over the tensors on `workers` threads, at most `workers` tensors in flight."""
+def _load_in_parallel(checked: Sequence[CheckedTensor], work: Callable[[CheckedTensor], Any],
+                      workers: int, progress: Optional[bool]) -> dict:
+    """The params dict of `work(tensor)` for every tensor, on `workers` threads with at most
+    `workers` tensors in flight (so in host memory)."""
     params: dict[str, dict[str, Any]] = {}
     todo = iter(checked)
+    total = sum(e.file_bytes for e in checked)
     with Progress(len(checked), total, enabled=progress) as bar, \
             concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ckpt") as pool:
         pending: dict[concurrent.futures.Future, CheckedTensor] = {}
@@ -769,10 +775,9 @@ def _checked_params(checked: Sequence[CheckedTensor], work: Callable[[CheckedTen
                 return params
             done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in done:
-                spec = pending.pop(future).spec
-                value, nbytes = future.result()
-                params.setdefault(spec.module, {})[spec.param] = value
-                bar.update(nbytes)
+                entry = pending.pop(future)
+                params.setdefault(entry.spec.module, {})[entry.spec.param] = future.result()
+                bar.update(entry.file_bytes)
 
 
 DEFAULT_WORKERS = 4
@@ -794,20 +799,19 @@ def load_params(path: str | os.PathLike, config: ModelConfig,
     ckpt = checkpoint_dir(path)
     checked = check_checkpoint(ckpt, config)
     if place is not None:
-        def work(entry: CheckedTensor) -> tuple[Any, int]:
+        def work(entry: CheckedTensor) -> Any:
             value = _unpickle(entry.path) if entry.located is None else _read_located(entry.located)
             check_tensor(value, entry.spec, entry.path)
-            return place(entry.spec, value), _as_numpy(value).nbytes
+            return place(entry.spec, value)
     else:
-        def work(entry: CheckedTensor) -> tuple[Any, int]:
+        def work(entry: CheckedTensor) -> Any:
             return _load_one(entry, mesh)
         if memory_check:
             shardings = [_sharding_for(mesh, e.spec, e.located if e.located is not None
                                        else _ShapeOnly(e.spec.shape)) for e in checked]
             largest = max(e.file_bytes for e in checked)
             check_memory(ckpt, checked, shardings, in_flight_bytes=workers * largest)
-    total = sum(e.file_bytes for e in checked)
-    return _checked_params(checked, work, workers, progress, total)
+    return _load_in_parallel(checked, work, workers, progress)
 
 
 def iter_tensors(ckpt: str, config: ModelConfig) -> Iterator[tuple[TensorSpec, np.ndarray | QuantizedWeight8bit]]:

@@ -189,6 +189,15 @@ def test_load_places_every_tensor_on_one_device_without_a_mesh(tiny_checkpoint):
     assert all(isinstance(x, jax.Array) and x.sharding.device_set == {jax.devices()[0]} for x in leaves)
 
 
+def test_one_cpu_device_adopts_the_read_buffer_without_a_copy(tiny_checkpoint, monkeypatch):
+    read = checkpoint.read_box
+    buffers = []
+    monkeypatch.setattr(checkpoint, "read_box", lambda *a: buffers.append(read(*a)) or buffers[-1])
+    params = checkpoint.load_params(tiny_checkpoint, TINY, workers=1, progress=False)
+    weight = params["transformer/decoder_layer_0/moe/linear"]["w"].weight
+    assert weight.unsafe_buffer_pointer() in {b.ctypes.data for b in buffers}
+
+
 # ---- errors -----------------------------------------------------------------------------------
 
 def test_missing_folder_is_named(tmp_path):

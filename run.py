@@ -1,0 +1,355 @@
+#!/usr/bin/env python3
+"""Generate text with a Grok-1-architecture model, or plan and describe one.
+
+    python run.py                                   # the small model shipped in checkpoints/small
+    python run.py --prompt "Once upon a time" --temperature 0 --max-new-tokens 40
+    python run.py --checkpoint checkpoints/grok-1 --preset grok-1 \\
+        --tokenizer checkpoints/grok-1/tokenizer.model --mesh 1x8          # the real release
+
+User mistakes (missing files, a tokenizer that does not belong to the checkpoint, a mesh that does
+not match the devices, bad sampling values) end with a one-line message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CHECKPOINT = os.path.join(REPO, "checkpoints", "small")
+DEFAULT_PROMPT = "The function returns"
+RELEASE_HINT = ("put the release's ckpt-0/ folder (from the official torrent or the model hub "
+                "repository xai-org/grok-1) in checkpoints/grok-1/ and run with "
+                "--checkpoint checkpoints/grok-1 --preset grok-1")
+EXIT_USAGE = 2
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to a flag's help unless it has no default or already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "default" in help_text or action.default in (None, False, argparse.SUPPRESS):
+            return help_text
+        return f"{help_text} (default: %(default)s)"
+
+
+class UserError(Exception):
+    """A mistake in the command line or the files it names: reported in one line, no traceback."""
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run.py", description=__doc__.split("\n\n")[0],
+        epilog="Research and planning: --plan (memory and sharding plan of a preset over a mesh), "
+               "--describe (parameter table), --trace (router and attention statistics of a prompt).",
+        formatter_class=HelpFormatter)
+    model = p.add_argument_group("model")
+    model.add_argument("--checkpoint", default=None, metavar="DIR",
+                       help="folder holding ckpt-0/ (and config.json unless --preset is given); "
+                            "default: the small model shipped in checkpoints/small")
+    model.add_argument("--tokenizer", default=None, metavar="FILE",
+                       help="SentencePiece model; default: CHECKPOINT/tokenizer.model")
+    model.add_argument("--preset", default=None, metavar="NAME",
+                       help="use a built-in config (e.g. grok-1) instead of CHECKPOINT/config.json")
+    model.add_argument("--mesh", default=None, metavar="SPEC",
+                       help="device mesh DATAxMODEL (e.g. 1x8), DATAxEXPERTxMODEL or axis=size,...; "
+                            "its sizes must multiply to the number of devices; default: one device")
+    model.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                       help="compute dtype; auto = float32 on CPU, bfloat16 on GPU/TPU")
+
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                     help=f"prompt to continue; repeat for several (default: {DEFAULT_PROMPT!r})")
+    gen.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate per prompt")
+    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass in (0, 1]; 1 = off")
+    gen.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens; 0 = off")
+    gen.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
+    gen.add_argument("--no-stream", action="store_true",
+                     help="print each completion when done (prompts run as one batch) instead of "
+                          "token by token")
+    gen.add_argument("--interactive", action="store_true",
+                     help="read prompts from standard input, one per line, until EOF or an empty line")
+    gen.add_argument("--quiet", action="store_true",
+                     help="no progress bar, no prompt echo, no tokens/s report: only the generated text")
+
+    research = p.add_argument_group("research and planning")
+    research.add_argument("--plan", action="store_true",
+                          help="print the memory and sharding plan of --preset (or the checkpoint's "
+                               "config) over --mesh, using forced CPU devices; loads no weights")
+    research.add_argument("--batch", type=int, default=1, help="--plan: batch size to plan for")
+    research.add_argument("--context", type=int, default=None,
+                          help="--plan: context length to plan for (default: the config's sequence_len)")
+    research.add_argument("--describe", action="store_true",
+                          help="print the parameter table of --preset or the checkpoint's config")
+    research.add_argument("--trace", action="store_true",
+                          help="run --prompt once and print router and attention statistics per layer")
+    research.add_argument("--plot", default=None, metavar="PNG",
+                          help="--trace: also plot the expert load to this image (needs matplotlib)")
+    research.add_argument("--json", action="store_true",
+                          help="machine-readable output for --plan, --describe and --no-stream")
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    args = parser().parse_args(argv)
+    args.checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
+    if args.plan and args.mesh is None:
+        raise UserError("--plan needs --mesh (e.g. --mesh 1x8)")
+    if args.plot and not args.trace:
+        raise UserError("--plot only goes with --trace")
+    if args.interactive and args.prompt:
+        raise UserError("--interactive reads prompts from standard input; drop --prompt")
+    if args.batch < 1:
+        raise UserError(f"--batch must be >= 1, got {args.batch}")
+    if args.context is not None and args.context < 1:
+        raise UserError(f"--context must be >= 1, got {args.context}")
+    return args
+
+
+def check_mesh_spec(spec: str) -> None:
+    from grok1.sharding import parse_mesh_spec  # imports jax, so only after XLA_FLAGS is settled
+    try:
+        parse_mesh_spec(spec)
+    except ValueError as e:
+        raise UserError(f"--mesh: {e}") from None
+
+
+def force_cpu_devices(spec: str) -> None:
+    """--plan lays out abstract CPU devices: ask XLA for as many as the mesh has, before jax starts."""
+    import re
+
+    sizes = [int(n) for n in re.findall(r"\d+", spec)]
+    count = math.prod(sizes) if sizes else 1
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+# ---- config, tokenizer, model -----------------------------------------------------------------
+
+def model_config(args: argparse.Namespace):
+    """The ModelConfig of --preset, else of CHECKPOINT/config.json."""
+    from grok1.config import PRESETS, ConfigError, ModelConfig
+
+    if args.preset is not None:
+        if args.preset not in PRESETS:
+            raise UserError(f"unknown --preset {args.preset!r}; presets: {', '.join(sorted(PRESETS))}")
+        return PRESETS[args.preset]
+    check_checkpoint_folder(args.checkpoint)
+    path = os.path.join(args.checkpoint, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{args.checkpoint} has no config.json: pass --preset grok-1 for the release, "
+                        f"or the config.json that came with the checkpoint")
+    try:
+        return ModelConfig.from_json(path)
+    except ConfigError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def check_checkpoint_folder(path: str) -> None:
+    if not os.path.isdir(os.path.join(path, "ckpt-0")) and not os.path.isfile(os.path.join(path, "tensor00000_000")):
+        where = "no such folder" if not os.path.isdir(path) else "it holds no ckpt-0/ folder"
+        raise UserError(f"no checkpoint at {path} ({where}): {RELEASE_HINT}")
+
+
+def load_tokenizer(args: argparse.Namespace, config):
+    """(path, Tokenizer), checked to have exactly the checkpoint's vocabulary size."""
+    from grok1.tokenizer import Tokenizer
+
+    path = args.tokenizer or os.path.join(args.checkpoint, "tokenizer.model")
+    if not os.path.isfile(path):
+        raise UserError(f"tokenizer not found: {path} (give the tokenizer.model that belongs to the "
+                        f"checkpoint with --tokenizer)")
+    try:
+        tokenizer = Tokenizer(path)
+    except (RuntimeError, OSError) as e:
+        raise UserError(f"{path} is not a SentencePiece model ({str(e).splitlines()[0]})") from None
+    if tokenizer.vocab_size != config.vocab_size:
+        raise UserError(f"tokenizer {path} has {tokenizer.vocab_size} pieces but the checkpoint's "
+                        f"vocab_size is {config.vocab_size}: they do not belong together "
+                        f"(pass the tokenizer.model that came with the checkpoint)")
+    return path, tokenizer
+
+
+def make_mesh(spec: Optional[str]):
+    if spec is None:
+        return None
+    from grok1.sharding import make_mesh as build
+    try:
+        return build(spec)
+    except ValueError as e:
+        raise UserError(f"--mesh: {e}") from None
+
+
+def sampling(args: argparse.Namespace, config, tokenizer) -> dict[str, Any]:
+    """Sampling settings, checked by the sampler; a bad value is a UserError naming the flag."""
+    from grok1.sampler import sampling_settings
+
+    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    try:
+        sampling_settings(config, tokenizer, **settings)
+    except ValueError as e:
+        message = str(e)
+        for name in settings:
+            if message.startswith(name + " "):
+                message = "--" + name.replace("_", "-") + message[len(name):]
+        raise UserError(message) from None
+    return settings
+
+
+def load_model(args: argparse.Namespace, config, tokenizer_path: str):
+    import grok1
+    from grok1.checkpoint import CheckpointError
+
+    mesh = make_mesh(args.mesh)
+    dtype = None if args.dtype == "auto" else args.dtype
+    try:
+        return grok1.load(args.checkpoint, mesh=mesh, dtype=dtype, tokenizer=tokenizer_path,
+                          config=config, progress=not args.quiet)
+    except CheckpointError as e:
+        raise UserError(f"{e} ({RELEASE_HINT})" if "missing checkpoint file" in str(e) else str(e)) from None
+
+
+# ---- actions ----------------------------------------------------------------------------------
+
+def run_plan(args: argparse.Namespace) -> None:
+    from grok1.plan import format_plan, make_plan
+
+    config = model_config(args)
+    dtype = "bfloat16" if args.dtype == "auto" else args.dtype
+    try:
+        plan = make_plan(config, args.mesh, batch=args.batch, context=args.context, dtype=dtype)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
+
+
+def run_describe(args: argparse.Namespace) -> None:
+    from grok1.inspect import describe, format_description
+
+    config = model_config(args)
+    try:
+        description = describe(config, args.mesh)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(json.dumps(description, indent=1) if args.json else format_description(description))
+
+
+def run_trace(args: argparse.Namespace, model) -> None:
+    from grok1.inspect import format_trace, plot_trace
+
+    for prompt in args.prompt or [DEFAULT_PROMPT]:
+        trace = model.trace([model.tokenizer.encode(prompt)])
+        print(format_trace(trace))
+        if args.plot:
+            try:
+                plot_trace(trace, args.plot)
+            except ImportError as e:
+                raise UserError(str(e)) from None
+            print(f"expert load plotted to {args.plot}", file=sys.stderr)
+
+
+def stream_one(model, prompt: str, settings: dict[str, Any], quiet: bool) -> None:
+    """Print the prompt (unless quiet) and its continuation as it arrives, then the speed."""
+    if not quiet:
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+    start, first, count = time.perf_counter(), None, 0
+    for delta in model.stream(prompt, **settings):
+        count += len(delta.token_ids)
+        if first is None and delta.token_ids:
+            first = time.perf_counter()
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    end = time.perf_counter()
+    if not quiet and first is not None:
+        # The first token waits for compilation; the rate after it is the decoding speed.
+        rate = f"{(count - 1) / (end - first):.1f} tokens/s after it" if count > 1 else "no more tokens"
+        print(f"[{count} tokens in {end - start:.2f} s: first after {first - start:.2f} s "
+              f"(compilation included), then {rate}]", file=sys.stderr, flush=True)
+
+
+def run_generate(args: argparse.Namespace, model, settings: dict[str, Any]) -> None:
+    prompts = args.prompt or [DEFAULT_PROMPT]
+    if args.no_stream or args.json:
+        start = time.perf_counter()
+        completions = model.generate(prompts, **settings)
+        seconds = time.perf_counter() - start
+        if args.json:
+            print(json.dumps([{"prompt": p, "text": c.text, "token_ids": c.token_ids,
+                               "finish_reason": c.finish_reason}
+                              for p, c in zip(prompts, completions)], indent=1))
+        else:
+            for prompt, completion in zip(prompts, completions):
+                print(completion.text if args.quiet else prompt + completion.text)
+        report(sum(len(c.token_ids) for c in completions), seconds, args.quiet)
+        return
+    for prompt in prompts:
+        stream_one(model, prompt, settings, args.quiet)
+
+
+def run_interactive(args: argparse.Namespace, model, settings: dict[str, Any]) -> None:
+    interactive_tty = sys.stdin.isatty()
+    while True:
+        if interactive_tty:
+            print("prompt> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or not line.strip():
+            return
+        stream_one(model, line.rstrip("\n"), settings, args.quiet)
+
+
+def report(tokens: int, seconds: float, quiet: bool) -> None:
+    if not quiet:
+        print(f"[{tokens} tokens in {seconds:.2f} s: {tokens / max(seconds, 1e-9):.1f} tokens/s]",
+              file=sys.stderr, flush=True)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        args = parse_args(argv)
+        if args.plan:
+            force_cpu_devices(args.mesh)
+        if args.mesh is not None:
+            check_mesh_spec(args.mesh)
+        if args.plan:
+            run_plan(args)
+            return 0
+        if args.describe:
+            run_describe(args)
+            return 0
+        check_checkpoint_folder(args.checkpoint)
+        config = model_config(args)
+        tokenizer_path, tokenizer = load_tokenizer(args, config)
+        settings = sampling(args, config, tokenizer)
+        model = load_model(args, config, tokenizer_path)
+        if args.trace:
+            run_trace(args, model)
+        elif args.interactive:
+            run_interactive(args, model, settings)
+        else:
+            run_generate(args, model, settings)
+        return 0
+    except UserError as e:
+        print(f"run.py: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -308,7 +308,7 @@ def prefill_buckets(sequence_len: int) -> tuple[int, ...]:
 
 # ---- host side: one request's progress --------------------------------------------------------
 
-class _Request:
+class Request:
     """Host-side progress of one request: stop checks, text decoding, the deltas it emits."""
 
     def __init__(self, prompt: list[int], settings: SamplingSettings, config: ModelConfig, tokenizer: Any):
@@ -382,8 +382,8 @@ class Runner:
 
     `decode_chunk` tokens are decoded per jitted call (a lax.scan); the host processes the tokens
     of call k while call k+1 runs, so its bookkeeping stays off the device's critical path. The
-    cache is allocated once and reused by later `run` calls; compilation happens once for the
-    decode step and once per prefill bucket.
+    cache is allocated once and reused by later `run` calls (one `run` at a time); compilation
+    happens once for the decode step and once per prefill bucket.
     """
 
     def __init__(self, model: Any, slots: int, buckets: Optional[Sequence[int]] = None,
@@ -434,12 +434,12 @@ class Runner:
         return jax.jit(make, out_shardings=sharding)()
 
     def run(self, requests: Sequence[tuple[list[int], SamplingSettings]]
-            ) -> Iterator[tuple[int, Delta, "_Request"]]:
+            ) -> Iterator[tuple[int, Delta, "Request"]]:
         """Generate every (prompt ids, settings) request; yield (request index, delta, progress)
         as tokens arrive, in order within each request."""
         config, tokenizer = self.model.config, self.model.tokenizer
         waiting = collections.deque(enumerate(requests))
-        slot_of: list[Optional[tuple[int, _Request]]] = [None] * self.slots
+        slot_of: list[Optional[tuple[int, Request]]] = [None] * self.slots
         in_flight = collections.deque()   # device results not yet read: (kind, slots snapshot, arrays)
         if self._state is None:
             self._state = self._fresh_state()
@@ -447,7 +447,7 @@ class Runner:
             for slot in range(self.slots):
                 if slot_of[slot] is None and waiting:
                     index, (prompt, settings) = waiting.popleft()
-                    request = _Request(prompt, settings, config, tokenizer)
+                    request = Request(prompt, settings, config, tokenizer)
                     slot_of[slot] = (index, request)
                     self._state, token, logprob = self._prefill(slot, prompt, settings)
                     in_flight.append(("prefill", {slot: (index, request)}, (token, logprob)))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import grok1
-from grok1.sampler import Runner, runner_for, sampling_settings
+from grok1.sampler import Request, Runner, runner_for, sampling_settings
 from grok1.tokenizer import REPLACEMENT_CHAR, IncrementalDecoder, Tokenizer
 
 from conftest import GOLDEN, Golden, run_with_devices
@@ -134,6 +134,14 @@ def test_stop_token_ends_generation_before_it(model):
     assert out.token_ids == free[:first] and out.finish_reason == "stop"
 
 
+def test_eos_token_ends_the_request_with_stop_and_is_not_output(model):
+    request = Request([5, 6], sampling_settings(model.config), model.config, None)
+    assert request.add(7, -1.0).finish_reason is None
+    delta = request.add(model.config.eos_token, -1.0)
+    assert delta.finish_reason == "stop" and delta.token_ids == []
+    assert request.completion().token_ids == [7]
+
+
 def test_generation_stops_at_the_context_end(model):
     prompt = prompts_of_lengths(60)[0]
     out = alone(model, prompt, temperature=0)                   # no max_new_tokens: up to the end
@@ -214,6 +222,18 @@ def test_decoder_keeps_the_space_before_the_first_generated_word(tokenizer_path)
     generated = tok.encode("The capital of France is Paris")[len(context):]
     decoder = IncrementalDecoder(tok, context)
     assert "".join(decoder.push([t]) for t in generated) + decoder.flush() == " Paris"
+
+
+def test_multi_token_decode_chunks_give_the_same_tokens(model):
+    prompts = prompts_of_lengths(2, 7, 13)
+    settings = [sampling_settings(model.config, max_new_tokens=5 + 3 * i, temperature=1.0, seed=i)
+                for i in range(3)]
+    chunked = {}
+    for index, delta, request in Runner(model, SLOTS, decode_chunk=4).run(list(zip(prompts, settings))):
+        if delta.finish_reason is not None:
+            chunked[index] = request.completion().token_ids
+    for i, prompt in enumerate(prompts):
+        assert chunked[i] == alone(model, prompt, max_new_tokens=5 + 3 * i, temperature=1.0, seed=i).token_ids
 
 
 # ---- compilation ------------------------------------------------------------------------------

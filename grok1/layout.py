@@ -14,6 +14,7 @@ dot only reorders one multiply).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Optional
 
@@ -29,33 +30,39 @@ MAX_MEMORY_SHARE = 0.6
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ExpertWeights:
-    """The [E, in, out] weight of all experts as E separate float [in, out] arrays."""
+    """The [E, in, out] weight of all experts as E separate float arrays, each stored transposed
+    as [out, in]: XLA's CPU dot reads a weight contracted on its last axis fastest for the few
+    rows of a decode step (measured: as fast for one row, 1.5-2x faster for 8 to 32 rows)."""
 
-    experts: tuple[jax.Array, ...]
+    transposed: tuple[jax.Array, ...]   # E x [out, in]
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (len(self.experts),) + tuple(self.experts[0].shape)
+        out_size, in_size = self.transposed[0].shape
+        return (len(self.transposed), in_size, out_size)
 
     @property
     def dtype(self):
-        return self.experts[0].dtype
+        return self.transposed[0].dtype
 
     @property
     def nbytes(self) -> int:
-        return sum(int(w.nbytes) for w in self.experts)
+        return sum(int(w.nbytes) for w in self.transposed)
 
 
-@jax.jit
-def _dequantize(weight: jax.Array, scales: jax.Array, dtype_probe: jax.Array) -> jax.Array:
-    return QuantizedWeight8bit(weight, scales).dequantize(dtype_probe.dtype)
+@functools.partial(jax.jit, static_argnames=("dtype", "transpose"))
+def _dequantize(weight: jax.Array, scales: jax.Array, dtype, transpose: bool) -> jax.Array:
+    w = QuantizedWeight8bit(weight, scales).dequantize(dtype)
+    return w.T if transpose else w
 
 
-def float_weight(w: Any, dtype) -> jax.Array:
-    """A linear weight as one float array of `dtype` (dequantised when int8)."""
+def float_weight(w: Any, dtype, transpose: bool = False) -> jax.Array:
+    """A linear weight [in, out] as one float array of `dtype` (dequantised when int8), laid out
+    as [out, in] when `transpose`."""
     if isinstance(w, QuantizedWeight8bit):
-        return _dequantize(jnp.asarray(w.weight), jnp.asarray(w.scales), jnp.zeros((), dtype))
-    return jnp.asarray(w, dtype)
+        return _dequantize(jnp.asarray(w.weight), jnp.asarray(w.scales), jnp.dtype(dtype), transpose)
+    w = jnp.asarray(w, dtype)
+    return jnp.asarray(w.T.copy() if transpose else w)
 
 
 def float_layout_bytes(params: dict, dtype) -> int:
@@ -90,7 +97,8 @@ def prepare_params(params: dict, dtype, platform: Optional[str] = None) -> dict:
         for name in list(params[module]):
             value = params[module].pop(name)
             if name == "w" and module.split("/")[-2] == "moe":
-                experts = tuple(float_weight(_index(value, e), dtype) for e in range(value.shape[0]))
+                experts = tuple(float_weight(_index(value, e), dtype, transpose=True)
+                                for e in range(value.shape[0]))
                 value = ExpertWeights(experts)
             elif name == "w" and not module.endswith("/router"):
                 value = float_weight(value, dtype)

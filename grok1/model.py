@@ -267,17 +267,19 @@ DENSE_MOE_TOKENS = 64
 MOE_TILE = 64
 
 
-def expert_ffn(x: jax.Array, w_gate: Weight, w_up: Weight, w_down: Weight, dtype) -> jax.Array:
-    """One expert on rows x [n, d]: (gelu(x @ linear) * (x @ linear_v)) @ linear_1."""
-    h = jax.nn.gelu(matmul(x, w_gate, dtype)) * matmul(x, w_up, dtype)
-    return matmul(h, w_down, dtype)
+def expert_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, dtype) -> jax.Array:
+    """One expert on rows x [n, d], its weights transposed as [out, in] (ExpertWeights):
+    (gelu(x @ linear) * (x @ linear_v)) @ linear_1."""
+    dot = lambda a, w_t: jnp.einsum("ni,oi->no", a, w_t.astype(dtype))
+    h = jax.nn.gelu(dot(x, w_gate)) * dot(x, w_up)
+    return dot(h, w_down)
 
 
 def per_expert_moe(x: jax.Array, gates: jax.Array, experts: jax.Array,
                    weights: tuple[ExpertWeights, ExpertWeights, ExpertWeights], dtype) -> jax.Array:
     """The MoE sum over ExpertWeights (one array per expert) for tokens x [N, d] with their top-k
     `gates` and `experts` [N, k]; experts are picked by branch, so no weight is ever copied."""
-    per_expert = list(zip(*(w.experts for w in weights)))          # E x (gate, up, down)
+    per_expert = list(zip(*(w.transposed for w in weights)))       # E x (gate, up, down)
     if x.shape[0] <= DENSE_MOE_TOKENS:
         return chosen_experts_dense(x, gates, experts, per_expert, dtype)
     return tiled_experts(x, gates, experts, per_expert, dtype, MOE_TILE)
@@ -380,7 +382,9 @@ class LanguageModel(hk.Module):
     @hk.experimental.name_like("__call__")
     def unembed(self, h: jax.Array) -> jax.Array:
         h = RMSNorm(name="rms_norm")(h)
-        logits = matmul(h, InOutEmbed(self.config, name="in_out_embed")().T, self.dtype)
+        table = InOutEmbed(self.config, name="in_out_embed")().astype(self.dtype)      # [V, d]
+        # Contract the table's own last axis: `h @ table.T` made XLA copy the transposed table.
+        logits = jnp.einsum("...d,vd->...v", h.astype(self.dtype), table)
         return (logits * self.config.output_multiplier_scale).astype(jnp.float32)     # [..., V]
 
 

@@ -210,15 +210,26 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: ja
     is skipped when none does). logprobs are log_softmax of the unscaled logits at the chosen token.
     """
     logits = logits.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    # The draw (one random variate per vocabulary entry and row) costs as much as a small
+    # model's decode step on CPU: skip it when every row is greedy.
+    tokens = jax.lax.cond(jnp.any(temperature > 0), _draw, lambda *args: args[-1],
+                          logits, keys, temperature, top_p, top_k, greedy)
+    logprobs = (jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+                - jax.nn.logsumexp(logits, axis=-1))
+    return tokens, logprobs
+
+
+def _draw(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array,
+          top_k: jax.Array, greedy: jax.Array) -> jax.Array:
+    """Sampled tokens for rows with temperature > 0, `greedy` for the others."""
     scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
     filtered = (top_k > 0) | (top_p < 1)
     threshold = jax.lax.cond(jnp.any(filtered), _filter_threshold,
                              lambda s, p, k: jnp.full(s.shape[:1], -jnp.inf), scaled, top_p, top_k)
     threshold = jnp.where(filtered, threshold, -jnp.inf)
     drawn = jax.vmap(jax.random.categorical)(keys, jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf))
-    tokens = jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
-    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
-    return tokens, logprobs
+    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
 
 
 def _filter_threshold(scaled: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.Array:

@@ -56,7 +56,7 @@ def test_tiles_handle_an_expert_chosen_by_every_row():
     rng = np.random.default_rng(1)
     N, d, f, E = 80, 8, 12, 4
     x = jnp.asarray(rng.normal(size=(N, d)), jnp.float32)
-    weights = [tuple(jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((d, f), (d, f), (f, d)))
+    weights = [tuple(jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((f, d), (f, d), (d, f)))  # [out, in]
                for _ in range(E)]
     experts = jnp.stack([jnp.zeros(N, jnp.int32), jnp.asarray(rng.integers(1, E, N), jnp.int32)], 1)
     gates = jnp.asarray(rng.uniform(size=(N, 2)), jnp.float32)

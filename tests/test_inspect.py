@@ -315,3 +315,22 @@ def test_architecture_doc_names_code_that_exists():
             assert found, f"{name} in {paragraph!r}"
             for attr in rest:
                 assert hasattr(getattr(found[0], head), attr), f"{name} in {paragraph!r}"
+
+
+def test_trace_command_prints_each_layer_and_writes_the_plot(tmp_path):
+    import pathlib
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    shipped = repo / "checkpoints" / "small"
+    if not (shipped / "ckpt-0").is_dir():
+        pytest.skip("the shipped model checkpoints/small is absent")
+    layers = ModelConfig.from_json(shipped / "config.json").num_layers
+    png = tmp_path / "experts.png"
+    result = subprocess.run([sys.executable, "run.py", "--trace", "--prompt", "The cat sat on the mat.",
+                             "--plot", str(png)], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    first_words = [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
+    assert [w for w in first_words if w.isdigit()] == [str(i) for i in range(layers)]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -230,6 +230,7 @@ _FIXED_INTS = {_op["BININT1"]: (1, False), _op["BININT2"]: (2, False), _op["BINI
 _EMPTY = {_op["EMPTY_TUPLE"]: tuple, _op["EMPTY_LIST"]: list, _op["EMPTY_DICT"]: dict,
           _op["EMPTY_SET"]: set}
 _TUPLE_N = {_op["TUPLE1"]: 1, _op["TUPLE2"]: 2, _op["TUPLE3"]: 3}
+_MAX_LINE = 4096  # text arguments (module and class names, protocol-0 numbers) are short
 _LINE_VALUES = {_op["INT"], _op["LONG"], _op["FLOAT"], _op["STRING"], _op["UNICODE"]}
 
 
@@ -244,17 +245,17 @@ class _Scanner:
         self.unusual = False
 
     def take(self, n: int) -> bytes:
-        data = self.file.read(n)
+        data = self.file.read(n) if n <= self.size - self.file.tell() else b""
         if len(data) < n:
             raise CheckpointError(f"{self.path}: truncated pickle (ends at byte {self.size} "
                                   f"before its STOP opcode)")
         return data
 
     def line(self) -> str:
-        data = self.file.readline()
+        data = self.file.readline(_MAX_LINE)
         if not data.endswith(b"\n"):
-            raise CheckpointError(f"{self.path}: truncated pickle (ends at byte {self.size} "
-                                  f"before its STOP opcode)")
+            raise CheckpointError(f"{self.path}: truncated or corrupt pickle (no end of line within "
+                                  f"{_MAX_LINE} bytes of byte {self.file.tell() - len(data)})")
         return data[:-1].decode("utf-8")
 
     def opaque(self) -> _Opaque:

@@ -766,7 +766,8 @@ def _load_in_parallel(checked: Sequence[CheckedTensor], work: Callable[[CheckedT
     params: dict[str, dict[str, Any]] = {}
     todo = iter(checked)
     total = sum(e.file_bytes for e in checked)
-    with Progress(len(checked), total, enabled=progress) as bar, \
+    # A bar only ever goes to a terminal (so True means "if stderr is one"); False: none.
+    with Progress(len(checked), total, enabled=None if progress is not False else False) as bar, \
             concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ckpt") as pool:
         pending: dict[concurrent.futures.Future, CheckedTensor] = {}
         while True:
@@ -794,8 +795,8 @@ def load_params(path: str | os.PathLike, config: ModelConfig,
     parameters fit the devices), then `workers` threads read tensors, each straight into its final
     sharding over `mesh` (None: the first device), reading only what this process's devices hold.
     At most `workers` tensors are in host memory at once. `place(spec, value)`, when given,
-    replaces the placement and receives each whole tensor as numpy. `progress`: bar on a TTY (None),
-    always (True), never (False).
+    replaces the placement and receives each whole tensor as numpy. `progress`: a bar (tensors, GB,
+    GB/s, ETA) when stderr is a terminal, unless False.
     """
     ckpt = checkpoint_dir(path)
     checked = check_checkpoint(ckpt, config)

@@ -123,7 +123,8 @@ def load(path: str | os.PathLike, *, mesh: Optional[jax.sharding.Mesh] = None, d
     default. `mesh` shards the parameters over its devices; None keeps them on one device.
     `config` (a ModelConfig or a PRESETS name) replaces `config.json`, e.g. for the release,
     which ships none. The checkpoint is validated (files, shapes, dtypes, memory per device)
-    before anything is loaded; `progress` shows a bar on a TTY (None), always (True) or never.
+    before anything is loaded; a progress bar shows when stderr is a terminal, unless
+    `progress=False`.
     """
     path = os.fspath(path)
     compute_dtype = resolve_dtype(dtype)

@@ -720,7 +720,8 @@ def _sharding_for(mesh: Any, spec: TensorSpec, value: Any) -> Any:
     import jax
     if mesh is None:
         single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return QuantizedWeight8bit(weight=single, scales=single) if isinstance(value, QuantizedWeight8bit) else single
+        quantized = isinstance(value, QuantizedWeight8bit)
+        return QuantizedWeight8bit(weight=single, scales=single) if quantized else single
     from grok1.sharding import param_sharding
     return param_sharding(mesh, spec.module, spec.param, value)
 
@@ -816,7 +817,8 @@ def load_params(path: str | os.PathLike, config: ModelConfig,
     return _load_in_parallel(checked, work, workers, progress)
 
 
-def iter_tensors(ckpt: str, config: ModelConfig) -> Iterator[tuple[TensorSpec, np.ndarray | QuantizedWeight8bit]]:
+def iter_tensors(ckpt: str, config: ModelConfig
+                 ) -> Iterator[tuple[TensorSpec, np.ndarray | QuantizedWeight8bit]]:
     """(spec, numpy value) for every tensor in file order, validated first, one file at a time."""
     for entry in check_checkpoint(ckpt, config):
         value = _unpickle(entry.path) if entry.located is None else _read_located(entry.located)

@@ -106,6 +106,8 @@ def launch(command: Sequence[str], num_processes: int, *, devices_per_process: O
         raise ValueError(f"--num-processes must be at least 1, got {num_processes}")
     coordinator = coordinator or f"127.0.0.1:{free_port()}"
     ids = list(range(num_processes)) if process_ids is None else list(process_ids)
+    if any(not 0 <= i < num_processes for i in ids):
+        raise ValueError(f"process ids must lie in [0, {num_processes}), got {ids}")
     procs = {i: subprocess.Popen(list(command), start_new_session=True, preexec_fn=_die_with_parent,
                                  env=process_env(os.environ, coordinator, num_processes, i, devices_per_process))
              for i in ids}
@@ -115,9 +117,11 @@ def launch(command: Sequence[str], num_processes: int, *, devices_per_process: O
             codes = {i: p.poll() for i, p in procs.items()}
             failed = [i for i, code in codes.items() if code not in (None, 0)]
             if failed:
-                print(f"grok1.distributed: process {failed[0]} exited with code {codes[failed[0]]}; "
-                      f"stopping the others", file=sys.stderr, flush=True)
-                return codes[failed[0]]
+                code = codes[failed[0]]
+                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+                print(f"grok1.distributed: process {failed[0]} {how}; stopping the others",
+                      file=sys.stderr, flush=True)
+                return 128 - code if code < 0 else code
             if all(code == 0 for code in codes.values()):
                 return 0
             if time.monotonic() > deadline:

@@ -120,3 +120,9 @@ def test_initialize_rejects_a_process_id_outside_the_cluster():
 def test_launcher_refuses_an_empty_command():
     proc = launch("--num-processes", "2", "--", timeout=60)
     assert proc.returncode == 2 and "no command" in proc.stderr
+
+
+def test_launcher_refuses_a_process_id_outside_the_cluster():
+    proc = launch("--num-processes", "2", "--process-id", "2", "--coordinator", "127.0.0.1:1", "--",
+                  sys.executable, "-c", "pass", timeout=60)
+    assert proc.returncode == 2 and "process ids must lie in [0, 2)" in proc.stderr

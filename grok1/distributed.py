@@ -34,6 +34,24 @@ ENV_NUM_PROCESSES = "GROK1_NUM_PROCESSES"
 ENV_PROCESS_ID = "GROK1_PROCESS_ID"
 DEFAULT_TIMEOUT_S = 300
 
+# Runs before each launched command, then becomes it (exec): the command gets SIGKILL when the
+# launcher dies, even by SIGKILL (Linux PR_SET_PDEATHSIG; elsewhere nothing). Done in the child
+# rather than with Popen(preexec_fn=...), which would fork a possibly multithreaded launcher.
+_DIE_WITH_PARENT = """
+import ctypes, os, signal, sys
+parent = os.getppid()
+try:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+except (OSError, AttributeError):
+    pass
+if os.getppid() != parent:
+    sys.exit(137)
+try:
+    os.execvp(sys.argv[1], sys.argv[1:])
+except OSError as e:
+    sys.exit(f"grok1.distributed: cannot run {sys.argv[1]!r}: {e.strerror}")
+"""
+
 
 def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
                process_id: Optional[int] = None, *, timeout_s: int = DEFAULT_TIMEOUT_S) -> bool:
@@ -108,7 +126,7 @@ def launch(command: Sequence[str], num_processes: int, *, devices_per_process: O
     ids = list(range(num_processes)) if process_ids is None else list(process_ids)
     if any(not 0 <= i < num_processes for i in ids):
         raise ValueError(f"process ids must lie in [0, {num_processes}), got {ids}")
-    procs = {i: subprocess.Popen(list(command), start_new_session=True, preexec_fn=_die_with_parent,
+    procs = {i: subprocess.Popen([sys.executable, "-c", _DIE_WITH_PARENT, *command], start_new_session=True,
                                  env=process_env(os.environ, coordinator, num_processes, i, devices_per_process))
              for i in ids}
     deadline = time.monotonic() + timeout_s
@@ -133,15 +151,6 @@ def launch(command: Sequence[str], num_processes: int, *, devices_per_process: O
     finally:
         for p in procs.values():
             _stop(p)
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGKILL when the launcher dies, even by SIGKILL (Linux; elsewhere a no-op)."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
-        pass
 
 
 def _raise_exit(signum: int, frame: object) -> None:
@@ -181,7 +190,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if args.process_id and args.coordinator is None and args.num_processes > len(args.process_id):
         parser.error("--process-id for a cluster spread over several hosts needs --coordinator host0:port")
-    signal.signal(signal.SIGTERM, _raise_exit)  # so that `launch` stops its processes on the way out
     try:
         return launch(command, args.num_processes, devices_per_process=args.devices_per_process,
                       coordinator=args.coordinator, process_ids=args.process_id, timeout_s=args.timeout)
@@ -190,4 +198,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _raise_exit)  # so that `launch` stops its processes on the way out
     sys.exit(main())

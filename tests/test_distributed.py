@@ -67,31 +67,29 @@ def test_two_processes_of_four_devices_decode_like_one_process(two_layer):
     assert [r["tokens"] for r in results] == [expected, expected]
 
 
-def test_launcher_stops_the_others_when_one_process_fails():
+def test_launcher_stops_the_others_when_one_process_fails(capfd):
     worker = ("import os, sys, time\n"
               "if os.environ['GROK1_PROCESS_ID'] == '1': sys.exit(3)\n"
               "time.sleep(120)\n")
     start = time.monotonic()
-    proc = launch("--num-processes", "2", "--", sys.executable, "-c", worker, timeout=60)
-    assert proc.returncode == 3
-    assert "process 1 exited with code 3" in proc.stderr
+    assert distributed.main(["--num-processes", "2", "--", sys.executable, "-c", worker]) == 3
+    assert "process 1 exited with code 3" in capfd.readouterr().err
     assert time.monotonic() - start < 30
 
 
-def test_launcher_stops_everything_after_its_timeout():
-    proc = launch("--num-processes", "2", "--timeout", "1", "--",
-                  sys.executable, "-c", "import time; time.sleep(120)", timeout=60)
-    assert proc.returncode == 124
-    assert "still running after 1 s" in proc.stderr
+def test_launcher_stops_everything_after_its_timeout(capfd):
+    code = distributed.main(["--num-processes", "2", "--timeout", "1", "--",
+                             sys.executable, "-c", "import time; time.sleep(120)"])
+    assert code == 124
+    assert "still running after 1 s" in capfd.readouterr().err
 
 
-def test_launcher_gives_each_process_its_id_and_the_shared_coordinator():
+def test_launcher_gives_each_process_its_id_and_the_shared_coordinator(capfd):
     worker = ("import os; print('ENV', os.environ['GROK1_PROCESS_ID'], os.environ['GROK1_NUM_PROCESSES'], "
               "os.environ['GROK1_COORDINATOR'], os.environ['XLA_FLAGS'], flush=True)")
-    proc = launch("--num-processes", "3", "--devices-per-process", "2", "--", sys.executable, "-c", worker,
-                  timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    lines = sorted(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("ENV"))
+    assert distributed.main(["--num-processes", "3", "--devices-per-process", "2", "--",
+                             sys.executable, "-c", worker]) == 0
+    lines = sorted(line.split()[1:] for line in capfd.readouterr().out.splitlines() if line.startswith("ENV"))
     assert [line[0] for line in lines] == ["0", "1", "2"]
     assert {line[1] for line in lines} == {"3"}
     assert len({line[2] for line in lines}) == 1 and lines[0][2].startswith("127.0.0.1:")
@@ -117,12 +115,14 @@ def test_initialize_rejects_a_process_id_outside_the_cluster():
         distributed.initialize("127.0.0.1:1234", num_processes=2, process_id=2)
 
 
-def test_launcher_refuses_an_empty_command():
-    proc = launch("--num-processes", "2", "--", timeout=60)
-    assert proc.returncode == 2 and "no command" in proc.stderr
+def test_launcher_refuses_an_empty_command(capfd):
+    with pytest.raises(SystemExit) as stopped:
+        distributed.main(["--num-processes", "2", "--"])
+    assert stopped.value.code == 2 and "no command" in capfd.readouterr().err
 
 
-def test_launcher_refuses_a_process_id_outside_the_cluster():
-    proc = launch("--num-processes", "2", "--process-id", "2", "--coordinator", "127.0.0.1:1", "--",
-                  sys.executable, "-c", "pass", timeout=60)
-    assert proc.returncode == 2 and "process ids must lie in [0, 2)" in proc.stderr
+def test_launcher_refuses_a_process_id_outside_the_cluster(capfd):
+    with pytest.raises(SystemExit) as stopped:
+        distributed.main(["--num-processes", "2", "--process-id", "2", "--coordinator", "127.0.0.1:1",
+                          "--", sys.executable, "-c", "pass"])
+    assert stopped.value.code == 2 and "process ids must lie in [0, 2)" in capfd.readouterr().err

@@ -749,15 +749,19 @@ def _array_from(source: ArrayRef | np.ndarray, sharding: Any) -> Any:
 
 
 def _load_one(entry: CheckedTensor, mesh: Any) -> Any:
+    """One tensor on its devices, transfers finished (so its host buffer is free when copied)."""
+    import jax
     value = entry.located
     if value is None:
         value = _unpickle(entry.path)
         check_tensor(value, entry.spec, entry.path)
     sharding = _sharding_for(mesh, entry.spec, value)
     if isinstance(value, QuantizedWeight8bit):
-        return QuantizedWeight8bit(weight=_array_from(value.weight, sharding.weight),
-                                   scales=_array_from(value.scales, sharding.scales))
-    return _array_from(value, sharding)
+        placed = QuantizedWeight8bit(weight=_array_from(value.weight, sharding.weight),
+                                     scales=_array_from(value.scales, sharding.scales))
+    else:
+        placed = _array_from(value, sharding)
+    return jax.block_until_ready(placed)
 
 
 def _load_in_parallel(checked: Sequence[CheckedTensor], work: Callable[[CheckedTensor], Any],

@@ -168,8 +168,14 @@ def make_plan(config: ModelConfig, mesh_spec: str, *, batch: int = 1, context: O
     weights = weight_bytes_per_device(config, mesh)
     cache = jax.eval_shape(lambda: KVCache.zeros(config, batch, context, compute))
     kv_cache = bytes_per_device(cache, sh.kv_cache_sharding(mesh, cache))
-    steps = compile_steps(config.replace(num_layers=1), mesh, batch=batch, context=context, dtype=compute)
+    one_layer = config.replace(num_layers=1)
+    steps = compile_steps(one_layer, mesh, batch=batch, context=context, dtype=compute)
     temporaries = {name: figures["temp"] for name, figures in steps.items()}
+    # Cross-check of the byte accounting: XLA's own size of the compiled program's inputs.
+    one_cache = jax.eval_shape(lambda: KVCache.zeros(one_layer, batch, context, compute))
+    check = {"compiled_argument_bytes": steps["decode"]["argument"],
+             "weights_and_cache_bytes": weight_bytes_per_device(one_layer, mesh) +
+             bytes_per_device(one_cache, sh.kv_cache_sharding(mesh, one_cache))}
 
     total = weights + kv_cache + max(temporaries.values())
     return {
@@ -185,6 +191,7 @@ def make_plan(config: ModelConfig, mesh_spec: str, *, batch: int = 1, context: O
                              "temporaries_prefill": temporaries["prefill"],
                              "temporaries_decode": temporaries["decode"], "total": total},
         "fits": {name: total <= capacity for name, capacity in ACCELERATORS.items()},
+        "one_layer_program": check,
         "method": (f"weights and KV cache from the shardings of all {config.num_layers} layers; "
                    f"temporaries from XLA:CPU memory_analysis of the sharded steps compiled with one "
                    f"decoder layer (layers run in turn, so their temporaries are not live together)"),

@@ -88,6 +88,11 @@ def test_reduced_depth_plan_compiles_both_steps_with_temporaries(two_layer_plan)
     assert b["total"] == b["weights"] + b["kv_cache"] + max(b["temporaries_prefill"], b["temporaries_decode"])
 
 
+def test_compiled_program_arguments_equal_the_weight_and_cache_accounting(two_layer_plan):
+    check = two_layer_plan["one_layer_program"]
+    assert check["compiled_argument_bytes"] == pytest.approx(check["weights_and_cache_bytes"], rel=0.001)
+
+
 def test_fits_compares_the_total_with_each_accelerator(two_layer_plan):
     total = two_layer_plan["bytes_per_device"]["total"]
     assert two_layer_plan["fits"] == {name: total <= size for name, size in plan.ACCELERATORS.items()}

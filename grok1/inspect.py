@@ -437,7 +437,8 @@ def plot_trace(t: Trace, path: str | os.PathLike) -> None:
     ax_experts.set_xticks(range(t.num_experts))
     ax_experts.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax_experts.set_title(f"expert usage ({int(t.real.sum())} tokens)")
-    fig.colorbar(image, ax=ax_experts, label="share of routed tokens", fraction=0.08, pad=0.03)
+    fig.colorbar(image, ax=ax_experts, label="share of the routings (k per token)", fraction=0.08,
+                 pad=0.03)
 
     ax_logits.plot([layer.logit_max_abs_before_cap for layer in t.layers], layers, "o-",
                    label="before cap")

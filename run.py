@@ -34,7 +34,7 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help or ""
-        if "default" in help_text or action.default in (None, False, argparse.SUPPRESS):
+        if "default" in help_text or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
             return help_text
         return f"{help_text} (default: %(default)s)"
 

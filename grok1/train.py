@@ -325,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "python": platform.python_version(),
         "documents": {"train": len(train_docs), "heldout": len(heldout_docs)},
         "tokens": {"train": int(len(train_stream)), "seen": args.steps * args.batch * args.seq_len},
-        "command": "python -m grok1.train " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python -m grok1.train", *(argv if argv is not None else sys.argv[1:])]),
         "settings": vars(args),
         "training_minutes": round(train_minutes, 1),
         "total_minutes": round((time.time() - t0) / 60, 1),

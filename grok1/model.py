@@ -262,15 +262,31 @@ def grouped_matmul(xs: jax.Array, w: Weight, group_sizes: jax.Array, row_expert:
     return out
 
 
-# Up to this many tokens (decoding), every chosen expert runs on all of them; more go in tiles.
-DENSE_MOE_TOKENS = 64
-MOE_TILE = 64
+# Up to this many tokens (decoding), every chosen expert runs on all of them; more go in tiles
+# of about the expected rows per expert (a power of two, at most MAX_MOE_TILE).
+DENSE_MOE_TOKENS = 16
+MAX_MOE_TILE = 64
+
+
+# Output panels of the CPU dots below: XLA runs a dot with a leading panel axis as separate
+# smaller dots, measured 1.5-2x faster than one dot for 1-32 rows on 2 cores.
+EXPERT_PANELS = 2
+UNEMBED_PANELS = 8
+
+
+def panel_dot(x: jax.Array, w_t: jax.Array, panels: int) -> jax.Array:
+    """x [n, in] @ w_t.T for a weight stored [out, in], as `panels` dots over slices of `out`."""
+    out_size, in_size = w_t.shape
+    if out_size % panels:
+        panels = 1
+    y = jnp.einsum("ni,poi->pno", x, w_t.reshape(panels, out_size // panels, in_size))
+    return jnp.transpose(y, (1, 0, 2)).reshape(x.shape[0], out_size)
 
 
 def expert_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, dtype) -> jax.Array:
     """One expert on rows x [n, d], its weights transposed as [out, in] (ExpertWeights):
     (gelu(x @ linear) * (x @ linear_v)) @ linear_1."""
-    dot = lambda a, w_t: jnp.einsum("ni,oi->no", a, w_t.astype(dtype))
+    dot = lambda a, w_t: panel_dot(a, w_t.astype(dtype), EXPERT_PANELS)
     h = jax.nn.gelu(dot(x, w_gate)) * dot(x, w_up)
     return dot(h, w_down)
 
@@ -282,7 +298,9 @@ def per_expert_moe(x: jax.Array, gates: jax.Array, experts: jax.Array,
     per_expert = list(zip(*(w.transposed for w in weights)))       # E x (gate, up, down)
     if x.shape[0] <= DENSE_MOE_TOKENS:
         return chosen_experts_dense(x, gates, experts, per_expert, dtype)
-    return tiled_experts(x, gates, experts, per_expert, dtype, MOE_TILE)
+    rows_per_expert = x.shape[0] * experts.shape[1] // len(per_expert)
+    tile = min(MAX_MOE_TILE, 1 << max(3, (rows_per_expert - 1).bit_length()))
+    return tiled_experts(x, gates, experts, per_expert, dtype, tile)
 
 
 def chosen_experts_dense(x, gates, experts, per_expert, dtype) -> jax.Array:
@@ -384,7 +402,9 @@ class LanguageModel(hk.Module):
         h = RMSNorm(name="rms_norm")(h)
         table = InOutEmbed(self.config, name="in_out_embed")().astype(self.dtype)      # [V, d]
         # Contract the table's own last axis: `h @ table.T` made XLA copy the transposed table.
-        logits = jnp.einsum("...d,vd->...v", h.astype(self.dtype), table)
+        panels = UNEMBED_PANELS if jax.default_backend() == "cpu" else 1
+        rows = h.reshape(-1, h.shape[-1]).astype(self.dtype)
+        logits = panel_dot(rows, table, panels).reshape(*h.shape[:-1], table.shape[0])
         return (logits * self.config.output_multiplier_scale).astype(jnp.float32)     # [..., V]
 
 

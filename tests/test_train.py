@@ -53,8 +53,10 @@ def test_next_token_loss_of_uniform_logits_is_log_vocab():
 
 def test_release_format_makes_linear_weights_int8_and_keeps_the_router_float32():
     config = small_config(vocab_size=64, emb_size=32, num_layers=1, key_size=8, sequence_len=16)
-    params = model.transformed(config).init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))
-    stored = release_format(jax.device_get(params))
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda s: rng.normal(size=s.shape).astype(np.float32),
+                                    model.param_shapes(config))
+    stored = release_format(params)
     layer = "transformer/decoder_layer_0"
     assert isinstance(stored[f"{layer}/multi_head_attention/query"]["w"], QuantizedWeight8bit)
     assert isinstance(stored[f"{layer}/moe/linear_v"]["w"], QuantizedWeight8bit)

@@ -93,7 +93,8 @@ def matmul(x: jax.Array, w: Weight, dtype=None) -> jax.Array:
     dtype = dtype or x.dtype
     x = x.astype(dtype)
     if not isinstance(w, QuantizedWeight8bit):
-        return jnp.matmul(x, w.astype(dtype))
+        # float32 accumulation: the same result for float32, the fast CPU kernels for bfloat16
+        return jnp.matmul(x, w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
     n_in, n_out = w.weight.shape
     blocks = w.num_blocks
     if blocks == 1:

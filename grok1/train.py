@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from grok1 import checkpoint, model
+from grok1 import checkpoint, experts, model
 from grok1.config import ModelConfig
 from grok1.quant import quantize
 
@@ -159,22 +159,22 @@ def next_token_loss(logits: np.ndarray, windows: np.ndarray) -> float:
 
 def blocked_grouped_matmul(xs: jax.Array, w, group_sizes: jax.Array, row_expert: jax.Array,
                            dtype, block: int = 128) -> jax.Array:
-    """The same product as `model.grouped_matmul` for float weights, faster on CPU.
+    """The same product as `experts.grouped_matmul` for float weights, faster on CPU.
 
     On CPU `jax.lax.ragged_dot` computes every expert for every row (8x the work); here each
     expert's rows are padded to whole blocks of `block` rows, each block is multiplied by its
     expert's matrix in one batched matmul, and the padding is dropped again. Exact, no token dropped.
     """
     w = w.astype(dtype)
-    rows, experts = xs.shape[0], w.shape[0]
-    blocks = rows // block + experts
+    rows, num_experts = xs.shape[0], w.shape[0]
+    blocks = rows // block + num_experts
     padded = (group_sizes + block - 1) // block * block
     start = jnp.cumsum(group_sizes) - group_sizes
     padded_start = jnp.cumsum(padded) - padded
     dest = padded_start[row_expert] + jnp.arange(rows) - start[row_expert]          # [rows]
     x_blocks = jnp.zeros((blocks * block, xs.shape[1]), xs.dtype).at[dest].set(xs)
     block_expert = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(blocks) * block, side="right")
-    block_expert = jnp.minimum(block_expert, experts - 1)
+    block_expert = jnp.minimum(block_expert, num_experts - 1)
     out = jnp.einsum("nbi,nio->nbo", x_blocks.reshape(blocks, block, -1), w[block_expert])
     return out.reshape(blocks * block, -1)[dest]
 
@@ -183,12 +183,12 @@ def blocked_grouped_matmul(xs: jax.Array, w, group_sizes: jax.Array, row_expert:
 def fast_cpu_experts() -> Iterator[None]:
     """Within this block the model's expert matmuls use `blocked_grouped_matmul` (training only;
     the checkpoint's held-out loss is then re-measured through the unchanged inference path)."""
-    original = model.grouped_matmul
-    model.grouped_matmul = blocked_grouped_matmul
+    original = experts.grouped_matmul
+    experts.grouped_matmul = blocked_grouped_matmul
     try:
         yield
     finally:
-        model.grouped_matmul = original
+        experts.grouped_matmul = original
 
 
 def init_params(config: ModelConfig, seed: int) -> dict:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grok1 import model
+from grok1 import experts as expert_kernels, model
 from grok1.config import ModelConfig
 from grok1.layout import ExpertWeights, prepare_params
 from grok1.quant import QuantizedWeight8bit, quantize
@@ -60,6 +59,6 @@ def test_tiles_handle_an_expert_chosen_by_every_row():
                for _ in range(E)]
     experts = jnp.stack([jnp.zeros(N, jnp.int32), jnp.asarray(rng.integers(1, E, N), jnp.int32)], 1)
     gates = jnp.asarray(rng.uniform(size=(N, 2)), jnp.float32)
-    got = model.tiled_experts(x, gates, experts, weights, jnp.float32, tile=16)
-    want = model.chosen_experts_dense(x, gates, experts, weights, jnp.float32)
+    got = expert_kernels.tiled_experts(x, gates, experts, weights, jnp.float32, tile=16)
+    want = expert_kernels.chosen_experts_dense(x, gates, experts, weights, jnp.float32)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)

@@ -2,8 +2,8 @@
 
 JAX is multi-controller: the same program runs once per process, each process drives its own
 local devices, and `jax.devices()` lists the devices of all of them, so `make_mesh` spans them
-all. Each process reads a tensor file and transfers only the slices of its own devices
-(`sharding.place_sharded`); results are gathered to every process (`sharding.to_host`).
+all. Each process reads from a tensor file only the slices of its own devices
+(`checkpoint.load_params`); results are gathered to every process (`sharding.to_host`).
 
 One machine, N processes on the loopback interface (CPU devices for testing):
 

@@ -15,7 +15,6 @@ from grok1 import checkpoint
 from grok1.config import ModelConfig
 from grok1.layout import prepare_params
 from grok1.model import KVCache, transformed
-from grok1.quant import QuantizedWeight8bit
 
 if TYPE_CHECKING:
     from grok1.inspect import Trace
@@ -42,8 +41,9 @@ def resolve_dtype(dtype: Any = None) -> jnp.dtype:
 class Model:
     """A Grok-1-architecture model with its parameters placed on devices.
 
-    `params` is the Haiku params dict (linear weights may be `QuantizedWeight8bit`), `dtype` the
-    compute dtype, `mesh` the device mesh or None for one device, `tokenizer` optional.
+    `params` is the Haiku params dict with the official paths: int8 `QuantizedWeight8bit` linear
+    weights as stored, or on CPU the float layout of grok1/layout.py. `dtype` is the compute
+    dtype, `mesh` the device mesh or None for one device, `tokenizer` optional.
     """
 
     config: ModelConfig
@@ -105,13 +105,6 @@ class Model:
         """Complete one prompt, yielding `sampler.Delta`s (.text, .token_ids) as tokens arrive."""
         from grok1 import sampler
         return sampler.stream(self, prompt, **settings)
-
-
-def place_on_device(spec: checkpoint.TensorSpec, value: Any) -> Any:
-    """One tensor onto the default device, int8 weights staying int8."""
-    if isinstance(value, QuantizedWeight8bit):
-        return QuantizedWeight8bit(weight=jax.device_put(value.weight), scales=jax.device_put(value.scales))
-    return jax.device_put(value)
 
 
 def load(path: str | os.PathLike, *, mesh: Optional[jax.sharding.Mesh] = None, dtype: Any = None,

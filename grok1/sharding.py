@@ -193,19 +193,6 @@ def kv_cache_sharding(mesh: Mesh, cache: KVCache) -> KVCache:
                    length=activation_sharding(mesh, "cache_length", cache.length.shape))
 
 
-def place_sharded(mesh: Mesh, spec: Any, value: Any) -> Any:
-    """Put one host tensor onto the mesh; each device receives only its own slice.
-
-    With several processes each calls this with the same tensor and transfers only the slices
-    of its own (addressable) devices.
-    """
-    sharding = param_sharding(mesh, spec.module, spec.param, value)
-    if isinstance(value, QuantizedWeight8bit):
-        return QuantizedWeight8bit(weight=from_host(value.weight, sharding.weight),
-                                   scales=from_host(value.scales, sharding.scales))
-    return from_host(value, sharding)
-
-
 def from_host(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A global array from a host array that every process holds in full."""
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])

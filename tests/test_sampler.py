@@ -8,7 +8,6 @@ decode step and one prefill bucket for it (plus the same for `twelve_layer`).
 from __future__ import annotations
 
 import io
-import warnings
 
 import jax.monitoring
 import numpy as np

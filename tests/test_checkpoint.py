@@ -361,3 +361,17 @@ def test_progress_shows_tensors_and_bytes_when_enabled(capsys):
         bar.update(1_000_000)
     err = capsys.readouterr().err
     assert "2/2 tensors" in err and "2.00M/2.00M" in err
+
+
+def test_refuses_pickle_with_os_system_before_it_runs(tmp_path):
+    marker = tmp_path / "ran"
+
+    class TouchesMarker:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    path = tmp_path / "tensor00000_000"
+    path.write_bytes(pickle.dumps(TouchesMarker(), protocol=4))
+    with pytest.raises(CheckpointError, match=rf"{path}: refused pickle global (posix|os|nt)\.system"):
+        checkpoint.read_tensor(path)
+    assert not marker.exists(), "the refused global must never be called"

@@ -19,7 +19,7 @@ GREEDY_STEPS = 6
 # Greedy decoding by full recompute over a fixed padded length (one compile): right padding with
 # the pad token leaves every earlier position's logits unchanged.
 GREEDY_WORKER = """
-import json, sys
+import json, os, sys
 from grok1 import distributed
 distributed.initialize()
 import jax, numpy as np, grok1
@@ -32,9 +32,10 @@ tokens = np.full((1, len(prompt) + steps), model.config.pad_token, np.int32)
 tokens[0, :len(prompt)] = prompt
 for i in range(len(prompt), len(prompt) + steps):
     tokens[0, i] = model.logits(tokens)[0, i - 1].argmax()
-print("RESULT", json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
-                            "local_devices": jax.local_device_count(),
-                            "tokens": tokens[0, len(prompt):].tolist()}), flush=True)
+# Both processes share one stdout pipe: one write() of the whole line keeps it from interleaving.
+result = {"process": jax.process_index(), "devices": jax.device_count(),
+          "local_devices": jax.local_device_count(), "tokens": tokens[0, len(prompt):].tolist()}
+os.write(1, ("RESULT " + json.dumps(result) + "\\n").encode())
 """
 
 
@@ -85,8 +86,9 @@ def test_launcher_stops_everything_after_its_timeout(capfd):
 
 
 def test_launcher_gives_each_process_its_id_and_the_shared_coordinator(capfd):
-    worker = ("import os; print('ENV', os.environ['GROK1_PROCESS_ID'], os.environ['GROK1_NUM_PROCESSES'], "
-              "os.environ['GROK1_COORDINATOR'], os.environ['XLA_FLAGS'], flush=True)")
+    # One write() per process: the processes share the pipe, and separate writes could interleave.
+    worker = ("import os; e = os.environ; os.write(1, ' '.join(['ENV', e['GROK1_PROCESS_ID'], "
+              "e['GROK1_NUM_PROCESSES'], e['GROK1_COORDINATOR'], e['XLA_FLAGS']]).encode() + b'\\n')")
     assert distributed.main(["--num-processes", "3", "--devices-per-process", "2", "--",
                              sys.executable, "-c", worker]) == 0
     lines = sorted(line.split()[1:] for line in capfd.readouterr().out.splitlines() if line.startswith("ENV"))

@@ -63,13 +63,6 @@ class ModelConfig:
         """Total parameters: embeddings, final norm and every decoder layer."""
         return self.vocab_size * self.emb_size + self.emb_size + self.num_layers * self.params_per_layer
 
-    @property
-    def active_params_per_token(self) -> int:
-        """Parameters one token touches: embeddings row aside, 2 of the 8 experts per layer."""
-        d, f = self.emb_size, self.ffn_size
-        per_layer = self.params_per_layer - 3 * (self.num_experts - self.num_selected_experts) * d * f
-        return self.vocab_size * d + d + self.num_layers * per_layer
-
     # ---- validation ----------------------------------------------------------------------
 
     def validate(self) -> None:

@@ -161,7 +161,7 @@ class MultiHeadAttention(hk.Module):
             v = write(ctx.cache.values[layer], v.astype(ctx.cache.values[layer].dtype), ctx.cache.length)
             new_kv = (k, v)
 
-        q = q.reshape(B, T, N, H // N, K)                                   # [B, T, N, G, K]
+        q = q.reshape(B, T, N, c.q_per_kv, K)                               # [B, T, N, G, K]
         logits = self.attention_logits(q, k.astype(self.dtype))            # [B, N, G, T, S]
         logits = cap_attention_logits(logits)
         logits = jnp.where(ctx.mask[:, None, None, :, :], logits, MASKED_LOGIT)

@@ -31,7 +31,6 @@ from grok1.tokenizer import IncrementalDecoder
 MAX_SEED = 2 ** 32
 MIN_BUCKET = 32
 BUCKET_GROWTH = 4
-FINISH_REASONS = ("stop", "length")
 
 
 # ---- settings ---------------------------------------------------------------------------------

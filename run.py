@@ -115,20 +115,19 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return args
 
 
-def check_mesh_spec(spec: str) -> None:
-    from grok1.sharding import parse_mesh_spec  # imports jax, so only after XLA_FLAGS is settled
+def mesh_shape(spec: str) -> dict[str, int]:
+    """The mesh axis sizes of --mesh. Importing jax here is fine: XLA_FLAGS is only read when
+    the first backend starts."""
+    from grok1.sharding import parse_mesh_spec
     try:
-        parse_mesh_spec(spec)
+        return parse_mesh_spec(spec)
     except ValueError as e:
         raise UserError(f"--mesh: {e}") from None
 
 
 def force_cpu_devices(spec: str) -> None:
     """--plan lays out abstract CPU devices: ask XLA for as many as the mesh has, before jax starts."""
-    import re
-
-    sizes = [int(n) for n in re.findall(r"\d+", spec)]
-    count = math.prod(sizes) if sizes else 1
+    count = math.prod(mesh_shape(spec).values())
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
@@ -324,7 +323,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.plan:
             force_cpu_devices(args.mesh)
         if args.mesh is not None:
-            check_mesh_spec(args.mesh)
+            mesh_shape(args.mesh)  # a bad spec is a one-line error before anything loads
         if args.plan:
             run_plan(args)
             return 0

@@ -26,6 +26,7 @@ import numpy as np
 
 from grok1.config import ModelConfig
 from grok1.model import KVCache, transformed
+from grok1.sharding import to_host
 from grok1.tokenizer import IncrementalDecoder
 
 MAX_SEED = 2 ** 32
@@ -470,7 +471,7 @@ class Runner:
             # Read everything except the call just dispatched, which the device is still running.
             while len(in_flight) > (1 if dispatched else 0):
                 kind, snapshot, arrays = in_flight.popleft()
-                tokens, logprobs = (np.asarray(_to_host(a)) for a in arrays)
+                tokens, logprobs = (to_host(a) for a in arrays)
                 if kind == "prefill":
                     tokens, logprobs = tokens.reshape(1, 1), logprobs.reshape(1, 1)
                     columns = {slot: 0 for slot in snapshot}
@@ -494,13 +495,6 @@ class Runner:
         return self.prefill(self.model.params, self._state, padded, np.int32(len(prompt)),
                             np.int32(slot), np.uint32(settings.seed), np.float32(settings.temperature),
                             np.float32(settings.top_p), np.int32(settings.top_k))
-
-
-def _to_host(array: jax.Array) -> np.ndarray:
-    if getattr(array, "is_fully_addressable", True):
-        return np.asarray(array)
-    from grok1.sharding import to_host
-    return to_host(array)
 
 
 # ---- the Model-level API ----------------------------------------------------------------------

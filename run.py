@@ -156,9 +156,11 @@ def model_config(args: argparse.Namespace):
 
 
 def check_checkpoint_folder(path: str) -> None:
-    if not os.path.isdir(os.path.join(path, "ckpt-0")) and not os.path.isfile(os.path.join(path, "tensor00000_000")):
-        where = "no such folder" if not os.path.isdir(path) else "it holds no ckpt-0/ folder"
-        raise UserError(f"no checkpoint at {path} ({where}): {RELEASE_HINT}")
+    from grok1.checkpoint import CheckpointError, checkpoint_dir
+    try:
+        checkpoint_dir(path)
+    except CheckpointError as e:
+        raise UserError(f"no checkpoint at {path} ({e}): {RELEASE_HINT}") from None
 
 
 def load_tokenizer(args: argparse.Namespace, config):

@@ -63,7 +63,8 @@ def parser() -> argparse.ArgumentParser:
                        help="device mesh DATAxMODEL (e.g. 1x8), DATAxEXPERTxMODEL or axis=size,...; "
                             "its sizes must multiply to the number of devices; default: one device")
     model.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                       help="compute dtype; auto = float32 on CPU, bfloat16 on GPU/TPU")
+                       help="compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU with bfloat16 "
+                            "expert matmuls for long prompts (grok1.load)")
 
     gen = p.add_argument_group("generation")
     gen.add_argument("--prompt", action="append", default=None, metavar="TEXT",

@@ -2,12 +2,16 @@
 
 - The official layout (experts stacked [E, in, out], int8 or float): token copies sorted by
   expert go through `grouped_matmul` (`jax.lax.ragged_dot`), the accelerator path.
-- The CPU layout of grok1/layout.py (`ExpertWeights`, one float [out, in] array per expert):
-  `per_expert_moe` picks experts by branch so no weight is copied; the constants below were
-  measured on a 2-core CPU with bench-1b (BENCHMARKS.md).
+- The CPU layout of grok1/layout.py (`ExpertWeights`, one float [out, in] array per expert,
+  and optionally a bfloat16 [in, out] copy for prefill): `per_expert_moe` reaches each expert's
+  own arrays (by branch or in per-expert code), so no weight is copied; the constants below
+  were measured on a 2-core CPU with bench-1b (BENCHMARKS.md).
 """
 
 from __future__ import annotations
+
+import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -37,10 +41,20 @@ def grouped_matmul(xs: jax.Array, w: Weight, group_sizes: jax.Array, row_expert:
     return out
 
 
-# Up to this many tokens (decoding), every chosen expert runs on all of them; more go in tiles
-# of about the expected rows per expert (a power of two, at most MAX_MOE_TILE).
+# Up to this many tokens (decoding), every chosen expert runs on all of them; more are grouped by
+# expert, each expert reading a window of CAPACITY_FACTOR x its expected rows (a multiple of 16).
 DENSE_MOE_TOKENS = 16
-MAX_MOE_TILE = 32  # prefill 512 on bench-1b: 16 -> 406, 32 -> 412, 64 -> 375, 128 -> 294 tokens/s
+CAPACITY_FACTOR = 1.25
+# The bfloat16 prefill copy wins from this many rows per expert window (one bench-1b MoE layer:
+# 32 rows 1.0-1.1x slower than float32 [out, in], 48 rows 1.9x faster, 80 rows 1.6x faster).
+MIN_PREFILL_COPY_ROWS = 48
+
+
+def group_capacity(tokens: int, num_experts: int, k: int) -> int:
+    """Rows of each expert's window for `tokens` tokens choosing k of `num_experts`: the
+    balanced share with a margin (a group rarely overflows into a second round)."""
+    expected = tokens * k / num_experts
+    return min(tokens, -(-math.ceil(CAPACITY_FACTOR * expected) // 16) * 16)
 
 
 # Output panels of the CPU dots below: XLA runs a dot with a leading panel axis as separate
@@ -72,16 +86,31 @@ def expert_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Arr
     return dot(h, w_down)
 
 
+def prefill_expert_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+    """One expert on many rows x [n, d] with its prefill copy (weights [in, out], their dtype
+    the matmul dtype, products accumulated in float32); the result in x's dtype."""
+    dtype = w_gate.dtype
+    dot = lambda a, w: jnp.dot(a.astype(dtype), w, preferred_element_type=jnp.float32)
+    h = jax.nn.gelu(dot(x, w_gate)) * dot(x, w_up)
+    return dot(h, w_down).astype(x.dtype)
+
+
 def per_expert_moe(x: jax.Array, gates: jax.Array, experts: jax.Array,
                    weights: tuple[ExpertWeights, ExpertWeights, ExpertWeights], dtype) -> jax.Array:
     """The MoE sum over ExpertWeights (one array per expert) for tokens x [N, d] with their top-k
-    `gates` and `experts` [N, k]; experts are picked by branch, so no weight is ever copied."""
-    per_expert = list(zip(*(w.transposed for w in weights)))       # E x (gate, up, down)
+    `gates` and `experts` [N, k]; no weight is ever copied. Tokens enough to give each expert
+    MIN_PREFILL_COPY_ROWS rows use the experts' prefill copy when the layout kept one."""
     if x.shape[0] <= DENSE_MOE_TOKENS:
+        per_expert = list(zip(*(w.transposed for w in weights)))    # E x (gate, up, down)
         return chosen_experts_dense(x, gates, experts, per_expert, dtype)
-    rows_per_expert = x.shape[0] * experts.shape[1] // len(per_expert)
-    tile = min(MAX_MOE_TILE, 1 << max(3, (rows_per_expert - 1).bit_length()))
-    return tiled_experts(x, gates, experts, per_expert, dtype, tile)
+    capacity = group_capacity(x.shape[0], len(weights[0].transposed), experts.shape[1])
+    if weights[0].for_prefill is not None and capacity >= MIN_PREFILL_COPY_ROWS:
+        per_expert = list(zip(*(w.for_prefill for w in weights)))
+        ffn = prefill_expert_ffn
+    else:
+        per_expert = list(zip(*(w.transposed for w in weights)))
+        ffn = lambda rows, *w: expert_ffn(rows, *w, dtype)
+    return grouped_experts(x, gates, experts, per_expert, ffn, capacity)
 
 
 def chosen_experts_dense(x, gates, experts, per_expert, dtype) -> jax.Array:
@@ -98,26 +127,44 @@ def chosen_experts_dense(x, gates, experts, per_expert, dtype) -> jax.Array:
     return out
 
 
-def tiled_experts(x, gates, experts, per_expert, dtype, tile: int) -> jax.Array:
-    """Sparse top-k for many rows: the (row, expert) pairs sorted by expert, each expert's group
-    padded to a multiple of `tile` rows, and every tile run through its own expert's matrices
-    (`lax.switch`); tiles past the last group run nothing."""
+def grouped_experts(x, gates, experts, per_expert, ffn: Callable[..., jax.Array],
+                    capacity: int) -> jax.Array:
+    """Sparse top-k for many rows: the (row, expert) pairs sorted by expert, then each expert runs
+    `ffn(rows, *its matrices)` on a window of `capacity` rows at the start of its group. The
+    window is sized to hold a whole group under balanced routing, so normally that is all: E
+    straight-line matmuls, which XLA's CPU runtime runs far faster than tiles in a loop of
+    `lax.switch` (one bench-1b MoE layer on 512 tokens with the bfloat16 copy: 108-135 ms
+    against 192-215 ms). Groups longer than `capacity` continue in further rounds, so no token
+    is ever dropped. Rows of a window past its group belong to the next expert and are masked
+    out."""
     N, d = x.shape
     k, E = experts.shape[1], len(per_expert)
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
-    sorted_experts = flat[order]
     sizes = jnp.bincount(flat, length=E)
-    padded = (sizes + tile - 1) // tile * tile
-    padded_end = jnp.cumsum(padded)
-    rank = jnp.arange(N * k) - (jnp.cumsum(sizes) - sizes)[sorted_experts]
-    dest = (padded_end - padded)[sorted_experts] + rank                   # row of each pair
-    num_tiles = -(-(N * k + E * (tile - 1)) // tile)
-    xs = jnp.zeros((num_tiles * tile, d), dtype).at[dest].set(x[order // k])
-    tile_expert = jnp.searchsorted(padded_end, jnp.arange(num_tiles) * tile, side="right")
-    branches = [lambda rows, w=w: expert_ffn(rows, *w, dtype) for w in per_expert]
-    branches.append(jnp.zeros_like)                                     # index E: unused tile
-    ys = jax.lax.map(lambda args: jax.lax.switch(args[1], branches, args[0]),
-                     (xs.reshape(num_tiles, tile, d), tile_expert)).reshape(-1, d)
-    y = ys[dest] * gates.reshape(-1)[order][:, None].astype(dtype)
-    return jnp.zeros((N, d), dtype).at[order // k].add(y)
+    starts = jnp.cumsum(sizes) - sizes
+    xs = jnp.zeros((N * k + capacity, d), x.dtype).at[:N * k].set(x[order // k])
+
+    def run(ys, e: int, offset):
+        start = starts[e] + offset
+        rows = jax.lax.dynamic_slice_in_dim(xs, start, capacity)
+        inside = (jnp.arange(capacity) < sizes[e] - offset)[:, None]
+        y = jnp.where(inside, ffn(rows, *per_expert[e]), 0).astype(ys.dtype)
+        window = jax.lax.dynamic_slice_in_dim(ys, start, capacity)
+        return jax.lax.dynamic_update_slice_in_dim(ys, window + y, start, 0)
+
+    ys = jnp.zeros_like(xs)
+    for e in range(E):
+        ys = run(ys, e, 0)
+
+    def next_round(state):
+        r, ys = state
+        for e in range(E):
+            ys = jax.lax.cond(sizes[e] > r * capacity, lambda ys, e=e: run(ys, e, r * capacity),
+                              lambda ys: ys, ys)
+        return r + 1, ys
+
+    _, ys = jax.lax.while_loop(lambda state: state[0] * capacity < jnp.max(sizes), next_round,
+                               (jnp.int32(1), ys))
+    y = ys[:N * k] * gates.reshape(-1)[order][:, None].astype(x.dtype)
+    return jnp.zeros((N, d), x.dtype).at[order // k].add(y)

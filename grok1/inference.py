@@ -113,7 +113,9 @@ def load(path: str | os.PathLike, *, mesh: Optional[jax.sharding.Mesh] = None, d
     """Load a folder holding `ckpt-0/` and `config.json` (and optionally `tokenizer.model`).
 
     `dtype` is the compute dtype: "float32", "bfloat16", a jnp dtype, or None for the platform
-    default. `mesh` shards the parameters over its devices; None keeps them on one device.
+    default (bfloat16 on accelerators; on CPU float32, except the experts of long prompts, which
+    run bfloat16 matmuls as the official model does: 2-4x faster there, see grok1/layout.py; an
+    explicit "float32" keeps every matmul float32). `mesh` shards the parameters over its devices; None keeps them on one device.
     `config` (a ModelConfig or a PRESETS name) replaces `config.json`, e.g. for the release,
     which ships none. The checkpoint is validated (files, shapes, dtypes, memory per device)
     before anything is loaded; a progress bar shows when stderr is a terminal, unless
@@ -130,7 +132,9 @@ def load(path: str | os.PathLike, *, mesh: Optional[jax.sharding.Mesh] = None, d
     # Each tensor goes straight into its final sharding over `mesh` (one device without a mesh).
     params = checkpoint.load_params(path, config, mesh=mesh, progress=progress)
     if mesh is None:  # on CPU: float weights, one array per expert (grok1/layout.py says why)
-        params = prepare_params(params, compute_dtype)
+        exact_float32 = dtype is not None and compute_dtype == jnp.float32
+        params = prepare_params(params, compute_dtype,
+                                prefill_dtype=None if exact_float32 else jnp.bfloat16)
     tok = None
     tokenizer_path = tokenizer or os.path.join(path, TOKENIZER_FILE)
     if tokenizer is not None or os.path.isfile(tokenizer_path):

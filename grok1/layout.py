@@ -6,9 +6,18 @@ into the matmul. XLA on CPU does not fuse it (a convert feeding a dot moves a fe
 a plain float32 matrix-vector product several times more), and slicing one expert out of a
 stacked array copies it. So on CPU, when memory allows, `prepare_params` dequantises every linear
 weight once into the compute dtype and splits each expert stack into `ExpertWeights`, one array
-per expert, which the MoE layer selects with `lax.cond` / `lax.switch` without copying.
+per expert, which the MoE layer selects (by branch, or in code unrolled per expert) without
+copying.
 Results are those of the official tree up to float rounding (dequantising before or after the
 dot only reorders one multiply).
+
+XLA's CPU matmuls want opposite layouts for few and many rows: a decode step's matrix-vector
+product reads a weight stored [out, in] fastest, while bfloat16 matmuls over the hundreds of rows
+of a prompt run 2-4x faster than float32 ones, but only on a weight stored [in, out] (a
+transposed operand is copied first). So experts can keep a second copy, bfloat16 [in, out], for
+prefill (`prefill_dtype`): it computes the experts of prompts long enough to give each expert
+`experts.MIN_PREFILL_COPY_ROWS` rows (from about 110 tokens with 8 experts, top-2) as the official
+bfloat16 model does, and costs half the float32 layout's expert bytes again.
 """
 
 from __future__ import annotations
@@ -32,9 +41,12 @@ MAX_MEMORY_SHARE = 0.6
 class ExpertWeights:
     """The [E, in, out] weight of all experts as E separate float arrays, each stored transposed
     as [out, in]: XLA's CPU dot reads a weight contracted on its last axis fastest for the few
-    rows of a decode step (measured: as fast for one row, 1.5-2x faster for 8 to 32 rows)."""
+    rows of a decode step (measured: as fast for one row, 1.5-2x faster for 8 to 32 rows).
+    `for_prefill`, when kept, holds the same experts as [in, out] arrays for matmuls over many
+    rows (see the module docstring)."""
 
-    transposed: tuple[jax.Array, ...]   # E x [out, in]
+    transposed: tuple[jax.Array, ...]                   # E x [out, in], compute dtype
+    for_prefill: Optional[tuple[jax.Array, ...]] = None  # E x [in, out], prefill dtype
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -47,7 +59,7 @@ class ExpertWeights:
 
     @property
     def nbytes(self) -> int:
-        return sum(int(w.nbytes) for w in self.transposed)
+        return sum(int(w.nbytes) for w in self.transposed + (self.for_prefill or ()))
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "transpose"))
@@ -65,47 +77,64 @@ def float_weight(w: Any, dtype, transpose: bool = False) -> jax.Array:
     return jnp.asarray(w.T.copy() if transpose else w)
 
 
-def float_layout_bytes(params: dict, dtype) -> int:
-    """At most the bytes the float layout of `params` takes (every tensor in `dtype`)."""
+def float_layout_bytes(params: dict, dtype, prefill_dtype=None) -> int:
+    """At most the bytes the float layout of `params` takes (every tensor in `dtype`, plus the
+    experts' prefill copy in `prefill_dtype` when given)."""
     leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, QuantizedWeight8bit))
-    return sum(math.prod(leaf.shape) for leaf in leaves) * jnp.dtype(dtype).itemsize
+    total = sum(math.prod(leaf.shape) for leaf in leaves) * jnp.dtype(dtype).itemsize
+    if prefill_dtype is not None:
+        total += sum(math.prod(params[m]["w"].shape) for m in params if _is_experts(m)) \
+            * jnp.dtype(prefill_dtype).itemsize
+    return total
 
 
-def fits_in_memory(params: dict, dtype) -> bool:
+def fits_in_memory(params: dict, dtype, prefill_dtype=None) -> bool:
     """Whether the float layout fits in MAX_MEMORY_SHARE of the host's available memory."""
     try:
         import psutil
     except ImportError:
         return False
-    return float_layout_bytes(params, dtype) <= MAX_MEMORY_SHARE * psutil.virtual_memory().available
+    need = float_layout_bytes(params, dtype, prefill_dtype)
+    return need <= MAX_MEMORY_SHARE * psutil.virtual_memory().available
 
 
-def prepare_params(params: dict, dtype, platform: Optional[str] = None) -> dict:
+def prepare_params(params: dict, dtype, platform: Optional[str] = None, prefill_dtype=None) -> dict:
     """The params laid out for fast compute on `platform` (default: the default backend).
 
     CPU (when it fits in memory): every linear weight dequantised into `dtype`, expert stacks
-    split into ExpertWeights, the embedding table in `dtype` (it is also the output projection).
-    Other platforms, or too little memory: `params` unchanged. Each original array is released as
-    soon as its replacement exists, so peak memory stays near the float layout's size.
+    split into ExpertWeights, the embedding table in `dtype` (it is also the output projection);
+    with `prefill_dtype`, each expert also as an [in, out] array of that dtype for prompts (kept
+    only while both copies fit). Other platforms, or too little memory: `params` unchanged. Each
+    original array is released as soon as its replacement exists, so peak memory stays near the
+    float layout's size.
     """
     platform = platform or jax.default_backend()
     if platform != "cpu" or not fits_in_memory(params, dtype):
         return params
+    if prefill_dtype is not None and not fits_in_memory(params, dtype, prefill_dtype):
+        prefill_dtype = None
     prepared: dict[str, dict[str, Any]] = {}
     for module in list(params):
         prepared[module] = {}
         for name in list(params[module]):
             value = params[module].pop(name)
-            if name == "w" and module.split("/")[-2] == "moe":
+            if name == "w" and _is_experts(module):
                 experts = tuple(float_weight(_index(value, e), dtype, transpose=True)
                                 for e in range(value.shape[0]))
-                value = ExpertWeights(experts)
+                for_prefill = None if prefill_dtype is None else tuple(
+                    float_weight(_index(value, e), prefill_dtype) for e in range(value.shape[0]))
+                value = ExpertWeights(experts, for_prefill)
             elif name == "w" and not module.endswith("/router"):
                 value = float_weight(value, dtype)
             elif name == "embeddings":
                 value = jnp.asarray(value, dtype)
             prepared[module][name] = value
     return prepared
+
+
+def _is_experts(module: str) -> bool:
+    """Whether `module` (a params path) holds an [E, in, out] expert stack."""
+    return module.split("/")[-2] == "moe"
 
 
 def _index(w: Any, e: int) -> Any:

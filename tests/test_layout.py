@@ -42,7 +42,7 @@ def test_other_platforms_keep_the_official_layout():
     assert prepare_params(params, jnp.bfloat16, platform="gpu") is params
 
 
-@pytest.mark.parametrize("tokens", [4, 100], ids=["decode-sized (dense per chosen expert)", "prefill-sized (tiles)"])
+@pytest.mark.parametrize("tokens", [4, 100], ids=["decode-sized (dense per chosen expert)", "prefill-sized (grouped by expert)"])
 def test_cpu_layout_logits_equal_official_layout(tokens):
     rng = np.random.default_rng(0)
     batch = rng.integers(1, SMALL.vocab_size, size=(2, tokens)).astype(np.int32)
@@ -51,7 +51,7 @@ def test_cpu_layout_logits_equal_official_layout(tokens):
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
 
 
-def test_tiles_handle_an_expert_chosen_by_every_row():
+def test_grouped_experts_continue_in_rounds_when_a_group_overflows_its_window():
     rng = np.random.default_rng(1)
     N, d, f, E = 80, 8, 12, 4
     x = jnp.asarray(rng.normal(size=(N, d)), jnp.float32)
@@ -59,6 +59,46 @@ def test_tiles_handle_an_expert_chosen_by_every_row():
                for _ in range(E)]
     experts = jnp.stack([jnp.zeros(N, jnp.int32), jnp.asarray(rng.integers(1, E, N), jnp.int32)], 1)
     gates = jnp.asarray(rng.uniform(size=(N, 2)), jnp.float32)
-    got = expert_kernels.tiled_experts(x, gates, experts, weights, jnp.float32, tile=16)
+    ffn = lambda rows, *w: expert_kernels.expert_ffn(rows, *w, jnp.float32)
+    # expert 0 is chosen by all 80 rows: five rounds of its 16-row window
+    got = expert_kernels.grouped_experts(x, gates, experts, weights, ffn, capacity=16)
     want = expert_kernels.chosen_experts_dense(x, gates, experts, weights, jnp.float32)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+
+
+def test_group_capacity_holds_the_balanced_share_with_margin_in_multiples_of_16():
+    assert expert_kernels.group_capacity(512, 8, 2) == 160   # 128 expected rows per expert
+    assert expert_kernels.group_capacity(100, 8, 2) == 32    # 25 expected
+    assert expert_kernels.group_capacity(20, 8, 2) == 16
+    assert expert_kernels.group_capacity(20, 2, 2) == 20     # never more than the tokens
+
+
+def test_prefill_copy_holds_each_expert_as_in_out_in_the_prefill_dtype():
+    prepared = prepare_params(official_params(SMALL), jnp.float32, platform="cpu",
+                              prefill_dtype=jnp.bfloat16)
+    experts = prepared["transformer/decoder_layer_0/moe/linear_1"]["w"]
+    assert len(experts.for_prefill) == SMALL.num_experts
+    for decode, prefill in zip(experts.transposed, experts.for_prefill):
+        assert decode.dtype == jnp.float32 and prefill.dtype == jnp.bfloat16
+        assert prefill.shape == decode.T.shape == (SMALL.ffn_size, SMALL.emb_size)
+        np.testing.assert_allclose(np.asarray(prefill, np.float32), np.asarray(decode).T,
+                                   rtol=2 ** -7)  # bf16 scale times bf16 weight: two roundings
+
+
+def test_without_prefill_dtype_no_prefill_copy_is_kept():
+    prepared = prepare_params(official_params(SMALL), jnp.float32, platform="cpu")
+    assert prepared["transformer/decoder_layer_0/moe/linear"]["w"].for_prefill is None
+
+
+def test_prefill_copy_computes_prompts_within_bfloat16_rounding_and_leaves_decoding_float32():
+    rng = np.random.default_rng(2)
+    prompt = rng.integers(1, SMALL.vocab_size, size=(2, 100)).astype(np.int32)  # grouped path
+    step = prompt[:, :4]                                                       # dense path
+    plain = prepare_params(official_params(SMALL), jnp.float32, platform="cpu")
+    mixed = prepare_params(official_params(SMALL), jnp.float32, platform="cpu",
+                           prefill_dtype=jnp.bfloat16)
+    want, got = logits(plain, prompt), logits(mixed, prompt)
+    assert not np.array_equal(got, want)              # the prefill copy was used ...
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() < 0.02 * scale    # ... and changes logits by bf16 rounding
+    np.testing.assert_array_equal(logits(mixed, step), logits(plain, step))

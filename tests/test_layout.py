@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import grok1
 from grok1 import experts as expert_kernels, model
 from grok1.config import ModelConfig
 from grok1.layout import ExpertWeights, prepare_params
@@ -102,3 +105,15 @@ def test_prefill_copy_computes_prompts_within_bfloat16_rounding_and_leaves_decod
     scale = np.abs(want).max()
     assert np.abs(got - want).max() < 0.02 * scale    # ... and changes logits by bf16 rounding
     np.testing.assert_array_equal(logits(mixed, step), logits(plain, step))
+
+
+@pytest.mark.parametrize("dtype, prefill_dtype", [(None, jnp.bfloat16), ("float32", None),
+                                                   ("bfloat16", jnp.bfloat16)])
+def test_load_on_cpu_keeps_a_bfloat16_prefill_copy_unless_float32_is_asked_for(dtype, prefill_dtype):
+    shipped = Path(__file__).resolve().parents[1] / "checkpoints" / "small"
+    params = grok1.load(shipped, dtype=dtype, progress=False).params
+    experts = params["transformer/decoder_layer_0/moe/linear"]["w"]
+    if prefill_dtype is None:
+        assert experts.for_prefill is None
+    else:
+        assert {w.dtype for w in experts.for_prefill} == {jnp.dtype(prefill_dtype)}

@@ -45,8 +45,9 @@ def grouped_matmul(xs: jax.Array, w: Weight, group_sizes: jax.Array, row_expert:
 # expert, each expert reading a window of CAPACITY_FACTOR x its expected rows (a multiple of 16).
 DENSE_MOE_TOKENS = 16
 CAPACITY_FACTOR = 1.25
-# The bfloat16 prefill copy wins from this many rows per expert window (one bench-1b MoE layer:
-# 32 rows 1.0-1.1x slower than float32 [out, in], 48 rows 1.9x faster, 80 rows 1.6x faster).
+# The bfloat16 prefill copy wins from this many rows per expert window (one bench-1b MoE layer
+# against float32 [out, in]: 16 rows 1.5x slower, 32 rows 1.0-1.1x slower, 48 rows 1.9x faster,
+# 64-80 rows 1.3-1.6x faster).
 MIN_PREFILL_COPY_ROWS = 48
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import grok1
-from grok1 import experts as expert_kernels, model
+from grok1 import experts as expert_kernels, layout, model
 from grok1.config import ModelConfig
 from grok1.layout import ExpertWeights, prepare_params
 from grok1.quant import QuantizedWeight8bit, quantize
@@ -117,3 +117,13 @@ def test_load_on_cpu_keeps_a_bfloat16_prefill_copy_unless_float32_is_asked_for(d
         assert experts.for_prefill is None
     else:
         assert {w.dtype for w in experts.for_prefill} == {jnp.dtype(prefill_dtype)}
+
+
+def test_prefill_copy_is_dropped_when_both_copies_do_not_fit(monkeypatch):
+    # Room for the float layout alone, not for the prefill copy beside it.
+    monkeypatch.setattr(layout, "fits_in_memory",
+                        lambda params, dtype, prefill_dtype=None: prefill_dtype is None)
+    prepared = prepare_params(official_params(SMALL), jnp.float32, platform="cpu",
+                              prefill_dtype=jnp.bfloat16)
+    experts = prepared["transformer/decoder_layer_0/moe/linear"]["w"]
+    assert isinstance(experts, ExpertWeights) and experts.for_prefill is None

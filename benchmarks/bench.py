@@ -157,14 +157,14 @@ def decode_bytes(config, params: dict, batch: int, cache_len: int, cache_itemsiz
     """Bytes one decode step reads: every non-expert weight (embedding table included, as the
     output projection), the experts the batch's tokens choose (expected count), the KV cache."""
     import jax
-    from grok1.layout import ExpertWeights
+    from grok1.layout import ExpertWeights, is_expert_stack
 
     leaf_bytes = lambda tree: sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(tree))
     dense = experts = 0
     for module, values in params.items():
         # Decoding reads an expert's [out, in] arrays, never its prefill copy.
         size = leaf_bytes([v.transposed if isinstance(v, ExpertWeights) else v for v in values.values()])
-        if module.split("/")[-2:-1] == ["moe"]:
+        if is_expert_stack(module):
             experts += size
         else:
             dense += size

@@ -41,6 +41,21 @@ def grouped_matmul(xs: jax.Array, w: Weight, group_sizes: jax.Array, row_expert:
     return out
 
 
+def sort_pairs_by_expert(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
+    """The B*k (token, expert) pairs of `experts` [B, k] in expert order, so each expert sees one
+    contiguous group: (order, the flat index of each sorted pair, whose token is order // k;
+    group sizes [num_experts])."""
+    flat = experts.reshape(-1)
+    return jnp.argsort(flat, stable=True), jnp.bincount(flat, length=num_experts)
+
+
+def combine_pairs(y: jax.Array, gates: jax.Array, order: jax.Array, k: int) -> jax.Array:
+    """Each token's sum of its sorted pairs' outputs `y` [B*k, d] weighted by their `gates`
+    [B, k] (as is, not renormalised) -> [B, d]."""
+    y = y * gates.reshape(-1)[order][:, None].astype(y.dtype)
+    return jnp.zeros((gates.shape[0], y.shape[-1]), y.dtype).at[order // k].add(y)
+
+
 # Up to this many tokens (decoding), every chosen expert runs on all of them; more are grouped by
 # expert, each expert reading a window of CAPACITY_FACTOR x its expected rows (a multiple of 16).
 DENSE_MOE_TOKENS = 16
@@ -101,17 +116,15 @@ def per_expert_moe(x: jax.Array, gates: jax.Array, experts: jax.Array,
     """The MoE sum over ExpertWeights (one array per expert) for tokens x [N, d] with their top-k
     `gates` and `experts` [N, k]; no weight is ever copied. Tokens enough to give each expert
     MIN_PREFILL_COPY_ROWS rows use the experts' prefill copy when the layout kept one."""
+    per_expert = list(zip(*(w.transposed for w in weights)))        # E x (gate, up, down)
     if x.shape[0] <= DENSE_MOE_TOKENS:
-        per_expert = list(zip(*(w.transposed for w in weights)))    # E x (gate, up, down)
         return chosen_experts_dense(x, gates, experts, per_expert, dtype)
-    capacity = group_capacity(x.shape[0], len(weights[0].transposed), experts.shape[1])
+    capacity = group_capacity(x.shape[0], len(per_expert), experts.shape[1])
     if weights[0].for_prefill is not None and capacity >= MIN_PREFILL_COPY_ROWS:
-        per_expert = list(zip(*(w.for_prefill for w in weights)))
-        ffn = prefill_expert_ffn
-    else:
-        per_expert = list(zip(*(w.transposed for w in weights)))
-        ffn = lambda rows, *w: expert_ffn(rows, *w, dtype)
-    return grouped_experts(x, gates, experts, per_expert, ffn, capacity)
+        prefill_copy = list(zip(*(w.for_prefill for w in weights)))
+        return grouped_experts(x, gates, experts, prefill_copy, prefill_expert_ffn, capacity)
+    return grouped_experts(x, gates, experts, per_expert,
+                           lambda rows, *w: expert_ffn(rows, *w, dtype), capacity)
 
 
 def chosen_experts_dense(x, gates, experts, per_expert, dtype) -> jax.Array:
@@ -140,9 +153,7 @@ def grouped_experts(x, gates, experts, per_expert, ffn: Callable[..., jax.Array]
     out."""
     N, d = x.shape
     k, E = experts.shape[1], len(per_expert)
-    flat = experts.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    sizes = jnp.bincount(flat, length=E)
+    order, sizes = sort_pairs_by_expert(experts, E)
     starts = jnp.cumsum(sizes) - sizes
     xs = jnp.zeros((N * k + capacity, d), x.dtype).at[:N * k].set(x[order // k])
 
@@ -167,5 +178,4 @@ def grouped_experts(x, gates, experts, per_expert, ffn: Callable[..., jax.Array]
 
     _, ys = jax.lax.while_loop(lambda state: state[0] * capacity < jnp.max(sizes), next_round,
                                (jnp.int32(1), ys))
-    y = ys[:N * k] * gates.reshape(-1)[order][:, None].astype(x.dtype)
-    return jnp.zeros((N, d), x.dtype).at[order // k].add(y)
+    return combine_pairs(ys[:N * k], gates, order, k)

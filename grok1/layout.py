@@ -83,7 +83,7 @@ def float_layout_bytes(params: dict, dtype, prefill_dtype=None) -> int:
     leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, QuantizedWeight8bit))
     total = sum(math.prod(leaf.shape) for leaf in leaves) * jnp.dtype(dtype).itemsize
     if prefill_dtype is not None:
-        total += sum(math.prod(params[m]["w"].shape) for m in params if _is_experts(m)) \
+        total += sum(math.prod(params[m]["w"].shape) for m in params if is_expert_stack(m)) \
             * jnp.dtype(prefill_dtype).itemsize
     return total
 
@@ -118,7 +118,7 @@ def prepare_params(params: dict, dtype, platform: Optional[str] = None, prefill_
         prepared[module] = {}
         for name in list(params[module]):
             value = params[module].pop(name)
-            if name == "w" and _is_experts(module):
+            if name == "w" and is_expert_stack(module):
                 experts = tuple(float_weight(_index(value, e), dtype, transpose=True)
                                 for e in range(value.shape[0]))
                 for_prefill = None if prefill_dtype is None else tuple(
@@ -132,9 +132,9 @@ def prepare_params(params: dict, dtype, platform: Optional[str] = None, prefill_
     return prepared
 
 
-def _is_experts(module: str) -> bool:
-    """Whether `module` (a params path) holds an [E, in, out] expert stack."""
-    return module.split("/")[-2] == "moe"
+def is_expert_stack(module: str) -> bool:
+    """Whether `module` (a params path) holds an [E, in, out] expert stack (`.../moe/linear*`)."""
+    return module.split("/")[-2:-1] == ["moe"]
 
 
 def _index(w: Any, e: int) -> Any:

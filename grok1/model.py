@@ -215,20 +215,18 @@ class MoELayer(hk.Module):
                                  experts.reshape(B * T, k), (w_gate, w_up, w_down), self.dtype)
             return out.reshape(B, T, d)
         # Sort the B*T*k (token, expert) pairs by expert so each expert sees one contiguous group.
-        expert_ids = experts.reshape(-1)
-        order = jnp.argsort(expert_ids, stable=True)
-        token_of = order // k
-        sorted_experts = expert_ids[order]
-        group_sizes = jnp.bincount(expert_ids, length=E).astype(jnp.int32)
-        xs = x.reshape(B * T, d).astype(self.dtype)[token_of]           # [B*T*k, d]
+        experts = experts.reshape(B * T, k)
+        order, group_sizes = expert_kernels.sort_pairs_by_expert(experts, E)
+        group_sizes = group_sizes.astype(jnp.int32)
+        sorted_experts = experts.reshape(-1)[order]
+        xs = x.reshape(B * T, d).astype(self.dtype)[order // k]         # [B*T*k, d]
 
         matmul_grouped = expert_kernels.grouped_matmul
         h = jax.nn.gelu(matmul_grouped(xs, w_gate, group_sizes, sorted_experts, self.dtype))
         h = h * matmul_grouped(xs, w_up, group_sizes, sorted_experts, self.dtype)
         y = matmul_grouped(h, w_down, group_sizes, sorted_experts, self.dtype)  # [B*T*k, d]
 
-        y = y * gates.reshape(-1)[order][:, None].astype(self.dtype)
-        out = jnp.zeros((B * T, d), self.dtype).at[token_of].add(y)
+        out = expert_kernels.combine_pairs(y, gates.reshape(B * T, k), order, k)
         return out.reshape(B, T, d)
 
 

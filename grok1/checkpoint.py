@@ -15,6 +15,7 @@ does not follow go through an unpickler restricted to the same globals.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -105,6 +106,123 @@ def _param_shapes(config: ModelConfig) -> dict[str, dict[str, tuple[int, ...]]]:
     return shapes
 
 
+# ---- reading: what a pickled array may say ----------------------------------------------------
+#
+# numpy pickles an array as `_reconstruct(ndarray, (0,), b"b")` then BUILD with the state
+# (1, shape, dtype, fortran_order, raw_bytes), and a dtype as `dtype(kind, align, copy)` then BUILD
+# with (3, byteorder, None, None, None, elsize, alignment, flags). Both readers below check these
+# states against what numpy writes and make the dtypes and arrays themselves: numpy's own
+# __setstate__ never sees a file's state (a corrupt one makes it fail without an exception set,
+# or, with copy=False, rewrite numpy's shared int8 dtype for the rest of the process).
+
+class _Corrupt(Exception):
+    """A pickle that is not a checkpoint tensor as numpy writes one; the caller names the file."""
+
+
+class _Unusual(Exception):
+    """A well-formed pickle in a layout the scanner does not follow (e.g. a Fortran-order array);
+    the restricted unpickler reads such files."""
+
+
+def _short(value: Any) -> str:
+    """A repr for error messages, however large the value a corrupt file made."""
+    text = repr(value) if isinstance(value, (str, bytes, int, float, bool, type(None))) \
+        else type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Marker:
+    """A global that a checkpoint only names (as an argument), never calls."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+_NDARRAY = _Marker("numpy.ndarray")
+_BFLOAT16 = _Marker("ml_dtypes.bfloat16")
+_SIMPLE_KIND = re.compile(r"[biufc][1-9][0-9]?")  # what numpy writes as a dtype's kind: "f4", "i1"
+_MAX_RANK = 32  # numpy's limit
+
+
+def _dtype_from(kind: Any, state: Any) -> np.dtype:
+    """The dtype that `dtype(kind)` + BUILD `state` describes, when it is a plain numeric one."""
+    if kind is _BFLOAT16:
+        base = np.dtype(ml_dtypes.bfloat16)
+    elif isinstance(kind, str) and _SIMPLE_KIND.fullmatch(kind):
+        try:
+            base = np.dtype(kind)
+        except TypeError:
+            raise _Corrupt(f"unknown dtype {kind!r}") from None
+    else:
+        raise _Corrupt(f"unsupported dtype {_short(kind)} (checkpoints hold plain numeric dtypes)")
+    if not isinstance(state, tuple) or len(state) != 8:
+        raise _Corrupt(f"dtype state {_short(state)} is not the 8 fields numpy writes")
+    version, order, names, fields, subarray, elsize, alignment, flags = state
+    if type(version) is not int or version != 3 or order not in ("<", ">", "=", "|") \
+            or (names, fields, subarray) != (None, None, None) \
+            or type(elsize) is not int or elsize not in (-1, base.itemsize) \
+            or type(alignment) is not int or alignment not in (-1, 1, 2, 4, 8, 16) \
+            or type(flags) is not int:
+        raise _Corrupt(f"dtype state of {base} is not one numpy writes")
+    return base.newbyteorder(order) if order in "<>" else base
+
+
+class _DtypeRecord:
+    """What `numpy.dtype(kind, align, copy)` unpickles to; BUILD's state makes `.dtype`."""
+
+    kind: Any = None
+    dtype: Optional[np.dtype] = None
+
+    def __init__(self, kind: Any, align: Any = False, copy: Any = False):
+        if not isinstance(align, bool) or not isinstance(copy, bool):
+            raise _Corrupt("dtype flags are not booleans")
+        self.kind = kind
+
+    def __setstate__(self, state: Any) -> None:
+        self.dtype = _dtype_from(self.kind, state)
+
+
+def _array_state(state: Any) -> tuple[tuple[int, ...], np.dtype, bool, Any]:
+    """(shape, dtype, fortran_order, raw) of an array's BUILD state, checked; raw is unchecked."""
+    if not isinstance(state, tuple) or len(state) != 5:
+        raise _Corrupt(f"array state {_short(state)} is not the 5 fields numpy writes")
+    version, shape, dtype, fortran, raw = state
+    if type(version) is not int or version != 1:
+        raise _Corrupt(f"array state version {_short(version)} (numpy writes 1)")
+    if not isinstance(shape, tuple) or len(shape) > _MAX_RANK \
+            or not all(type(n) is int and n >= 0 for n in shape):
+        raise _Corrupt(f"array shape is not a tuple of at most {_MAX_RANK} sizes >= 0")
+    if not isinstance(dtype, _DtypeRecord) or dtype.dtype is None:
+        raise _Corrupt(f"array dtype is a {_short(dtype)}, not a dtype")
+    if not isinstance(fortran, bool):
+        raise _Corrupt(f"array order flag {_short(fortran)} is not a boolean")
+    return shape, dtype.dtype, fortran, raw
+
+
+class _ArrayRecord:
+    """What `_reconstruct(ndarray, ...)` unpickles to; BUILD's state, checked, makes `.array`."""
+
+    array: Optional[np.ndarray] = None
+
+    def __init__(self, subtype: Any, *_: Any):
+        if subtype is not _NDARRAY:  # numpy's _reconstruct would allocate the shape it is given
+            raise _Corrupt(f"_reconstruct of {_short(subtype)}, not of numpy.ndarray")
+
+    def __setstate__(self, state: Any) -> None:
+        shape, dtype, fortran, raw = _array_state(state)
+        if not isinstance(raw, (bytes, bytearray)):
+            raise _Corrupt(f"array data is a {_short(raw)}, not bytes")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if len(raw) != nbytes:
+            raise _Corrupt(f"an array of shape {shape} {dtype} needs {nbytes} bytes, "
+                           f"the file holds {len(raw)}")
+        flat = np.frombuffer(raw, dtype)
+        self.array = (flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)).copy()
+
+
 # ---- reading: the restricted unpickler (the general path) -------------------------------------
 
 class _PickledQuantizedWeight:
@@ -119,19 +237,21 @@ def _reconstruct():
     return fn
 
 
-_ALLOWED_GLOBALS: dict[tuple[str, str], Callable[[], Any]] = {
-    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy", "ndarray"): lambda: np.ndarray,
-    ("numpy", "dtype"): lambda: np.dtype,
-    ("ml_dtypes", "bfloat16"): lambda: ml_dtypes.bfloat16,
-    ("__main__", "QuantizedWeight8bit"): lambda: _PickledQuantizedWeight,
+# The globals a checkpoint may name, and what each resolves to when unpickling: records and
+# markers of this module, never numpy's own constructors.
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): _ArrayRecord,
+    ("numpy._core.multiarray", "_reconstruct"): _ArrayRecord,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _DtypeRecord,
+    ("ml_dtypes", "bfloat16"): _BFLOAT16,
+    ("__main__", "QuantizedWeight8bit"): _PickledQuantizedWeight,
 }
 
 
 def _refused_global(source: str, module: str, name: str) -> CheckpointError:
     allowed = ", ".join(f"{m}.{n}" for m, n in _ALLOWED_GLOBALS)
-    return CheckpointError(f"{source}: refused pickle global {module}.{name} "
+    return CheckpointError(f"{source}: refused pickle global {str(module)[:80]}.{str(name)[:80]} "
                            f"(a checkpoint may only reference {allowed})")
 
 
@@ -141,33 +261,57 @@ class _RestrictedUnpickler(pickle.Unpickler):
         self.source = source
 
     def find_class(self, module: str, name: str):
-        resolve = _ALLOWED_GLOBALS.get((module, name))
-        if resolve is None:
+        if (module, name) not in _ALLOWED_GLOBALS:
             raise _refused_global(self.source, module, name)
-        return resolve()
+        return _ALLOWED_GLOBALS[module, name]
+
+
+@contextlib.contextmanager
+def _reading(path: str) -> Iterator[None]:
+    """Whatever reading `path` raises becomes a CheckpointError naming it: a parser of untrusted
+    bytes fails in many ways (the C unpickler alone raises a dozen exception types)."""
+    try:
+        yield
+    except (CheckpointError, _Unusual):
+        raise
+    except FileNotFoundError:
+        raise CheckpointError(f"missing checkpoint file {path}") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except _Corrupt as e:
+        raise CheckpointError(f"{path}: truncated or corrupt pickle ({e})") from None
+    except Exception as e:  # noqa: BLE001 - any other failure of parsing is a corrupt file
+        detail = " ".join(str(e).split())[:120]
+        raise CheckpointError(f"{path}: truncated or corrupt pickle ({type(e).__name__}: {detail})") \
+            from None
 
 
 def _unpickle(path: str) -> np.ndarray | QuantizedWeight8bit:
-    """The whole file through the restricted unpickler: slower, but follows any pickle layout."""
-    try:
+    """The whole file through the restricted unpickler: slower, but follows any pickle layout.
+
+    The scanner walks the file first, so every length, frame and memo index the unpickler meets
+    has been checked against the file (none can make it allocate more than the file holds)."""
+    locate_tensor(path)
+    with _reading(path):
         with open(path, "rb", buffering=1 << 20) as f:
             obj = _RestrictedUnpickler(f, path).load()
-    except FileNotFoundError:
-        raise CheckpointError(f"missing checkpoint file {path}") from None
-    except CheckpointError:
-        raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-            KeyError, MemoryError) as e:
-        raise CheckpointError(f"{path}: truncated or corrupt pickle ({type(e).__name__}: {e})") from None
+        return _unpickled_tensor(obj)
+
+
+def _unpickled_array(record: Any, what: str) -> np.ndarray:
+    if not isinstance(record, _ArrayRecord) or not isinstance(record.array, np.ndarray):
+        raise _Corrupt(f"{what} is a {type(record).__name__.strip('_')}, not a numpy array")
+    return record.array
+
+
+def _unpickled_tensor(obj: Any) -> np.ndarray | QuantizedWeight8bit:
     if isinstance(obj, _PickledQuantizedWeight):
-        weight, scales = getattr(obj, "weight", None), getattr(obj, "scales", None)
-        if not isinstance(weight, np.ndarray) or not isinstance(scales, np.ndarray):
-            raise CheckpointError(f"{path}: QuantizedWeight8bit without numpy 'weight' and 'scales'")
-        return QuantizedWeight8bit(weight=weight, scales=scales)
-    if not isinstance(obj, np.ndarray):
-        raise CheckpointError(f"{path}: expected a numpy array or QuantizedWeight8bit, "
-                              f"found {type(obj).__name__}")
-    return obj
+        state = vars(obj)
+        return QuantizedWeight8bit(weight=_unpickled_array(state.get("weight"), "QuantizedWeight8bit.weight"),
+                                   scales=_unpickled_array(state.get("scales"), "QuantizedWeight8bit.scales"))
+    return _unpickled_array(obj, "the pickled object")
 
 
 # ---- reading: locating arrays without reading them (the fast path) ----------------------------
@@ -188,10 +332,6 @@ class ArrayRef:
 
 # A located tensor: one ArrayRef, or a QuantizedWeight8bit whose weight and scales are ArrayRefs.
 Located = Union[ArrayRef, QuantizedWeight8bit]
-
-
-class _Unusual(Exception):
-    """A pickle layout the scanner does not follow; the restricted unpickler reads such files."""
 
 
 @dataclasses.dataclass
@@ -237,12 +377,18 @@ _LINE_VALUES = {_op["INT"], _op["LONG"], _op["FLOAT"], _op["STRING"], _op["UNICO
 class _Scanner:
     """Runs a pickle's opcodes symbolically up to STOP: every global is checked against the
     allow-list, array payloads become (offset, size) and are skipped with a seek, so no array
-    data is read. Calls other than the few the format needs are not made, only noted (unusual)."""
+    data is read. Calls other than the few the format needs are not made, only noted (unusual).
+
+    It is also the gate of the restricted unpickler: every length, frame and memo index is checked
+    against the file here, and opcodes no checkpoint uses (persistent ids, the extension registry,
+    out-of-band buffers) are refused, so the unpickler only ever sees a file that walked to STOP."""
 
     def __init__(self, file, path: str):
         self.file, self.path = file, path
         self.size = os.fstat(file.fileno()).st_size
         self.unusual = False
+        self.stack: list[Any] = []
+        self.marks: list[int] = []
 
     def take(self, n: int) -> bytes:
         data = self.file.read(n) if n <= self.size - self.file.tell() else b""
@@ -262,23 +408,48 @@ class _Scanner:
         self.unusual = True
         return _Opaque()
 
-    def run(self) -> Located:
-        stack: list[Any] = []
-        marks: list[int] = []
-        memo: dict[int, Any] = {}
+    def pop(self, n: int = 1) -> list[Any]:
+        """The top `n` items, which must lie above the last MARK (as the unpickler requires)."""
+        floor = self.marks[-1] if self.marks else 0
+        if len(self.stack) - n < floor:
+            raise _Corrupt("stack underflow")
+        items = self.stack[len(self.stack) - n:]
+        del self.stack[len(self.stack) - n:]
+        return items
 
-        def since_mark() -> list[Any]:
-            start = marks.pop()
-            items = stack[start:]
-            del stack[start:]
-            return items
+    def top(self) -> Any:
+        if len(self.stack) <= (self.marks[-1] if self.marks else 0):
+            raise _Corrupt("stack underflow")
+        return self.stack[-1]
+
+    def since_mark(self) -> list[Any]:
+        if not self.marks:
+            raise _Corrupt("no MARK on the stack")
+        start = self.marks.pop()
+        items = self.stack[start:]
+        del self.stack[start:]
+        return items
+
+    def memo_index(self, memo: dict[int, Any], index: int) -> int:
+        """Picklers number memo entries 0, 1, 2 ...; a larger index would make the unpickler
+        grow its memo table to twice that size."""
+        if index > len(memo):
+            raise _Corrupt(f"memo index {index} out of order (the memo holds {len(memo)} entries)")
+        return index
+
+    def run(self) -> Located:
+        stack, marks, pop, top = self.stack, self.marks, self.pop, self.top
+        memo: dict[int, Any] = {}
 
         while True:
             op = self.take(1)[0]
             if op == _op["PROTO"]:
                 self.take(1)
-            elif op == _op["FRAME"]:
-                self.take(8)  # frames only group opcodes; we read the raw file
+            elif op == _op["FRAME"]:  # frames only group opcodes; we read the raw file
+                n = int.from_bytes(self.take(8), "little")
+                if n > self.size - self.file.tell():
+                    raise _Corrupt(f"a frame of {n} bytes at byte {self.file.tell() - 9} runs past "
+                                   f"the end of the file ({self.size} bytes)")
             elif op in _LENGTH_BYTES:
                 n = int.from_bytes(self.take(_LENGTH_BYTES[op]), "little")
                 stack.append(self.take(n).decode("utf-8") if op in _TEXT_OPS else self.skip(n))
@@ -287,6 +458,11 @@ class _Scanner:
                 stack.append(int.from_bytes(self.take(width), "little", signed=signed))
             elif op == _op["LONG1"]:
                 stack.append(int.from_bytes(self.take(self.take(1)[0]), "little", signed=True))
+            elif op == _op["LONG4"]:
+                n = int.from_bytes(self.take(4), "little", signed=True)
+                if n < 0:
+                    raise _Corrupt("LONG4 with a negative length")
+                stack.append(int.from_bytes(self.take(n), "little", signed=True))
             elif op == _op["BINFLOAT"]:
                 stack.append(struct.unpack(">d", self.take(8))[0])
             elif op in _LINE_VALUES:
@@ -295,13 +471,13 @@ class _Scanner:
             elif op in _CONSTANTS:
                 stack.append(_CONSTANTS[op])
             elif op == _op["MEMOIZE"]:
-                memo[len(memo)] = stack[-1]
+                memo[len(memo)] = top()
             elif op == _op["BINPUT"]:
-                memo[self.take(1)[0]] = stack[-1]
+                memo[self.memo_index(memo, self.take(1)[0])] = top()
             elif op == _op["LONG_BINPUT"]:
-                memo[int.from_bytes(self.take(4), "little")] = stack[-1]
+                memo[self.memo_index(memo, int.from_bytes(self.take(4), "little"))] = top()
             elif op == _op["PUT"]:
-                memo[int(self.line())] = stack[-1]
+                memo[self.memo_index(memo, int(self.line()))] = top()
             elif op == _op["BINGET"]:
                 stack.append(memo[self.take(1)[0]])
             elif op == _op["LONG_BINGET"]:
@@ -309,9 +485,9 @@ class _Scanner:
             elif op == _op["GET"]:
                 stack.append(memo[int(self.line())])
             elif op == _op["STACK_GLOBAL"]:
-                name, module = stack.pop(), stack.pop()
+                module, name = pop(2)
                 if not isinstance(module, str) or not isinstance(name, str):
-                    raise CheckpointError(f"{self.path}: corrupt pickle (STACK_GLOBAL of non-strings)")
+                    raise _Corrupt("STACK_GLOBAL of non-strings")
                 stack.append(self.global_(module, name))
             elif op == _op["GLOBAL"]:
                 module = self.line()
@@ -319,72 +495,71 @@ class _Scanner:
             elif op == _op["INST"]:
                 module = self.line()
                 self.global_(module, self.line())
-                since_mark()
+                self.since_mark()
                 stack.append(self.opaque())
             elif op == _op["MARK"]:
                 marks.append(len(stack))
             elif op in _EMPTY:
                 stack.append(_EMPTY[op]())
             elif op in _TUPLE_N:
-                n = _TUPLE_N[op]
-                items = tuple(stack[-n:])
-                del stack[-n:]
-                stack.append(items)
+                stack.append(tuple(pop(_TUPLE_N[op])))
             elif op == _op["TUPLE"]:
-                stack.append(tuple(since_mark()))
+                stack.append(tuple(self.since_mark()))
             elif op == _op["LIST"]:
-                stack.append(since_mark())
+                stack.append(self.since_mark())
             elif op == _op["DICT"]:
-                items = since_mark()
-                stack.append(dict(zip(items[::2], items[1::2])))
+                items = self.since_mark()
+                stack.append(self.dict_of(items))
             elif op == _op["FROZENSET"]:
-                since_mark()
+                self.since_mark()
                 stack.append(self.opaque())
             elif op == _op["APPEND"]:
-                self.add(stack[-2], [stack.pop()])
+                item, = pop()
+                self.add(top(), [item])
             elif op in (_op["APPENDS"], _op["ADDITEMS"]):
-                items = since_mark()
-                self.add(stack[-1], items)
+                items = self.since_mark()
+                self.add(top(), items)
             elif op == _op["SETITEM"]:
-                value, key = stack.pop(), stack.pop()
-                self.setitems(stack[-1], [key, value])
+                key, value = pop(2)
+                self.setitems(top(), [key, value])
             elif op == _op["SETITEMS"]:
-                items = since_mark()
-                self.setitems(stack[-1], items)
+                items = self.since_mark()
+                self.setitems(top(), items)
             elif op == _op["POP"]:
                 if marks and marks[-1] == len(stack):
                     marks.pop()
                 else:
-                    stack.pop()
+                    pop()
             elif op == _op["POP_MARK"]:
-                since_mark()
+                self.since_mark()
             elif op == _op["DUP"]:
-                stack.append(stack[-1])
+                stack.append(top())
             elif op == _op["REDUCE"]:
-                args, fn = stack.pop(), stack.pop()
+                fn, args = pop(2)
                 stack.append(self.reduce(fn, args))
             elif op == _op["NEWOBJ"]:
-                args, cls = stack.pop(), stack.pop()
+                cls, args = pop(2)
                 if isinstance(cls, _Global) and cls.name == "QuantizedWeight8bit" and args == ():
                     stack.append(_QuantizedStub())
                 else:
                     stack.append(self.opaque())
             elif op == _op["NEWOBJ_EX"]:
-                del stack[-3:]
+                pop(3)
                 stack.append(self.opaque())
             elif op == _op["OBJ"]:
-                since_mark()
+                self.since_mark()
                 stack.append(self.opaque())
             elif op == _op["BUILD"]:
-                state = stack.pop()
-                self.build(stack[-1], state)
+                state, = pop()
+                self.build(top(), state)
             elif op == _op["STOP"]:
-                result = stack.pop()
+                result, = pop()
                 if self.unusual:
                     raise _Unusual
                 return self.result(result)
-            else:  # persistent ids, out-of-band buffers, extension registry: not in checkpoints
-                raise _Unusual
+            else:  # persistent ids, out-of-band buffers, extension registry, or not an opcode
+                raise _Corrupt(f"byte {self.file.tell() - 1} holds {op:#04x}, not an opcode a "
+                               f"checkpoint uses")
 
     def skip(self, n: int) -> _Payload:
         offset = self.file.tell()
@@ -398,6 +573,12 @@ class _Scanner:
         if (module, name) not in _ALLOWED_GLOBALS:
             raise _refused_global(self.path, module, name)
         return _Global(module, name)
+
+    def dict_of(self, items: list[Any]) -> Any:
+        try:
+            return dict(zip(items[::2], items[1::2]))
+        except TypeError:  # unhashable symbolic key
+            return self.opaque()
 
     def add(self, target: Any, items: list[Any]) -> None:
         if isinstance(target, list):
@@ -417,28 +598,30 @@ class _Scanner:
     def reduce(self, fn: Any, args: Any) -> Any:
         if isinstance(fn, _Global) and isinstance(args, tuple):
             if (fn.module, fn.name) in _RECONSTRUCT:
+                if not args or not (isinstance(args[0], _Global) and args[0].name == "ndarray"):
+                    raise _Corrupt("_reconstruct of something other than numpy.ndarray")
                 return _ArrayStub()
-            kind = args[0] if args else None
-            if isinstance(kind, _Global) and kind.name == "bfloat16":
-                kind = ml_dtypes.bfloat16
-            if (fn.module, fn.name) == ("numpy", "dtype") and isinstance(kind, (str, type)) \
-                    and all(isinstance(a, bool) for a in args[1:]):
-                return np.dtype(kind, *args[1:])
+            if (fn.module, fn.name) == ("numpy", "dtype") and 1 <= len(args) <= 3:
+                kind = args[0]
+                if isinstance(kind, _Global) and kind.name == "bfloat16":
+                    kind = _BFLOAT16
+                return _DtypeRecord(kind, *args[1:])
         return self.opaque()
 
     def build(self, obj: Any, state: Any) -> None:
-        if isinstance(obj, np.dtype):
+        if isinstance(obj, _Global):  # the unpickler would set attributes of this module's classes
+            raise _Corrupt(f"BUILD on the global {obj.module}.{obj.name}")
+        if isinstance(obj, _DtypeRecord):
             obj.__setstate__(state)
         elif isinstance(obj, _ArrayStub):
-            _, shape, dtype, fortran, raw = state
-            if fortran or not isinstance(raw, _Payload) or not isinstance(dtype, np.dtype) \
-                    or dtype.hasobject:
+            shape, dtype, fortran, raw = _array_state(state)
+            if fortran or not isinstance(raw, _Payload):
                 self.unusual = True
                 return
-            ref = ArrayRef(self.path, raw.offset, tuple(int(n) for n in shape), dtype)
+            ref = ArrayRef(self.path, raw.offset, shape, dtype)
             if ref.nbytes != raw.size:
-                raise CheckpointError(f"{self.path}: corrupt pickle (an array of shape {ref.shape} "
-                                      f"{dtype} needs {ref.nbytes} bytes, the file holds {raw.size})")
+                raise _Corrupt(f"an array of shape {ref.shape} {dtype} needs {ref.nbytes} bytes, "
+                               f"the file holds {raw.size}")
             obj.ref = ref
         elif isinstance(obj, _QuantizedStub) and isinstance(state, dict):
             obj.state = state
@@ -450,7 +633,8 @@ class _Scanner:
             return obj.ref
         if isinstance(obj, _QuantizedStub) and obj.state is not None:
             weight, scales = obj.state.get("weight"), obj.state.get("scales")
-            if isinstance(weight, _ArrayStub) and isinstance(scales, _ArrayStub):
+            if isinstance(weight, _ArrayStub) and isinstance(scales, _ArrayStub) \
+                    and weight.ref is not None and scales.ref is not None:
                 return QuantizedWeight8bit(weight=weight.ref, scales=scales.ref)
         raise _Unusual
 
@@ -459,20 +643,15 @@ def locate_tensor(path: str | os.PathLike) -> Optional[Located]:
     """Where one file's arrays lie, from its pickle opcodes alone (a few hundred bytes are read).
 
     None when the file uses a pickle layout the scanner does not follow (`read_tensor` then
-    unpickles it). Refused globals and truncation raise CheckpointError before any data is read.
+    unpickles it). Refused globals, truncation and any corruption raise CheckpointError naming
+    the file before any data is read.
     """
     path = os.fspath(path)
     try:
-        with open(path, "rb") as f:
+        with _reading(path), open(path, "rb") as f:
             return _Scanner(f, path).run()
-    except FileNotFoundError:
-        raise CheckpointError(f"missing checkpoint file {path}") from None
     except _Unusual:
         return None
-    except (IndexError, KeyError, TypeError, ValueError, UnicodeDecodeError, AttributeError) as e:
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{path}: truncated or corrupt pickle ({type(e).__name__}: {e})") from None
 
 
 # jax's CPU client adopts (does not copy) host buffers with this alignment.
@@ -555,16 +734,27 @@ def _read_located(located: Located) -> np.ndarray | QuantizedWeight8bit:
     return read_box(located)
 
 
-def read_tensor(path: str | os.PathLike) -> np.ndarray | QuantizedWeight8bit:
+def read_tensor(path: str | os.PathLike, spec: Optional[TensorSpec] = None
+                ) -> np.ndarray | QuantizedWeight8bit:
     """One checkpoint file, safely: a numpy array or a QuantizedWeight8bit of numpy arrays.
 
-    Only the allowed globals are resolved, so a downloaded file cannot run code. Plain layouts
-    (all the official files) are located by their opcodes and read straight into their arrays;
-    anything else goes through the restricted unpickler.
+    Only the allowed globals are resolved, so a downloaded file cannot run code, and whatever its
+    bytes, a file that is not a tensor raises CheckpointError naming it. Plain layouts (all the
+    official files) are located by their opcodes and read straight into their arrays; anything
+    else goes through the restricted unpickler. With `spec`, the located arrays are checked
+    against it before any array data is read.
     """
     path = os.fspath(path)
     located = locate_tensor(path)
-    return _unpickle(path) if located is None else _read_located(located)
+    if located is None:
+        value = _unpickle(path)
+    else:
+        if spec is not None:
+            check_tensor(located, spec, path)
+        value = _read_located(located)
+    if spec is not None:
+        check_tensor(value, spec, path)
+    return value
 
 
 def check_tensor(value: np.ndarray | QuantizedWeight8bit | Located, spec: TensorSpec, path: str) -> None:

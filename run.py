@@ -139,29 +139,40 @@ def force_cpu_devices(spec: str) -> None:
 
 def model_config(args: argparse.Namespace):
     """The ModelConfig of --preset, else of CHECKPOINT/config.json."""
-    from grok1.config import PRESETS, ConfigError, ModelConfig
+    from grok1.checkpoint import CheckpointError, read_config
+    from grok1.config import PRESETS, ConfigError
 
     if args.preset is not None:
         if args.preset not in PRESETS:
             raise UserError(f"unknown --preset {args.preset!r}; presets: {', '.join(sorted(PRESETS))}")
         return PRESETS[args.preset]
     check_checkpoint_folder(args.checkpoint)
-    path = os.path.join(args.checkpoint, "config.json")
-    if not os.path.isfile(path):
-        raise UserError(f"{args.checkpoint} has no config.json: pass --preset grok-1 for the release, "
-                        f"or the config.json that came with the checkpoint")
+    if not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
+        raise UserError(f"{args.checkpoint} has no config.json: pass the config.json that came with "
+                        f"the checkpoint, or a --preset (grok-1 for the release)")
     try:
-        return ModelConfig.from_json(path)
-    except ConfigError as e:
-        raise UserError(f"{path}: {e}") from None
+        return read_config(args.checkpoint)
+    except (ConfigError, CheckpointError) as e:  # they name the file
+        raise UserError(str(e)) from None
 
 
-def check_checkpoint_folder(path: str) -> None:
-    from grok1.checkpoint import CheckpointError, checkpoint_dir
+def looks_like_release(path: str, preset: Optional[str]) -> bool:
+    """Whether the user is after the Grok-1 release (so the hint on where to put it helps)."""
+    return preset == "grok-1" or os.path.basename(os.path.normpath(path)) == "grok-1"
+
+
+def check_checkpoint_folder(path: str, preset: Optional[str] = None) -> None:
+    """A one-line error when --checkpoint is not a checkpoint folder, saying what it is instead."""
+    from grok1.checkpoint import CKPT_DIR, CheckpointError, checkpoint_dir, is_ckpt_folder
     try:
         checkpoint_dir(path)
     except CheckpointError as e:
-        raise UserError(f"no checkpoint at {path} ({e}): {RELEASE_HINT}") from None
+        hint = f"; {RELEASE_HINT}" if looks_like_release(path, preset) else ""
+        raise UserError(f"--checkpoint: {e}{hint}") from None
+    if is_ckpt_folder(path):  # config.json and tokenizer.model lie beside it, in the parent
+        parent = os.path.dirname(os.path.normpath(path)) or "."
+        raise UserError(f"--checkpoint: {path} is the {CKPT_DIR}/ folder itself; point at the folder "
+                        f"that holds it: --checkpoint {parent}")
 
 
 def load_tokenizer(args: argparse.Namespace, config):
@@ -220,7 +231,8 @@ def load_model(args: argparse.Namespace, config, tokenizer_path: str):
         return grok1.load(args.checkpoint, mesh=mesh, dtype=dtype, tokenizer=tokenizer_path,
                           config=config, progress=not args.quiet)
     except CheckpointError as e:
-        raise UserError(f"{e} ({RELEASE_HINT})" if "missing checkpoint file" in str(e) else str(e)) from None
+        release = "missing checkpoint file" in str(e) and looks_like_release(args.checkpoint, args.preset)
+        raise UserError(f"{e} ({RELEASE_HINT})" if release else str(e)) from None
 
 
 # ---- actions ----------------------------------------------------------------------------------
@@ -252,7 +264,10 @@ def run_trace(args: argparse.Namespace, model) -> None:
     from grok1.inspect import format_trace, plot_trace
 
     for prompt in args.prompt or [DEFAULT_PROMPT]:
-        trace = model.trace([model.tokenizer.encode(prompt)])
+        try:
+            trace = model.trace([model.tokenizer.encode(prompt)])
+        except ValueError as e:  # e.g. a prompt longer than the context
+            raise UserError(f"--trace: {e}") from None
         print(format_trace(trace))
         if args.plot:
             try:
@@ -333,7 +348,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.describe:
             run_describe(args)
             return 0
-        check_checkpoint_folder(args.checkpoint)
+        check_checkpoint_folder(args.checkpoint, args.preset)
         config = model_config(args)
         tokenizer_path, tokenizer = load_tokenizer(args, config)
         settings = sampling(args, config, tokenizer)

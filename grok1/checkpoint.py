@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import json
 import math
 import mmap
 import os
@@ -31,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 import ml_dtypes
 import numpy as np
 
-from grok1.config import ModelConfig
+from grok1.config import ConfigError, ModelConfig
 from grok1.progress import Progress
 from grok1.quant import QuantizedWeight8bit, check_block_layout
 
@@ -776,17 +777,39 @@ def check_tensor(value: np.ndarray | QuantizedWeight8bit | Located, spec: Tensor
         raise CheckpointError(f"{where}: expected dtype bfloat16, float16 or float32, found {value.dtype}")
 
 
+def _check_folder(path: str) -> None:
+    """CheckpointError saying what `path` is when it is not a folder: missing, or a file."""
+    if os.path.isdir(path):
+        return
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint folder not found: {path}")
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(parent) == CKPT_DIR:  # one of the tensor files
+        folder = os.path.dirname(os.path.dirname(os.path.normpath(path))) or "."
+        raise CheckpointError(f"{path} is a file of a checkpoint; pass the folder that holds "
+                              f"{CKPT_DIR}/: {folder}")
+    raise CheckpointError(f"{path} is a file, not a checkpoint folder; pass the folder that holds "
+                          f"{CKPT_DIR}/ and {CONFIG_FILE}")
+
+
 def checkpoint_dir(path: str | os.PathLike) -> str:
     """`path/ckpt-0` (or `path` itself when it is the ckpt-0 folder), with clear errors."""
     path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise CheckpointError(f"checkpoint folder not found: {path}")
+    _check_folder(path)
     ckpt = os.path.join(path, CKPT_DIR)
     if os.path.isdir(ckpt):
         return ckpt
     if os.path.isfile(os.path.join(path, tensor_filename(0))):
         return path
     raise CheckpointError(f"{path} holds no {CKPT_DIR}/ folder with {tensor_filename(0)}")
+
+
+def is_ckpt_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a `ckpt-0` folder itself (tensor files, no ckpt-0/ inside) rather than
+    the checkpoint folder that holds it with config.json and tokenizer.model."""
+    path = os.fspath(path)
+    return (not os.path.isdir(os.path.join(path, CKPT_DIR))
+            and os.path.isfile(os.path.join(path, tensor_filename(0))))
 
 
 # ---- validation before loading ----------------------------------------------------------------
@@ -1111,13 +1134,31 @@ def _as_numpy(value: Any) -> np.ndarray | QuantizedWeight8bit:
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
-    """`config.json` beside `ckpt-0/`, with a clear error when absent."""
-    file = os.path.join(os.fspath(path), CONFIG_FILE)
+    """`config.json` beside `ckpt-0/`; errors name the file once and say what to pass instead."""
+    path = os.fspath(path)
+    _check_folder(path)
+    file = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(file):
-        raise CheckpointError(f"{path} holds no {CONFIG_FILE} (the model config beside {CKPT_DIR}/)")
-    return ModelConfig.from_json(file)
-
-
+        if is_ckpt_folder(path):
+            parent = os.path.dirname(os.path.normpath(path)) or "."
+            raise CheckpointError(f"{path} is the {CKPT_DIR} folder itself; pass the folder that "
+                                  f"holds it and {CONFIG_FILE}: {parent}")
+        raise CheckpointError(f"{path} holds no {CONFIG_FILE} (the model config beside {CKPT_DIR}/); "
+                              f"for a checkpoint that ships none, pass config= a ModelConfig or a "
+                              f"preset name (the release: config='grok-1')")
+    try:
+        with open(file, encoding="utf-8") as f:
+            values = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{file}: not a valid JSON config ({e})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{file}: a config must be a JSON object, got {type(values).__name__}")
+    try:
+        return ModelConfig.from_dict(values)
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from None
+    except TypeError as e:  # e.g. a key JSON allows but a dataclass does not
+        raise ConfigError(f"{file}: {e}") from None
 
 
 # ---- quantisation -----------------------------------------------------------------------------

@@ -31,10 +31,37 @@ def resolve_dtype(dtype: Any = None) -> jnp.dtype:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)} (or a jnp dtype), got {dtype!r}")
         return jnp.dtype(DTYPES[dtype])
-    resolved = jnp.dtype(dtype)
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be 'float32', 'bfloat16', a jnp dtype or None, got {dtype!r}") from None
     if resolved not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         raise ValueError(f"dtype must be float32 or bfloat16, got {resolved}")
     return resolved
+
+
+def resolve_mesh(mesh: Any) -> Optional[jax.sharding.Mesh]:
+    """A jax Mesh, a spec string such as "1x8" (built with grok1.make_mesh), or None (one device)."""
+    if mesh is None or isinstance(mesh, jax.sharding.Mesh):
+        return mesh
+    if isinstance(mesh, str):
+        from grok1.sharding import make_mesh
+        return make_mesh(mesh)
+    raise TypeError(f"mesh must be a jax.sharding.Mesh, a spec string such as '1x8' or "
+                    f"'data=2,model=4', or None for one device; got {type(mesh).__name__}")
+
+
+def resolve_config(config: Any) -> Optional[ModelConfig]:
+    """A ModelConfig, a PRESETS name, or None (the checkpoint's config.json is read)."""
+    from grok1.config import PRESETS
+    if config is None or isinstance(config, ModelConfig):
+        return config
+    if isinstance(config, str):
+        if config not in PRESETS:
+            raise ValueError(f"unknown preset {config!r}; presets: {', '.join(sorted(PRESETS))}")
+        return PRESETS[config]
+    raise TypeError(f"config must be a ModelConfig, a preset name ({', '.join(sorted(PRESETS))}) or "
+                    f"None to read the checkpoint's config.json; got {type(config).__name__}")
 
 
 @dataclasses.dataclass
@@ -79,12 +106,20 @@ class Model:
 
     def check_tokens(self, tokens: Any) -> np.ndarray:
         """tokens as an int32 [B, T] array, or ValueError naming what is wrong and what is allowed."""
-        array = np.asarray(tokens)
+        try:
+            array = np.asarray(tokens)
+        except ValueError:  # numpy's "inhomogeneous shape": rows of different lengths
+            raise ValueError("tokens must be a rectangular [batch, time] array of ints: its rows have "
+                             "different lengths (right-pad them with the pad token "
+                             f"{self.config.pad_token})") from None
         if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1:
             raise ValueError(f"tokens must be a non-empty 2-D [batch, time] array of ints, "
                              f"got shape {array.shape}")
         if not np.issubdtype(array.dtype, np.integer):
             raise ValueError(f"tokens must be integers, got dtype {array.dtype}")
+        if array.shape[1] > self.config.sequence_len:
+            raise ValueError(f"{array.shape[1]} tokens do not fit the model's context of "
+                             f"{self.config.sequence_len} (sequence_len); shorten the prompt")
         if array.min() < 0 or array.max() >= self.config.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), "
                              f"got values in [{array.min()}, {array.max()}]")
@@ -107,7 +142,7 @@ class Model:
         return sampler.stream(self, prompt, **settings)
 
 
-def load(path: str | os.PathLike, *, mesh: Optional[jax.sharding.Mesh] = None, dtype: Any = None,
+def load(path: str | os.PathLike, *, mesh: Optional[jax.sharding.Mesh | str] = None, dtype: Any = None,
          tokenizer: Optional[str | os.PathLike] = None,
          config: Optional[ModelConfig | str] = None, progress: Optional[bool] = None) -> Model:
     """Load a folder holding `ckpt-0/` and `config.json` (and optionally `tokenizer.model`).
@@ -115,8 +150,9 @@ def load(path: str | os.PathLike, *, mesh: Optional[jax.sharding.Mesh] = None, d
     `dtype` is the compute dtype: "float32", "bfloat16", a jnp dtype, or None for the platform
     default: bfloat16 on accelerators; on CPU float32, except the experts of prompts of about
     110+ tokens, which run bfloat16 matmuls as the official model does (2-4x faster there, see
-    grok1/layout.py); an explicit "float32" keeps every matmul float32. `mesh` shards the
-    parameters over its devices; None keeps them on one device.
+    grok1/layout.py); an explicit "float32" keeps every matmul float32. `mesh` (a jax Mesh or a
+    spec such as "1x8", see grok1.make_mesh) shards the parameters over its devices; None keeps
+    them on one device.
     `config` (a ModelConfig or a PRESETS name) replaces `config.json`, e.g. for the release,
     which ships none. The checkpoint is validated (files, shapes, dtypes, memory per device)
     before anything is loaded; a progress bar shows when stderr is a terminal, unless
@@ -124,12 +160,11 @@ def load(path: str | os.PathLike, *, mesh: Optional[jax.sharding.Mesh] = None, d
     """
     path = os.fspath(path)
     compute_dtype = resolve_dtype(dtype)
-    if isinstance(config, str):
-        from grok1.config import PRESETS
-        if config not in PRESETS:
-            raise ValueError(f"unknown preset {config!r}; presets: {', '.join(sorted(PRESETS))}")
-        config = PRESETS[config]
-    config = config or checkpoint.read_config(path)
+    mesh = resolve_mesh(mesh)
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        raise TypeError(f"tokenizer must be the path of a tokenizer.model or None (the one in the "
+                        f"checkpoint folder, if any), got {type(tokenizer).__name__}")
+    config = resolve_config(config) or checkpoint.read_config(path)
     # Each tensor goes straight into its final sharding over `mesh` (one device without a mesh).
     params = checkpoint.load_params(path, config, mesh=mesh, progress=progress)
     if mesh is None:  # on CPU: float weights, one array per expert (grok1/layout.py says why)

@@ -1,6 +1,6 @@
 """Train the small model shipped in `checkpoints/small/`: corpus, tokenizer, optax, int8 checkpoint.
 
-    python -m grok1.train                      # writes checkpoints/small/ (about 20 min on 2 cores)
+    python -m grok1.train --overwrite          # rewrites checkpoints/small/ (about 20 min on 2 cores)
 
 Corpus: the English prose bundled with CPython itself (the language reference topics of
 `pydoc_data.topics` and the docstrings of the standard library, read with `ast`, never imported),
@@ -267,10 +267,25 @@ def heldout_loss_of(params: dict, config: ModelConfig, windows: np.ndarray) -> f
 
 # ---- command line -----------------------------------------------------------------------------
 
+def out_problem(out: str, overwrite: bool) -> str | None:
+    """Why training may not write to `out`, or None: an existing checkpoint (the shipped, tracked
+    one by default) is only replaced when asked for."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--out {out} is a file, not a folder"
+    existing = [name for name in (checkpoint.CKPT_DIR, checkpoint.CONFIG_FILE)
+                if os.path.exists(os.path.join(out, name))]
+    if existing and not overwrite:
+        return (f"--out {out} already holds a checkpoint ({', '.join(existing)}); pass --overwrite to "
+                f"replace it, or choose another --out")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m grok1.train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="checkpoints/small", help="output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the checkpoint that --out already holds (by default refused)")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps")
     parser.add_argument("--batch", type=int, default=16, help="windows per step")
     parser.add_argument("--learning-rate", type=float, default=3e-3, help="peak AdamW learning rate")
@@ -282,6 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--heldout-windows", type=int, default=16, help="held-out windows to evaluate")
     parser.add_argument("--seed", type=int, default=0, help="seed of init and batch order")
     args = parser.parse_args(argv)
+    problem = out_problem(args.out, args.overwrite)
+    if problem:
+        print(f"{parser.prog}: error: {problem}", file=sys.stderr)
+        return 2
 
     t0 = time.time()
     config = small_config(vocab_size=args.vocab_size, emb_size=args.emb_size, num_layers=args.num_layers,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import sys
 
@@ -375,3 +376,97 @@ def test_refuses_pickle_with_os_system_before_it_runs(tmp_path):
     with pytest.raises(CheckpointError, match=rf"{path}: refused pickle global (posix|os|nt)\.system"):
         checkpoint.read_tensor(path)
     assert not marker.exists(), "the refused global must never be called"
+
+
+def int8_file_with(tmp_path, change) -> str:
+    path = tmp_path / "t"
+    checkpoint.write_tensor(path, np.arange(6, dtype=np.int8))
+    data = bytearray(path.read_bytes())
+    change(data)
+    path.write_bytes(data)
+    return str(path)
+
+
+def test_a_dtype_state_numpy_does_not_write_is_refused_naming_the_file(tmp_path):
+    """A ninth field in the int8 dtype's state made numpy's __setstate__ fail with SystemError."""
+    def extra_field(data):
+        at = data.index(b"\x8c\x01|") + 3  # the MEMOIZE after the byte order '|'
+        data[at] = pickle.NEWFALSE[0]
+    path = int8_file_with(tmp_path, extra_field)
+    with pytest.raises(CheckpointError, match=f"{path}: truncated or corrupt pickle \\(dtype state"):
+        checkpoint.read_tensor(path)
+
+
+def test_dtype_flags_are_derived_by_numpy_not_taken_from_the_file(tmp_path):
+    """Nonsense flags (0xe3) in the int8 dtype's state made numpy raise SystemError; the dtype is
+    made from its kind and byte order alone, so the array reads as written."""
+    def flags(data):
+        data[data.index(b"J\xff\xff\xff\xffK\x00") + 6] = 0xe3  # alignment -1, then flags 0
+    path = int8_file_with(tmp_path, flags)
+    np.testing.assert_array_equal(checkpoint.read_tensor(path), np.arange(6, dtype=np.int8))
+
+
+def test_located_arrays_are_checked_against_the_spec_before_their_data_is_read(tmp_path, monkeypatch):
+    path = tmp_path / "t"
+    checkpoint.write_tensor(path, np.zeros((4, 8), np.float32))
+    reads = []
+    monkeypatch.setattr(checkpoint, "read_box", lambda *a: reads.append(a))
+    with pytest.raises(CheckpointError, match=r"parameter m/w .*expected shape \(8, 4\), found \(4, 8\)"):
+        checkpoint.read_tensor(path, checkpoint.TensorSpec(0, "m", "w", (8, 4)))
+    assert reads == []
+
+
+# ---- grok1.load: arguments and where the checkpoint is ----------------------------------------
+
+def test_load_accepts_a_mesh_spec_string(tiny_checkpoint):
+    import grok1
+    model = grok1.load(tiny_checkpoint, mesh="1x1", progress=False)
+    assert dict(model.mesh.shape) == {"data": 1, "expert": 1, "model": 1}
+    assert model.logits([[1, 2, 3]]).shape == (1, 3, TINY.vocab_size)
+
+
+@pytest.mark.parametrize("argument,value,allowed", [
+    ("mesh", 8, "a jax.sharding.Mesh, a spec string such as '1x8'"),
+    ("dtype", 5, "'float32', 'bfloat16', a jnp dtype or None"),
+    ("config", {"num_layers": 2}, "a ModelConfig, a preset name"),
+    ("tokenizer", 3, "the path of a tokenizer.model or None"),
+])
+def test_load_refuses_an_argument_of_another_type_saying_what_is_allowed(tiny_checkpoint, argument,
+                                                                           value, allowed):
+    import grok1
+    with pytest.raises(TypeError, match=f"{argument} must be {re.escape(allowed)}"):
+        grok1.load(tiny_checkpoint, **{argument: value})
+
+
+def test_load_of_a_missing_folder_says_the_folder_does_not_exist(tmp_path):
+    import grok1
+    with pytest.raises(CheckpointError, match=f"checkpoint folder not found: {tmp_path / 'nowhere'}$"):
+        grok1.load(tmp_path / "nowhere")
+
+
+def test_load_of_the_ckpt0_folder_points_at_its_parent(tiny_checkpoint):
+    import grok1
+    with pytest.raises(CheckpointError, match=f"is the ckpt-0 folder itself; pass the folder that holds "
+                                              f"it and config.json: {tiny_checkpoint}$"):
+        grok1.load(os.path.join(tiny_checkpoint, "ckpt-0"))
+
+
+def test_load_of_a_tensor_file_points_at_its_checkpoint_folder(tiny_checkpoint):
+    import grok1
+    with pytest.raises(CheckpointError, match=f"is a file of a checkpoint; pass the folder that holds "
+                                              f"ckpt-0/: {tiny_checkpoint}$"):
+        grok1.load(tensor_file(tiny_checkpoint, 0))
+
+
+@pytest.mark.parametrize("text,problem", [("{\"vocab_size\": 64,", "not a valid JSON config"),
+                                          ("[1, 2]", "must be a JSON object"),
+                                          ("{\"num_layers\": -1}", "num_layers"),
+                                          ("{\"layers\": 2}", "unknown config field")])
+def test_a_broken_config_names_its_path_once(tiny_checkpoint, tmp_path, text, problem):
+    path = copy_of(tiny_checkpoint, tmp_path)
+    config = os.path.join(path, "config.json")
+    with open(config, "w") as f:
+        f.write(text)
+    with pytest.raises(ValueError, match=problem) as error:
+        checkpoint.read_config(path)
+    assert str(error.value).startswith(f"{config}: ") and str(error.value).count(config) == 1

@@ -107,6 +107,29 @@ def test_logits_rejects_token_ids_outside_vocab(two_layer):
         model.logits([1, 2, 3])
 
 
+@functools.lru_cache(maxsize=None)
+def load_small() -> grok1.Model:
+    import pathlib
+    return grok1.load(pathlib.Path(__file__).resolve().parent.parent / "checkpoints" / "small",
+                      dtype="float32", progress=False)
+
+
+def test_ragged_token_rows_are_refused_saying_the_rows_differ_in_length():
+    with pytest.raises(ValueError, match="rows have different lengths .*pad token 0") as error:
+        load_small().logits([[1, 5, 6], [1, 7]])
+    assert "inhomogeneous" not in str(error.value)
+
+
+def test_logits_refuse_more_tokens_than_the_context():
+    with pytest.raises(ValueError, match="300 tokens do not fit the model's context of 256"):
+        load_small().logits([[5] * 300])
+
+
+def test_trace_refuses_more_tokens_than_the_context():
+    with pytest.raises(ValueError, match="257 tokens do not fit the model's context of 256"):
+        load_small().trace([[5] * 257])
+
+
 # ---- mixture of experts: the sparse top-2 path against a dense oracle ---------------------------
 
 SMALL = ModelConfig(vocab_size=64, emb_size=32, num_layers=1, num_q_heads=4, num_kv_heads=2,

@@ -97,7 +97,35 @@ def test_interactive_mode_continues_each_line_until_an_empty_one(greedy):
 
 def test_missing_checkpoint_says_where_to_put_the_weights(tmp_path):
     assert_user_error(run("--checkpoint", str(tmp_path / "grok-1"), "--preset", "grok-1"),
-                      "no checkpoint at", "checkpoints/grok-1", "xai-org/grok-1")
+                      "checkpoint folder not found", "checkpoints/grok-1", "xai-org/grok-1")
+
+
+def test_missing_folder_of_another_model_says_it_does_not_exist_without_the_release_hint(tmp_path):
+    result = run("--checkpoint", str(tmp_path / "mine"))
+    assert_user_error(result, f"checkpoint folder not found: {tmp_path / 'mine'}")
+    assert "xai-org" not in result.stderr and "torrent" not in result.stderr
+
+
+def test_ckpt0_folder_points_at_its_parent():
+    assert_user_error(run("--checkpoint", "checkpoints/small/ckpt-0"),
+                      "is the ckpt-0/ folder itself", "--checkpoint checkpoints/small")
+
+
+def test_a_tensor_file_points_at_its_checkpoint_folder():
+    assert_user_error(run("--checkpoint", "checkpoints/small/ckpt-0/tensor00000_000"),
+                      "is a file of a checkpoint", "holds ckpt-0/: checkpoints/small")
+
+
+def test_a_broken_config_names_its_path_once(tmp_path):
+    (tmp_path / "config.json").write_text('{"vocab_size": 4096,')
+    (tmp_path / "ckpt-0").symlink_to(REPO / "checkpoints" / "small" / "ckpt-0")
+    result = run("--checkpoint", str(tmp_path))
+    assert_user_error(result, "not a valid JSON config")
+    assert result.stderr.count(str(tmp_path / "config.json")) == 1
+
+
+def test_trace_of_a_prompt_longer_than_the_context_is_refused_naming_the_limit():
+    assert_user_error(run("--trace", "--prompt", "word " * 300), "--trace:", "context of 256")
 
 
 def test_tokenizer_of_another_vocabulary_is_refused(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +11,8 @@ import pytest
 
 from grok1 import experts, model
 from grok1.quant import QuantizedWeight8bit
-from grok1.train import (blocked_grouped_matmul, heldout_windows, next_token_loss, prose,
-                         release_format, small_config, split_documents, train)
+from grok1.train import (blocked_grouped_matmul, heldout_windows, main, next_token_loss, out_problem,
+                         prose, release_format, small_config, split_documents, train)
 
 
 def test_blocked_grouped_matmul_equals_the_models_ragged_dot():
@@ -74,3 +76,26 @@ def test_training_lowers_the_loss_on_a_repeating_text():
     params = train(config, stream, steps=30, batch=4, learning_rate=1e-2, seed=0, log_every=1000)
     after = next_token_loss(np.asarray(fn(params, windows[:, :-1])[0]), windows)
     assert after < 0.5 * before
+
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_the_default_run_refuses_to_overwrite_the_shipped_checkpoint(monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    before = (REPO / "checkpoints" / "small" / "config.json").stat().st_mtime_ns
+    assert main([]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "checkpoints/small already holds a checkpoint" in error[0]
+    assert "--overwrite" in error[0]
+    assert (REPO / "checkpoints" / "small" / "config.json").stat().st_mtime_ns == before
+
+
+def test_overwrite_allows_an_existing_checkpoint_and_a_new_folder_needs_no_flag(tmp_path):
+    assert out_problem(str(REPO / "checkpoints" / "small"), overwrite=True) is None
+    assert out_problem(str(tmp_path / "new"), overwrite=False) is None
+
+
+def test_an_out_path_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "f").write_text("")
+    assert "is a file" in out_problem(str(tmp_path / "f"), overwrite=True)

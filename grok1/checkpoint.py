@@ -9,7 +9,9 @@ Reading never runs code from a file. Each pickle's opcodes are first walked symb
 naming file and global) and each array's raw bytes are located (offset, shape, dtype) without being
 read. Loading then reads, with a few threads, only the part of each tensor that this process's
 devices hold, straight into the buffer that becomes the device array. Files in a layout the walk
-does not follow go through an unpickler restricted to the same globals.
+does not follow go through an unpickler restricted to the same globals, and only after the walk
+has checked every length in them against the file. Whatever a file's bytes, reading it either
+gives a tensor or raises CheckpointError naming the file (tests/test_checkpoint_fuzz.py).
 """
 
 from __future__ import annotations
@@ -113,8 +115,9 @@ def _param_shapes(config: ModelConfig) -> dict[str, dict[str, tuple[int, ...]]]:
 # (1, shape, dtype, fortran_order, raw_bytes), and a dtype as `dtype(kind, align, copy)` then BUILD
 # with (3, byteorder, None, None, None, elsize, alignment, flags). Both readers below check these
 # states against what numpy writes and make the dtypes and arrays themselves: numpy's own
-# __setstate__ never sees a file's state (a corrupt one makes it fail without an exception set,
-# or, with copy=False, rewrite numpy's shared int8 dtype for the rest of the process).
+# __setstate__ never sees a file's state. A corrupt one made it raise SystemError ("error return
+# without exception set"), a fuzz of that reader crashed the interpreter, and with copy=False
+# `numpy.dtype` returns its shared instance (np.dtype("i1", False, False) is np.dtype("i1")).
 
 class _Corrupt(Exception):
     """A pickle that is not a checkpoint tensor as numpy writes one; the caller names the file."""
@@ -127,6 +130,8 @@ class _Unusual(Exception):
 
 def _short(value: Any) -> str:
     """A repr for error messages, however large the value a corrupt file made."""
+    if isinstance(value, int) and abs(value) > 10 ** 30:  # repr of a huge int can even raise
+        return f"a {value.bit_length()}-bit integer"
     text = repr(value) if isinstance(value, (str, bytes, int, float, bool, type(None))) \
         else type(value).__name__
     return text if len(text) <= 60 else text[:57] + "..."
@@ -194,8 +199,8 @@ def _array_state(state: Any) -> tuple[tuple[int, ...], np.dtype, bool, Any]:
     if type(version) is not int or version != 1:
         raise _Corrupt(f"array state version {_short(version)} (numpy writes 1)")
     if not isinstance(shape, tuple) or len(shape) > _MAX_RANK \
-            or not all(type(n) is int and n >= 0 for n in shape):
-        raise _Corrupt(f"array shape is not a tuple of at most {_MAX_RANK} sizes >= 0")
+            or not all(type(n) is int and 0 <= n < 2 ** 63 for n in shape):
+        raise _Corrupt(f"array shape is not a tuple of at most {_MAX_RANK} sizes in [0, 2**63)")
     if not isinstance(dtype, _DtypeRecord) or dtype.dtype is None:
         raise _Corrupt(f"array dtype is a {_short(dtype)}, not a dtype")
     if not isinstance(fortran, bool):
@@ -372,6 +377,10 @@ _EMPTY = {_op["EMPTY_TUPLE"]: tuple, _op["EMPTY_LIST"]: list, _op["EMPTY_DICT"]:
           _op["EMPTY_SET"]: set}
 _TUPLE_N = {_op["TUPLE1"]: 1, _op["TUPLE2"]: 2, _op["TUPLE3"]: 3}
 _MAX_LINE = 4096  # text arguments (module and class names, protocol-0 numbers) are short
+# Hashing a tuple (a dict key, a set item) visits every tuple inside it, recursively in C and once
+# per reference: a few hundred bytes of memo references or a million nested TUPLE1s would hang or
+# overflow the C stack. A checkpoint's tuples hold a handful of items.
+_MAX_TUPLE_NODES = 1 << 16
 _LINE_VALUES = {_op["INT"], _op["LONG"], _op["FLOAT"], _op["STRING"], _op["UNICODE"]}
 
 
@@ -390,6 +399,7 @@ class _Scanner:
         self.unusual = False
         self.stack: list[Any] = []
         self.marks: list[int] = []
+        self.tuple_nodes: dict[int, tuple[tuple, int]] = {}  # id -> (tuple, tuples it reaches)
 
     def take(self, n: int) -> bytes:
         data = self.file.read(n) if n <= self.size - self.file.tell() else b""
@@ -430,6 +440,16 @@ class _Scanner:
         items = self.stack[start:]
         del self.stack[start:]
         return items
+
+    def tuple_of(self, items: list[Any]) -> tuple:
+        """tuple(items), refused when hashing it would visit more than _MAX_TUPLE_NODES tuples."""
+        nodes = 1 + sum(self.tuple_nodes[id(item)][1] for item in items
+                        if isinstance(item, tuple) and id(item) in self.tuple_nodes)
+        if nodes > _MAX_TUPLE_NODES:
+            raise _Corrupt(f"tuples nested or shared more than {_MAX_TUPLE_NODES} times")
+        value = tuple(items)
+        self.tuple_nodes[id(value)] = (value, nodes)  # the tuple is kept, so its id stays its own
+        return value
 
     def memo_index(self, memo: dict[int, Any], index: int) -> int:
         """Picklers number memo entries 0, 1, 2 ...; a larger index would make the unpickler
@@ -503,9 +523,9 @@ class _Scanner:
             elif op in _EMPTY:
                 stack.append(_EMPTY[op]())
             elif op in _TUPLE_N:
-                stack.append(tuple(pop(_TUPLE_N[op])))
+                stack.append(self.tuple_of(pop(_TUPLE_N[op])))
             elif op == _op["TUPLE"]:
-                stack.append(tuple(self.since_mark()))
+                stack.append(self.tuple_of(self.since_mark()))
             elif op == _op["LIST"]:
                 stack.append(self.since_mark())
             elif op == _op["DICT"]:

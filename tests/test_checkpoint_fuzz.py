@@ -232,3 +232,27 @@ def test_the_issues_corruptions_fail_grok1_load_naming_the_file(tmp_path):
         file.write_bytes(change(file.read_bytes()))
         with pytest.raises(CheckpointError, match=f"{file}: truncated"):
             grok1.load(copy, progress=False)
+
+
+def shared_tuples(levels: int) -> bytes:
+    """A dict keyed by a tuple of two references to a tuple of two references to ... (2**levels
+    tuples for hash() to visit, in a few hundred bytes)."""
+    body = bytearray(pickle.PROTO + b"\x04" + pickle.EMPTY_DICT + pickle.EMPTY_TUPLE + pickle.MEMOIZE)
+    for memo in range(levels):
+        body += pickle.BINGET + bytes([memo]) + pickle.BINGET + bytes([memo]) + pickle.TUPLE2 + pickle.MEMOIZE
+    return bytes(body + pickle.NONE + pickle.SETITEM + pickle.STOP)
+
+
+def nested_tuples(depth: int) -> bytes:
+    """A dict keyed by ((((...)))) `depth` deep: hash() recurses in C once per level."""
+    return (pickle.PROTO + b"\x04" + pickle.EMPTY_DICT + pickle.EMPTY_TUPLE + pickle.TUPLE1 * depth
+            + pickle.NONE + pickle.SETITEM + pickle.STOP)
+
+
+@pytest.mark.parametrize("name,data", [("shared", shared_tuples(60)), ("nested", nested_tuples(1_000_000))])
+def test_tuples_too_large_to_hash_are_refused_before_anything_hashes_them(tmp_path, name, data):
+    """Hashing the shared one would take 2**60 steps; the nested one overflowed the C stack."""
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match=f"{path}: truncated or corrupt pickle \\(tuples nested"):
+        checkpoint.read_tensor(path)

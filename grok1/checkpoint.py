@@ -380,7 +380,10 @@ _MAX_LINE = 4096  # text arguments (module and class names, protocol-0 numbers) 
 # Hashing a tuple (a dict key, a set item) visits every tuple inside it, recursively in C and once
 # per reference: a few hundred bytes of memo references or a million nested TUPLE1s would hang or
 # overflow the C stack. A checkpoint's tuples hold a handful of items.
-_MAX_TUPLE_NODES = 1 << 16
+_MAX_TUPLE_NODES = 1 << 14
+# A checkpoint tensor's pickle has about 65 (an array) to 130 (an int8 weight) opcodes; the cap
+# bounds the time a corrupt file takes to be refused (0.3 s: the scanner walks about 200k a second).
+_MAX_OPCODES = 1 << 16
 _LINE_VALUES = {_op["INT"], _op["LONG"], _op["FLOAT"], _op["STRING"], _op["UNICODE"]}
 
 
@@ -462,7 +465,7 @@ class _Scanner:
         stack, marks, pop, top = self.stack, self.marks, self.pop, self.top
         memo: dict[int, Any] = {}
 
-        while True:
+        for _ in range(_MAX_OPCODES):
             op = self.take(1)[0]
             if op == _op["PROTO"]:
                 self.take(1)
@@ -581,6 +584,7 @@ class _Scanner:
             else:  # persistent ids, out-of-band buffers, extension registry, or not an opcode
                 raise _Corrupt(f"byte {self.file.tell() - 1} holds {op:#04x}, not an opcode a "
                                f"checkpoint uses")
+        raise _Corrupt(f"no STOP within {_MAX_OPCODES} opcodes (a checkpoint tensor has about 100)")
 
     def skip(self, n: int) -> _Payload:
         offset = self.file.tell()

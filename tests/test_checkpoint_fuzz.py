@@ -256,3 +256,14 @@ def test_tuples_too_large_to_hash_are_refused_before_anything_hashes_them(tmp_pa
     path.write_bytes(data)
     with pytest.raises(CheckpointError, match=f"{path}: truncated or corrupt pickle \\(tuples nested"):
         checkpoint.read_tensor(path)
+
+
+def test_a_file_of_endless_opcodes_is_refused_quickly(tmp_path):
+    """A length field cut short makes the scanner read array data as opcodes; 2 MB of EMPTY_TUPLE
+    POP pairs would otherwise be walked to the end, and a release file has gigabytes."""
+    path = tmp_path / "t"
+    path.write_bytes(pickle.PROTO + b"\x04" + (pickle.EMPTY_TUPLE + pickle.POP) * 1_000_000 + pickle.STOP)
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=f"{path}: truncated or corrupt pickle \\(no STOP within"):
+        checkpoint.read_tensor(path)
+    assert time.perf_counter() - start < 5

@@ -307,16 +307,19 @@ def _unpickle(path: str) -> np.ndarray | QuantizedWeight8bit:
 
 
 def _unpickled_array(record: Any, what: str) -> np.ndarray:
-    if not isinstance(record, _ArrayRecord) or not isinstance(record.array, np.ndarray):
-        raise _Corrupt(f"{what} is a {type(record).__name__.strip('_')}, not a numpy array")
-    return record.array
+    if isinstance(record, _ArrayRecord) and isinstance(record.array, np.ndarray):
+        return record.array
+    names = {_ArrayRecord: "an array without data", _DtypeRecord: "a dtype",
+             _PickledQuantizedWeight: "a QuantizedWeight8bit", _Marker: "a global"}
+    found = names.get(type(record), f"an object of type {type(record).__name__}")
+    raise _Corrupt(f"{what} is {found}, not a numpy array")
 
 
 def _unpickled_tensor(obj: Any) -> np.ndarray | QuantizedWeight8bit:
     if isinstance(obj, _PickledQuantizedWeight):
         state = vars(obj)
-        return QuantizedWeight8bit(weight=_unpickled_array(state.get("weight"), "QuantizedWeight8bit.weight"),
-                                   scales=_unpickled_array(state.get("scales"), "QuantizedWeight8bit.scales"))
+        return QuantizedWeight8bit(weight=_unpickled_array(state.get("weight"), "its weight"),
+                                   scales=_unpickled_array(state.get("scales"), "its scales"))
     return _unpickled_array(obj, "the pickled object")
 
 

@@ -150,13 +150,12 @@ def load(path: str | os.PathLike, *, mesh: Optional[jax.sharding.Mesh | str] = N
     `dtype` is the compute dtype: "float32", "bfloat16", a jnp dtype, or None for the platform
     default: bfloat16 on accelerators; on CPU float32, except the experts of prompts of about
     110+ tokens, which run bfloat16 matmuls as the official model does (2-4x faster there, see
-    grok1/layout.py); an explicit "float32" keeps every matmul float32. `mesh` (a jax Mesh or a
-    spec such as "1x8", see grok1.make_mesh) shards the parameters over its devices; None keeps
-    them on one device.
+    grok1/layout.py); an explicit "float32" keeps every matmul float32. `mesh` shards the
+    parameters over its devices; None keeps them on one device.
     `config` (a ModelConfig or a PRESETS name) replaces `config.json`, e.g. for the release,
     which ships none. The checkpoint is validated (files, shapes, dtypes, memory per device)
     before anything is loaded; a progress bar shows when stderr is a terminal, unless
-    `progress=False`.
+    `progress=False`. `mesh` may also be a spec such as "1x8" (built with grok1.make_mesh).
     """
     path = os.fspath(path)
     compute_dtype = resolve_dtype(dtype)

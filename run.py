@@ -156,18 +156,18 @@ def model_config(args: argparse.Namespace):
         raise UserError(str(e)) from None
 
 
-def looks_like_release(path: str, preset: Optional[str]) -> bool:
+def looks_like_release(path: str, preset: Optional[str] = None) -> bool:
     """Whether the user is after the Grok-1 release (so the hint on where to put it helps)."""
     return preset == "grok-1" or os.path.basename(os.path.normpath(path)) == "grok-1"
 
 
-def check_checkpoint_folder(path: str, preset: Optional[str] = None) -> None:
+def check_checkpoint_folder(path: str) -> None:
     """A one-line error when --checkpoint is not a checkpoint folder, saying what it is instead."""
     from grok1.checkpoint import CKPT_DIR, CheckpointError, checkpoint_dir, is_ckpt_folder
     try:
         checkpoint_dir(path)
     except CheckpointError as e:
-        hint = f"; {RELEASE_HINT}" if looks_like_release(path, preset) else ""
+        hint = f"; {RELEASE_HINT}" if looks_like_release(path) else ""
         raise UserError(f"--checkpoint: {e}{hint}") from None
     if is_ckpt_folder(path):  # config.json and tokenizer.model lie beside it, in the parent
         parent = os.path.dirname(os.path.normpath(path)) or "."
@@ -348,7 +348,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.describe:
             run_describe(args)
             return 0
-        check_checkpoint_folder(args.checkpoint, args.preset)
+        check_checkpoint_folder(args.checkpoint)
         config = model_config(args)
         tokenizer_path, tokenizer = load_tokenizer(args, config)
         settings = sampling(args, config, tokenizer)

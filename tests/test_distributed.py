@@ -35,7 +35,8 @@ for i in range(len(prompt), len(prompt) + steps):
 # Both processes share one stdout pipe: one write() of the whole line keeps it from interleaving.
 result = {"process": jax.process_index(), "devices": jax.device_count(),
           "local_devices": jax.local_device_count(), "tokens": tokens[0, len(prompt):].tolist()}
-os.write(1, ("RESULT " + json.dumps(result) + "\\n").encode())
+sys.stdout.write("RESULT " + json.dumps(result) + "\\n")
+sys.stdout.flush()
 """
 
 

@@ -176,23 +176,33 @@ def share_from_main(value: Any) -> Any:
 
     This is how input that only process 0 sees (its stdin) or that each process would draw
     differently (a fresh random seed) becomes the same on all of them, so they go on issuing the
-    same computations."""
+    same computations. It goes through the coordinator's key-value store, not a collective: the
+    others may wait for as long as a person takes to type a line (a gloo collective gives up
+    after 30 s), and if process 0 dies the coordinator ends them.
+    """
     import jax
+    global _shared_count
     if jax.process_count() == 1:
         return value
     import json
-    import numpy as np
-    from jax.experimental import multihost_utils
+    from jax._src import distributed as jax_distributed  # the store has no public API yet
 
-    main = is_main_process()
-    payload = np.frombuffer(json.dumps(value).encode(), np.uint8) if main else np.zeros(0, np.uint8)
-    # Two broadcasts: the length (fixed shape), then the bytes padded to it.
-    length = int(multihost_utils.broadcast_one_to_all(np.int32(payload.size)))
-    buffer = np.zeros(length, np.uint8)
-    if main:
-        buffer[:] = payload
-    data = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
-    return json.loads(data.tobytes().decode())
+    client = jax_distributed.global_state.client
+    key = f"grok1/share_from_main/{_shared_count}"
+    _shared_count += 1
+    if is_main_process():
+        client.key_value_set(key, json.dumps(value))
+        return value
+    while True:
+        try:
+            return json.loads(client.blocking_key_value_get(key, _SHARE_WAIT_MS))
+        except jax.errors.JaxRuntimeError as e:
+            if "DEADLINE_EXCEEDED" not in str(e):
+                raise
+
+
+_shared_count = 0                    # share_from_main calls so far: the same on every process
+_SHARE_WAIT_MS = 3_600_000           # one wait; it is renewed until process 0 answers or dies
 
 
 def same_seed_on_every_process(seed: int) -> int:

@@ -113,12 +113,13 @@ def compile_steps(config: ModelConfig, mesh: Mesh, *, batch: int, context: int, 
     import jax.numpy as jnp
     from grok1 import sharding as sh
     from grok1.model import KVCache, transformed
+    from grok1.rows import on_mesh
 
     params = release_param_structs(config)
     param_sh = sh.params_sharding(mesh, params)
     cache = jax.eval_shape(lambda: KVCache.zeros(config, batch, context, dtype))
     cache_sh = sh.kv_cache_sharding(mesh, cache)
-    apply = transformed(config, dtype).apply
+    apply = on_mesh(transformed(config, dtype).apply, mesh)
 
     def step(params, tokens, cache, logits_at):
         return apply(params, tokens, cache, logits_at)

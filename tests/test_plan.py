@@ -99,7 +99,7 @@ def test_fits_compares_the_total_with_each_accelerator(two_layer_plan):
 
 
 def test_plan_of_two_full_width_layers_finishes_quickly(two_layer_plan):
-    assert two_layer_plan["elapsed"] < 90
+    assert two_layer_plan["elapsed"] < 120  # four compiles: prefill, decode, and a 2-layer decode for its cost
 
 
 def test_format_plan_shows_each_figure_and_the_verdicts(two_layer_plan):

@@ -64,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
                             "its sizes must multiply to the number of devices; default: one device")
     model.add_argument("--cpu-devices", type=int, default=None, metavar="N",
                        help="run on N CPU devices of this machine, to try a --mesh without accelerators "
-                            "(sets XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts)")
+                            "(like XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     model.add_argument("--compilation-cache", default=None, metavar="DIR",
                        help="folder of JAX's persistent compilation cache, so that a second run compiles "
                             "nothing (default: $GROK1_COMPILATION_CACHE, else ~/.cache/grok1/jax)")

@@ -1,10 +1,11 @@
 """JAX's persistent compilation cache: compiled steps saved on disk, so a second run skips XLA.
 
-On by default for `run.py` and `python -m grok1.plan`, in ~/.cache/grok1/jax (or
+On by default for `run.py`, in ~/.cache/grok1/jax (or
 $XDG_CACHE_HOME/grok1/jax); another folder with --compilation-cache DIR or
 GROK1_COMPILATION_CACHE=DIR, none with --no-compilation-cache or GROK1_COMPILATION_CACHE=off.
 Entries are keyed by the program, the devices and the JAX version, so a stale entry is never
-used; the folder can be deleted at any time. Library users opt in with `enable()`.
+used; the folder can be deleted at any time. Library users opt in with `enable()`. The plan
+(`python -m grok1.plan`) leaves it off: it reports how long the steps take to compile.
 """
 
 from __future__ import annotations

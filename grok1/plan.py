@@ -310,13 +310,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--cpu-devices", type=int, metavar="N",
                         help="CPU devices to lay the mesh out on (default: as many as the mesh has)")
-    parser.add_argument("--no-compilation-cache", action="store_true",
-                        help="compile afresh and store nothing (default: JAX's persistent cache in "
-                             "$GROK1_COMPILATION_CACHE or ~/.cache/grok1/jax)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
 
-    from grok1 import compile_cache, sharding
+    from grok1 import sharding
     from grok1.devices import force_cpu_devices
     try:
         size = math.prod(sharding.parse_mesh_spec(args.mesh).values())
@@ -325,8 +322,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.cpu_devices is not None and args.cpu_devices < 1:
         parser.error(f"--cpu-devices must be >= 1, got {args.cpu_devices}")
     force_cpu_devices(args.cpu_devices or size)
-    if not args.no_compilation_cache:
-        compile_cache.enable()
     from grok1.config import PRESETS, ModelConfig
     if args.config:
         config = ModelConfig.from_json(args.config)

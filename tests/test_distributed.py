@@ -45,7 +45,7 @@ sys.stdout.flush()
 
 
 # Model.generate of 10 requests through 4 slots (so slots are reused), one seed per request, then
-# Model.stream of one, on a 1x8 mesh over the cluster.
+# Model.stream of one through the same 4-slot runner (no new compilation); a 1x8 mesh over the cluster.
 GENERATE_WORKER = """
 import json, sys
 from grok1 import distributed
@@ -59,7 +59,7 @@ prompts = json.load(open(path + "/golden.json"))["prompts"]
 requests = [prompts[i % len(prompts)][: 3 + i] for i in range(10)]
 done = model.generate(requests, slots=4, max_new_tokens=5, temperature=1.0,
                       seed=list(range(100, 110)))
-streamed = [d.token_ids for d in model.stream(requests[0], max_new_tokens=5, temperature=1.0, seed=7)]
+streamed = [d.token_ids for d in model.stream(requests[0], slots=4, max_new_tokens=5, temperature=1.0, seed=7)]
 result = {"process": jax.process_index(), "generated": [c.token_ids for c in done], "streamed": streamed}
 sys.stdout.write("RESULT " + json.dumps(result) + "\\n")
 sys.stdout.flush()
@@ -189,7 +189,7 @@ def test_generate_and_stream_with_seeds_on_two_processes_equal_one_process(two_l
     requests = [prompts[i % len(prompts)][: 3 + i] for i in range(10)]
     expected = [c.token_ids for c in model.generate(requests, slots=4, max_new_tokens=5, temperature=1.0,
                                                     seed=list(range(100, 110)))]
-    streamed = [d.token_ids for d in model.stream(requests[0], max_new_tokens=5, temperature=1.0, seed=7)]
+    streamed = [d.token_ids for d in model.stream(requests[0], slots=4, max_new_tokens=5, temperature=1.0, seed=7)]
     for result in results:
         assert result["generated"] == expected
         assert result["streamed"] == streamed

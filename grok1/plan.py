@@ -161,7 +161,8 @@ def decode_step_cost(config: ModelConfig, mesh: Mesh, one_layer: dict, *, batch:
     if config.num_layers > 1:
         two = compile_steps(config.replace(num_layers=2), mesh, batch=batch, context=context,
                             dtype=dtype, steps=("decode",))["decode"]
-        figures = {key: value + (config.num_layers - 1) * (two[key] - value) for key, value in figures.items()}
+        figures = {key: value + (config.num_layers - 1) * (two[key] - value)
+                   for key, value in figures.items()}
     return {key: float(value) for key, value in figures.items()}
 
 

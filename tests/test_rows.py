@@ -38,7 +38,8 @@ print(json.dumps(out))
 
 
 def test_logits_of_four_rows_on_2x4_equal_one_device(two_layer):
-    result = json.loads(run_with_devices(ROWS_ON_TWO_BY_FOUR.format(path=str(two_layer.path))).splitlines()[-1])
+    output = run_with_devices(ROWS_ON_TWO_BY_FOUR.format(path=str(two_layer.path)))
+    result = json.loads(output.splitlines()[-1])
     assert result["max_diff"] <= 1e-4
 
 

@@ -62,6 +62,14 @@ def parser() -> argparse.ArgumentParser:
     model.add_argument("--mesh", default=None, metavar="SPEC",
                        help="device mesh DATAxMODEL (e.g. 1x8), DATAxEXPERTxMODEL or axis=size,...; "
                             "its sizes must multiply to the number of devices; default: one device")
+    model.add_argument("--cpu-devices", type=int, default=None, metavar="N",
+                       help="run on N CPU devices of this machine, to try a --mesh without accelerators "
+                            "(like XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+    model.add_argument("--compilation-cache", default=None, metavar="DIR",
+                       help="folder of JAX's persistent compilation cache, so that a second run compiles "
+                            "nothing (default: $GROK1_COMPILATION_CACHE, else ~/.cache/grok1/jax)")
+    model.add_argument("--no-compilation-cache", action="store_true",
+                       help="compile everything afresh and store nothing")
     model.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                        help="compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU with bfloat16 "
                             "expert matmuls for long prompts (grok1.load)")
@@ -113,6 +121,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         raise UserError(f"--batch must be >= 1, got {args.batch}")
     if args.context is not None and args.context < 1:
         raise UserError(f"--context must be >= 1, got {args.context}")
+    if args.cpu_devices is not None and args.cpu_devices < 1:
+        raise UserError(f"--cpu-devices must be >= 1, got {args.cpu_devices}")
+    if args.no_compilation_cache and args.compilation_cache:
+        raise UserError("--compilation-cache and --no-compilation-cache contradict each other; give one")
     return args
 
 
@@ -126,13 +138,39 @@ def mesh_shape(spec: str) -> dict[str, int]:
         raise UserError(f"--mesh: {e}") from None
 
 
-def force_cpu_devices(spec: str) -> None:
-    """--plan lays out abstract CPU devices: ask XLA for as many as the mesh has, before jax starts."""
-    count = math.prod(mesh_shape(spec).values())
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+def force_cpu_devices(spec: str, count: Optional[int] = None) -> None:
+    """--plan lays out abstract CPU devices: ask XLA for as many as the mesh has (or --cpu-devices),
+    before jax starts."""
+    from grok1.devices import force_cpu_devices as force
+    force(count or math.prod(mesh_shape(spec).values()))
+
+
+def start_jax(args: argparse.Namespace) -> None:
+    """What must happen before JAX's first computation: --cpu-devices, the compilation cache, and
+    joining the cluster when a launcher or scheduler started this as one of several processes
+    (then process 0 alone prints; see grok1/distributed.py)."""
+    from grok1 import compile_cache, distributed
+    from grok1.devices import force_cpu_devices as force
+
+    if args.cpu_devices is not None:
+        force(args.cpu_devices)
+    if not args.no_compilation_cache:
+        try:
+            compile_cache.enable(args.compilation_cache)
+        except OSError as e:
+            raise UserError(f"--compilation-cache: cannot use {e.filename}: {e.strerror}") from None
+    try:
+        distributed.join_cluster()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def check_mesh_covers_the_cluster(spec: Optional[str]) -> None:
+    """Several processes only make sense as one mesh over all their devices."""
+    import jax
+    if jax.process_count() > 1 and spec is None:
+        raise UserError(f"this run has {jax.process_count()} processes and {jax.device_count()} devices: "
+                        f"pass --mesh over all of them (e.g. --mesh 1x{jax.device_count()})")
 
 
 # ---- config, tokenizer, model -----------------------------------------------------------------
@@ -201,7 +239,16 @@ def make_mesh(spec: Optional[str]):
     try:
         return build(spec)
     except ValueError as e:
-        raise UserError(f"--mesh: {e}") from None
+        raise UserError(f"--mesh: {e}{cpu_devices_hint(spec)}") from None
+
+
+def cpu_devices_hint(spec: str) -> str:
+    """How to get the devices a mesh needs on one machine, when it is short of them."""
+    import jax
+    needed = math.prod(mesh_shape(spec).values())
+    if jax.process_count() > 1 or jax.device_count() >= needed:
+        return ""
+    return f"; to try this mesh on this machine's CPU, pass --cpu-devices {needed}"
 
 
 def sampling(args: argparse.Namespace, config, tokenizer) -> dict[str, Any]:
@@ -319,11 +366,15 @@ def run_generate(args: argparse.Namespace, model, settings: dict[str, Any]) -> N
 
 
 def run_interactive(args: argparse.Namespace, model, settings: dict[str, Any]) -> None:
-    interactive_tty = sys.stdin.isatty()
+    from grok1.distributed import is_main_process, share_from_main
+
+    main_process = is_main_process()
+    interactive_tty = main_process and sys.stdin.isatty()
     while True:
         if interactive_tty:
             print("prompt> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        # Process 0 reads its stdin; every process then continues the same line.
+        line = share_from_main(sys.stdin.readline() if main_process else None)
         if not line or not line.strip():
             return
         stream_one(model, line.rstrip("\n"), settings, args.quiet)
@@ -339,7 +390,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = parse_args(argv)
         if args.plan:
-            force_cpu_devices(args.mesh)
+            force_cpu_devices(args.mesh, args.cpu_devices)
         if args.mesh is not None:
             mesh_shape(args.mesh)  # a bad spec is a one-line error before anything loads
         if args.plan:
@@ -349,6 +400,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             run_describe(args)
             return 0
         check_checkpoint_folder(args.checkpoint)
+        start_jax(args)
+        check_mesh_covers_the_cluster(args.mesh)
         config = model_config(args)
         tokenizer_path, tokenizer = load_tokenizer(args, config)
         settings = sampling(args, config, tokenizer)
@@ -361,7 +414,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             run_generate(args, model, settings)
         return 0
     except UserError as e:
-        print(f"run.py: error: {e}", file=sys.stderr)
+        from grok1.distributed import error_stream
+        print(f"run.py: error: {e}", file=error_stream(), flush=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("", file=sys.stderr)

@@ -14,8 +14,16 @@ Real hosts: run the same command on every host, naming the coordinator (host 0) 
     python -m grok1.distributed --num-processes 2 --process-id 0 --coordinator host0:12355 -- ...
     python -m grok1.distributed --num-processes 2 --process-id 1 --coordinator host0:12355 -- ...
 
+A scheduler (Slurm, Kubernetes, ...) can instead set the three variables itself on every host:
+GROK1_COORDINATOR=host0:12355, GROK1_NUM_PROCESSES and GROK1_PROCESS_ID (0 ... N-1).
+
 The launcher passes the cluster to the command through environment variables; the command calls
 `grok1.distributed.initialize()` before any other JAX call (a no-op when they are absent).
+`run.py` calls `join_cluster()`, which also leaves all printing to process 0.
+
+Every process runs the same program and must issue the same jitted calls in the same order: data
+that only one process has (a line typed on process 0's stdin, a seed drawn from the OS) is sent
+to the others with `share_from_main` before it steers any computation.
 """
 
 from __future__ import annotations
@@ -27,11 +35,12 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 ENV_COORDINATOR = "GROK1_COORDINATOR"
 ENV_NUM_PROCESSES = "GROK1_NUM_PROCESSES"
 ENV_PROCESS_ID = "GROK1_PROCESS_ID"
+ENV_COLLECTIVE_LOGS = "GROK1_COLLECTIVE_LOGS"
 DEFAULT_TIMEOUT_S = 300
 
 # Runs before each launched command, then becomes it (exec): the command gets SIGKILL when the
@@ -59,6 +68,8 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
 
     On CPU the cross-process collectives go through gloo. `timeout_s` bounds the wait for the
     other processes to connect, and how long the others wait once a process stops heartbeating.
+    Gloo prints a "[Gloo] Rank N is connected ..." line per device and collective group on the
+    C++ stdout; those are dropped (`quiet_native_stdout`) unless GROK1_COLLECTIVE_LOGS=1.
     """
     coordinator = coordinator or os.environ.get(ENV_COORDINATOR)
     num_processes = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
@@ -72,12 +83,144 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
                          f"`python -m grok1.distributed`")
     if not 0 <= process_id < num_processes:
         raise ValueError(f"process id must lie in [0, {num_processes}), got {process_id}")
+    if os.environ.get(ENV_COLLECTIVE_LOGS, "") in ("", "0"):
+        quiet_native_stdout()
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id, initialization_timeout=timeout_s,
                                heartbeat_timeout_seconds=min(timeout_s, 100),
                                shutdown_timeout_seconds=min(timeout_s, 60))
+    return True
+
+
+def quiet_native_stdout() -> None:
+    """Keep Python's sys.stdout on the real standard output, and send what native libraries write
+    to file descriptor 1 (gloo's connection chatter) to /dev/null.
+
+    Python's output moves to a duplicate of the descriptor; descriptor 1 itself is pointed at
+    /dev/null. Idempotent.
+    """
+    if getattr(sys.stdout, "_grok1_moved", False):
+        return
+    sys.stdout.flush()
+    real = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    moved = os.fdopen(real, "w", buffering=1 if sys.stdout.line_buffering else -1,
+                      encoding=sys.stdout.encoding, errors=sys.stdout.errors)
+    moved._grok1_moved = True
+    sys.stdout = moved
+
+
+def process_index() -> int:
+    """This process's index in the cluster (0 alone, or before joining one)."""
+    import jax
+    return jax.process_index()
+
+
+def is_main_process() -> bool:
+    """True on process 0, the one that reads input and prints."""
+    return process_index() == 0
+
+
+_silenced = False  # set on processes other than 0 by silence_other_processes
+
+
+def silence_other_processes() -> None:
+    """On every process but 0: standard output and error go to /dev/null, so that the cluster
+    prints each line once. An uncaught exception still reaches the real stderr, tagged with the
+    process index, so that a failure of one process is explained."""
+    global _silenced
+    if is_main_process():
+        return
+    index, real_stderr = process_index(), sys.stderr
+    _silenced = True
+    sys.stdout = open(os.devnull, "w")
+    sys.stderr = open(os.devnull, "w")
+    default_hook = sys.excepthook
+
+    def report(kind, value, traceback):
+        sys.stderr = real_stderr
+        print(f"[process {index}]", end=" ", file=real_stderr, flush=True)
+        default_hook(kind, value, traceback)
+
+    sys.excepthook = report
+
+
+def error_stream():
+    """Where a one-line error of this process goes: stderr on process 0, the real stderr tagged
+    with the process index on the others (silenced otherwise)."""
+    if not _silenced:
+        return sys.stderr
+    return _Tagged(sys.__stderr__, f"[process {process_index()}] ")
+
+
+class _Tagged:
+    """A text stream that prefixes every write with a tag (used for one-line errors)."""
+
+    def __init__(self, stream, tag: str):
+        self.stream, self.tag = stream, tag
+
+    def write(self, text: str) -> int:
+        return self.stream.write(self.tag + text if text.strip() else text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def share_from_main(value: Any) -> Any:
+    """`value` as process 0 has it, on every process (a JSON-serialisable value: text, numbers,
+    lists). With one process, `value` itself. Every process must call it at the same point.
+
+    This is how input that only process 0 sees (its stdin) or that each process would draw
+    differently (a fresh random seed) becomes the same on all of them, so they go on issuing the
+    same computations. It goes through the coordinator's key-value store, not a collective: the
+    others may wait for as long as a person takes to type a line (a gloo collective gives up
+    after 30 s), and if process 0 dies the coordinator ends them.
+    """
+    import jax
+    global _shared_count
+    if jax.process_count() == 1:
+        return value
+    import json
+    from jax._src import distributed as jax_distributed  # the store has no public API yet
+
+    client = jax_distributed.global_state.client
+    key = f"grok1/share_from_main/{_shared_count}"
+    _shared_count += 1
+    if is_main_process():
+        client.key_value_set(key, json.dumps(value))
+        return value
+    while True:
+        try:
+            return json.loads(client.blocking_key_value_get(key, _SHARE_WAIT_MS))
+        except jax.errors.JaxRuntimeError as e:
+            if "DEADLINE_EXCEEDED" not in str(e):
+                raise
+
+
+_shared_count = 0                    # share_from_main calls so far: the same on every process
+_SHARE_WAIT_MS = 3_600_000           # one wait; it is renewed until process 0 answers or dies
+
+
+def same_seed_on_every_process(seed: int) -> int:
+    """The seed process 0 drew, on every process: the hook for a sampler that draws a fresh seed
+    per request (each process would otherwise draw its own and sample different tokens).
+
+    Call it where the seed is drawn, e.g. `return same_seed_on_every_process(secrets.randbits(32))`;
+    every process draws and calls in the same order (requests are checked in prompt order on
+    each), and with one process it returns the seed unchanged at no cost."""
+    return int(share_from_main(int(seed)))
+
+
+def join_cluster(timeout_s: int = DEFAULT_TIMEOUT_S) -> bool:
+    """For programs such as run.py: `initialize()` from the environment, then leave all printing to
+    process 0 (`silence_other_processes`). False, and nothing changed, for a single process."""
+    if not initialize(timeout_s=timeout_s):
+        return False
+    silence_other_processes()
     return True
 
 

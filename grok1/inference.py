@@ -81,7 +81,8 @@ class Model:
 
     @functools.cached_property
     def _forward(self):
-        return jax.jit(transformed(self.config, self.dtype).apply)
+        from grok1.rows import on_mesh
+        return jax.jit(on_mesh(transformed(self.config, self.dtype).apply, self.mesh))
 
     def logits(self, tokens: Any) -> np.ndarray:
         """Full forward without cache: int tokens [B, T] (rows right-padded with the pad token)

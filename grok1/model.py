@@ -24,6 +24,7 @@ from grok1.config import ModelConfig
 from grok1 import experts as expert_kernels
 from grok1.layout import ExpertWeights
 from grok1.quant import Weight, matmul
+from grok1.rows import split_rows
 
 RMS_NORM_EPS = 1e-5
 ROPE_BASE = 10000.0
@@ -274,6 +275,7 @@ class Transformer(hk.Module):
     def __call__(self, h: jax.Array, ctx: AttentionContext):
         new_keys, new_values = [], []
         for i in range(self.config.num_layers):
+            h = split_rows(h)  # rows over the mesh's data axis, if any (grok1/rows.py)
             h, new_kv = DecoderLayer(self.config, self.dtype, i)(h, ctx)
             if new_kv is not None:
                 new_keys.append(new_kv[0])

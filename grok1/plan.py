@@ -103,19 +103,23 @@ def _with_sharding(structs: Any, shardings: Any) -> Any:
                                   structs, shardings)
 
 
-def compile_steps(config: ModelConfig, mesh: Mesh, *, batch: int, context: int, dtype) -> dict[str, dict[str, int]]:
+def compile_steps(config: ModelConfig, mesh: Mesh, *, batch: int, context: int, dtype,
+                  steps: Sequence[str] = ("prefill", "decode")) -> dict[str, dict[str, float]]:
     """Lower and compile the prefill ([B, context] prompt into an empty cache) and decode (one token
-    per row against a full cache) steps; memory_analysis of each, in bytes per device."""
+    per row against a full cache) steps. Per step: memory_analysis in bytes per device, the
+    compiled program's cost_analysis (FLOPs and bytes accessed, per device: the program XLA
+    compiles is one device's part of the partitioned step) and the compile time in seconds."""
     import jax
     import jax.numpy as jnp
     from grok1 import sharding as sh
     from grok1.model import KVCache, transformed
+    from grok1.rows import on_mesh
 
     params = release_param_structs(config)
     param_sh = sh.params_sharding(mesh, params)
     cache = jax.eval_shape(lambda: KVCache.zeros(config, batch, context, dtype))
     cache_sh = sh.kv_cache_sharding(mesh, cache)
-    apply = transformed(config, dtype).apply
+    apply = on_mesh(transformed(config, dtype).apply, mesh)
 
     def step(params, tokens, cache, logits_at):
         return apply(params, tokens, cache, logits_at)
@@ -125,15 +129,66 @@ def compile_steps(config: ModelConfig, mesh: Mesh, *, batch: int, context: int, 
     jitted = jax.jit(step, out_shardings=out_sh, donate_argnums=(2,))
     figures = {}
     for name, length in (("prefill", context), ("decode", 1)):
+        if name not in steps:
+            continue
+        start = time.perf_counter()
         tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32,
                                       sharding=sh.activation_sharding(mesh, "tokens", (batch, length)))
         logits_at = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)
         compiled = jitted.lower(_with_sharding(params, param_sh), tokens, _with_sharding(cache, cache_sh),
                                 logits_at).compile()
+        seconds = time.perf_counter() - start
         stats = compiled.memory_analysis()
+        cost = compiled.cost_analysis() or {}
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         figures[name] = {"temp": int(stats.temp_size_in_bytes), "argument": int(stats.argument_size_in_bytes),
-                         "output": int(stats.output_size_in_bytes), "alias": int(stats.alias_size_in_bytes)}
+                         "output": int(stats.output_size_in_bytes), "alias": int(stats.alias_size_in_bytes),
+                         "flops": float(cost.get("flops", 0.0)),
+                         "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+                         "compile_seconds": round(seconds, 2)}
     return figures
+
+
+def decode_step_cost(config: ModelConfig, mesh: Mesh, one_layer: dict, *, batch: int, context: int,
+                     dtype) -> dict[str, float]:
+    """FLOPs and bytes accessed per device by one decode step of all layers.
+
+    Layers are identical, so the cost is linear in their number: the one-layer program's cost plus
+    (layers - 1) times one layer's, which is the difference to a two-layer program (decode only:
+    it compiles in seconds). From XLA's cost_analysis of the compiled, partitioned programs.
+    """
+    figures = {"flops": one_layer["flops"], "bytes_accessed": one_layer["bytes_accessed"]}
+    if config.num_layers > 1:
+        two = compile_steps(config.replace(num_layers=2), mesh, batch=batch, context=context,
+                            dtype=dtype, steps=("decode",))["decode"]
+        figures = {key: value + (config.num_layers - 1) * (two[key] - value)
+                   for key, value in figures.items()}
+    return {key: float(value) for key, value in figures.items()}
+
+
+def expert_replication(config: ModelConfig, mesh: Mesh) -> dict[str, Any]:
+    """How many devices hold the same slice of the expert weights, and over which mesh axes.
+
+    Expert weights are split over the `expert` axis (by expert) and over `data` and `model` (by
+    the ffn axis), each only where the sizes divide; a mesh axis that splits none of their axes
+    holds a full copy per position along it, i.e. memory spent on copies rather than capacity.
+    """
+    from grok1 import sharding as sh
+    shape = (config.num_experts, config.emb_size, config.ffn_size)
+    spec = sh.partition_spec(sh.PARAM_AXES["linear@moe"], shape, mesh)
+    used = {a for entry in spec if entry is not None for a in ((entry,) if isinstance(entry, str) else entry)}
+    replicated = {axis: size for axis, size in mesh.shape.items() if size > 1 and axis not in used}
+    copies = math.prod(replicated.values())
+    if not replicated:
+        why = "every mesh axis splits them: each device holds a different slice"
+    else:
+        why = "; ".join(
+            f"mesh axis {axis}={size} splits none of their axes"
+            + (f" ({config.num_experts} experts do not divide into {size})" if axis == "expert" else
+               f" (ffn {config.ffn_size} is not divisible by the other axes times {size})")
+            for axis, size in replicated.items())
+        why += f": {copies} devices hold each slice"
+    return {"copies": copies, "replicated_over": replicated, "spec": str(spec), "explanation": why}
 
 
 def make_plan(config: ModelConfig, mesh_spec: str, *, batch: int = 1, context: Optional[int] = None,
@@ -160,7 +215,8 @@ def make_plan(config: ModelConfig, mesh_spec: str, *, batch: int = 1, context: O
     size = math.prod(shape.values())
     if jax.device_count() < size:
         raise ValueError(f"mesh {mesh_spec!r} needs {size} devices but {jax.device_count()} are available; "
-                         f"set XLA_FLAGS=--xla_force_host_platform_device_count={size} before importing jax "
+                         f"call grok1.devices.force_cpu_devices({size}) (or set "
+                         f"XLA_FLAGS=--xla_force_host_platform_device_count={size}) before JAX starts "
                          f"(run.py --plan and python -m grok1.plan do)")
     mesh = sh.make_mesh(shape, jax.devices()[:size])
     start = time.perf_counter()
@@ -171,6 +227,7 @@ def make_plan(config: ModelConfig, mesh_spec: str, *, batch: int = 1, context: O
     one_layer = config.replace(num_layers=1)
     steps = compile_steps(one_layer, mesh, batch=batch, context=context, dtype=compute)
     temporaries = {name: figures["temp"] for name, figures in steps.items()}
+    decode_cost = decode_step_cost(config, mesh, steps["decode"], batch=batch, context=context, dtype=compute)
     # Cross-check of the byte accounting: XLA's own size of the compiled program's inputs.
     one_cache = jax.eval_shape(lambda: KVCache.zeros(one_layer, batch, context, compute))
     check = {"compiled_argument_bytes": steps["decode"]["argument"],
@@ -191,6 +248,9 @@ def make_plan(config: ModelConfig, mesh_spec: str, *, batch: int = 1, context: O
                              "temporaries_prefill": temporaries["prefill"],
                              "temporaries_decode": temporaries["decode"], "total": total},
         "fits": {name: total <= capacity for name, capacity in ACCELERATORS.items()},
+        "decode_step_per_device": decode_cost,
+        "compile_seconds": {name: figures["compile_seconds"] for name, figures in steps.items()},
+        "expert_replication": expert_replication(config, mesh),
         "one_layer_program": check,
         "method": (f"weights and KV cache from the shardings of all {config.num_layers} layers; "
                    f"temporaries from XLA:CPU memory_analysis of the sharded steps compiled with one "
@@ -200,20 +260,28 @@ def make_plan(config: ModelConfig, mesh_spec: str, *, batch: int = 1, context: O
 
 
 def format_plan(plan: dict) -> str:
-    """A short human-readable report of `make_plan`'s result."""
+    """A short human-readable report of `make_plan`'s result (bytes in GiB, as `--describe`)."""
     b = plan["bytes_per_device"]
     c = plan["config"]
+    cost = plan["decode_step_per_device"]
+    compile_seconds = plan["compile_seconds"]
+    replication = plan["expert_replication"]
     lines = [
         f"Plan: {c['num_layers']} layers, d={c['emb_size']}, {c['num_experts']} experts, "
-        f"{plan['param_count'] / 1e9:.1f}B parameters on mesh {plan['mesh']} "
+        f"{_count(plan['param_count'])} parameters on mesh {plan['mesh']} "
         f"({', '.join(f'{k}={v}' for k, v in plan['mesh_shape'].items())}; {plan['devices']} devices)",
         f"batch {plan['batch']}, context {plan['context']}, compute {plan['dtype']}",
         "per device:",
-        f"  weights (int8 + scales, bf16 embeddings) {_gb(b['weights'])}",
-        f"  KV cache                                 {_gb(b['kv_cache'])}",
-        f"  temporaries, prefill                     {_gb(b['temporaries_prefill'])}",
-        f"  temporaries, decode                      {_gb(b['temporaries_decode'])}",
-        f"  total (weights + cache + larger step)    {_gb(b['total'])}",
+        f"  weights (int8 + scales, bf16 embeddings) {_gib(b['weights'])}",
+        f"  KV cache                                 {_gib(b['kv_cache'])}",
+        f"  temporaries, prefill                     {_gib(b['temporaries_prefill'])}",
+        f"  temporaries, decode                      {_gib(b['temporaries_decode'])}",
+        f"  total (weights + cache + larger step)    {_gib(b['total'])}",
+        f"  decode step: {cost['flops'] / 1e9:.3f} GFLOP, {_gib(cost['bytes_accessed']).strip()} accessed "
+        f"(XLA cost analysis, all {c['num_layers']} layers)",
+        f"expert weights: {replication['explanation']}",
+        f"compile time (one-layer programs): prefill {compile_seconds['prefill']:.1f} s, "
+        f"decode {compile_seconds['decode']:.1f} s",
         "fits:",
     ]
     lines += [f"  {'yes' if ok else 'no ':3}  {name}" for name, ok in plan["fits"].items()]
@@ -221,15 +289,16 @@ def format_plan(plan: dict) -> str:
     return "\n".join(lines)
 
 
-def _gb(n: int) -> str:
-    return f"{n / 1e9:10.3f} GB"
+def _count(n: int) -> str:
+    """10.2M, 314.0B: parameter counts at a glance."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
 
 
-def force_cpu_devices(n: int) -> None:
-    """Run on n CPU devices; only possible before JAX creates its backends (before any computation)."""
-    import jax
-    jax.config.update("jax_platforms", "cpu")
-    jax.config.update("jax_num_cpu_devices", n)
+def _gib(n: float) -> str:
+    return f"{n / 2**30:10.3f} GiB"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -240,15 +309,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, help="positions per row (default: the config's sequence_len)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--cpu-devices", type=int, metavar="N",
+                        help="CPU devices to lay the mesh out on (default: as many as the mesh has)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
 
     from grok1 import sharding
+    from grok1.devices import force_cpu_devices
     try:
         size = math.prod(sharding.parse_mesh_spec(args.mesh).values())
     except ValueError as e:
         parser.error(str(e))
-    force_cpu_devices(size)
+    if args.cpu_devices is not None and args.cpu_devices < 1:
+        parser.error(f"--cpu-devices must be >= 1, got {args.cpu_devices}")
+    force_cpu_devices(args.cpu_devices or size)
     from grok1.config import PRESETS, ModelConfig
     if args.config:
         config = ModelConfig.from_json(args.config)

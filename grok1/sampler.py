@@ -26,6 +26,7 @@ import numpy as np
 
 from grok1.config import ModelConfig
 from grok1.model import KVCache, transformed
+from grok1.rows import on_mesh
 from grok1.sharding import to_host
 from grok1.tokenizer import IncrementalDecoder
 
@@ -410,7 +411,7 @@ class Runner:
         if self.buckets[-1] < config.sequence_len or self.buckets[0] < 1:
             raise ValueError(f"buckets must be positive and include sequence_len {config.sequence_len}, "
                              f"got {self.buckets}")
-        apply = transformed(config, model.dtype).apply
+        apply = on_mesh(transformed(config, model.dtype).apply, model.mesh)  # grok1/rows.py
         constrain, self._state_sharding = self._sharding()
         # On a mesh the outputs keep the input shardings, so every call reuses one compilation.
         placement = {} if model.mesh is None else dict(out_shardings=(

@@ -36,6 +36,19 @@ class Golden:
         self.logits = [npz[f"logits_{i}"] for i in range(len(self.prompts))]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache_in_a_temporary_folder(tmp_path_factory):
+    """run.py caches compilations in ~/.cache/grok1/jax by default: the suite (and the run.py
+    processes it starts, which inherit the environment) use a folder of its own instead."""
+    previous = os.environ.get("GROK1_COMPILATION_CACHE")
+    os.environ["GROK1_COMPILATION_CACHE"] = str(tmp_path_factory.mktemp("jax_compilation_cache"))
+    yield
+    if previous is None:
+        del os.environ["GROK1_COMPILATION_CACHE"]
+    else:
+        os.environ["GROK1_COMPILATION_CACHE"] = previous
+
+
 @pytest.fixture(params=GOLDEN_SETS)
 def golden(request) -> Golden:
     return Golden(request.param)

@@ -1,9 +1,13 @@
-"""Multi-process runs: 2 processes x 4 CPU devices act as one 8-device mesh; the launcher never hangs."""
+"""Multi-process runs: 2 processes x 4 CPU devices act as one 8-device mesh; the launcher never hangs.
+
+run.py and Model.generate/stream on such a cluster give what one process gives, printed once by
+process 0; a process that dies ends the whole run."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -35,8 +39,40 @@ for i in range(len(prompt), len(prompt) + steps):
 # Both processes share one stdout pipe: one write() of the whole line keeps it from interleaving.
 result = {"process": jax.process_index(), "devices": jax.device_count(),
           "local_devices": jax.local_device_count(), "tokens": tokens[0, len(prompt):].tolist()}
-os.write(1, ("RESULT " + json.dumps(result) + "\\n").encode())
+sys.stdout.write("RESULT " + json.dumps(result) + "\\n")
+sys.stdout.flush()
 """
+
+
+# Model.generate of 10 requests through 4 slots (so slots are reused), one seed per request, then
+# Model.stream of one through the same 4-slot runner (no new compilation); a 1x8 mesh over the cluster.
+GENERATE_WORKER = """
+import json, sys
+from grok1 import distributed
+distributed.initialize()
+import jax, grok1
+from grok1.sharding import make_mesh
+
+path = sys.argv[1]
+model = grok1.load(path, mesh=make_mesh("1x8"), dtype="float32")
+prompts = json.load(open(path + "/golden.json"))["prompts"]
+requests = [prompts[i % len(prompts)][: 3 + i] for i in range(10)]
+done = model.generate(requests, slots=4, max_new_tokens=5, temperature=1.0,
+                      seed=list(range(100, 110)))
+streamed = [d.token_ids for d in model.stream(requests[0], slots=4, max_new_tokens=5, temperature=1.0, seed=7)]
+result = {"process": jax.process_index(), "generated": [c.token_ids for c in done], "streamed": streamed}
+sys.stdout.write("RESULT " + json.dumps(result) + "\\n")
+sys.stdout.flush()
+"""
+
+RUN_GREEDY = ["--prompt", "Once upon a time", "--temperature", "0", "--max-new-tokens", "12", "--quiet"]
+
+
+def repo_env(**extra: str) -> dict:
+    """The environment of a subprocess that imports grok1 from this checkout."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    return dict(env, **extra)
 
 
 def launch(*args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -128,3 +164,108 @@ def test_launcher_refuses_a_process_id_outside_the_cluster(capfd):
         distributed.main(["--num-processes", "2", "--process-id", "2", "--coordinator", "127.0.0.1:1",
                           "--", sys.executable, "-c", "pass"])
     assert stopped.value.code == 2 and "process ids must lie in [0, 2)" in capfd.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def one_process_text() -> str:
+    """What run.py prints for RUN_GREEDY in a single process."""
+    proc = subprocess.run([sys.executable, "run.py", *RUN_GREEDY], env=repo_env(), cwd=str(REPO),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_generate_and_stream_with_seeds_on_two_processes_equal_one_process(two_layer):
+    proc = launch("--num-processes", "2", "--devices-per-process", "4", "--timeout", "280", "--",
+                  sys.executable, "-c", GENERATE_WORKER, str(two_layer.path), timeout=320)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted((json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
+                      if line.startswith("RESULT ")), key=lambda r: r["process"])
+    assert [r["process"] for r in results] == [0, 1]
+
+    import grok1
+    model = grok1.load(two_layer.path, dtype="float32")
+    prompts = two_layer.prompts
+    requests = [prompts[i % len(prompts)][: 3 + i] for i in range(10)]
+    expected = [c.token_ids for c in model.generate(requests, slots=4, max_new_tokens=5, temperature=1.0,
+                                                    seed=list(range(100, 110)))]
+    streamed = [d.token_ids for d in model.stream(requests[0], slots=4, max_new_tokens=5, temperature=1.0, seed=7)]
+    for result in results:
+        assert result["generated"] == expected
+        assert result["streamed"] == streamed
+
+
+def test_run_py_started_by_a_scheduler_prints_the_one_process_text_once_from_process_0(one_process_text):
+    # No launcher: each process gets the cluster from environment variables, as a scheduler sets them.
+    coordinator = f"127.0.0.1:{distributed.free_port()}"
+    procs = [subprocess.Popen(
+        [sys.executable, "run.py", "--mesh", "1x8", *RUN_GREEDY], cwd=str(REPO), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=repo_env(GROK1_COORDINATOR=coordinator, GROK1_NUM_PROCESSES="2", GROK1_PROCESS_ID=str(i),
+                     XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+        for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    (out0, err0), (out1, err1) = outputs
+    assert out0 == one_process_text and len(out0.split()) >= 3
+    assert out1 == "" and err1 == ""
+    assert "[Gloo]" not in out0 + err0
+
+
+def child_pids(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def launched_process(launcher: subprocess.Popen, process_id: int) -> int:
+    """The pid of cluster process `process_id` among the launcher's children (Linux /proc)."""
+    for pid in child_pids(launcher.pid):
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            if f"{distributed.ENV_PROCESS_ID}={process_id}".encode() in f.read().split(b"\0"):
+                return pid
+    raise AssertionError(f"no launched process {process_id}")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds the launched processes in /proc")
+def test_interactive_run_py_answers_on_process_0_and_a_killed_process_ends_the_run(one_process_text):
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "grok1.distributed", "--num-processes", "2", "--devices-per-process", "4",
+         "--timeout", "280", "--", sys.executable, "run.py", "--mesh", "1x8", "--interactive",
+         *RUN_GREEDY[2:]], cwd=str(REPO), env=repo_env(), text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        launcher.stdin.write("Once upon a time\n")
+        launcher.stdin.flush()
+        answer = launcher.stdout.readline()   # process 0 has read the line and streamed the text
+        assert answer == one_process_text
+        os.kill(launched_process(launcher, 1), signal.SIGKILL)
+        start = time.monotonic()
+        code = launcher.wait(timeout=60)
+        assert code != 0 and time.monotonic() - start < 30
+        assert "process 1 was killed by signal 9" in launcher.stderr.read()
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+
+
+def test_a_seed_drawn_on_each_process_becomes_process_0s_seed_everywhere():
+    worker = ("import os, sys, json\n"
+              "from grok1 import distributed\n"
+              "distributed.initialize()\n"
+              "import jax\n"
+              "drawn = int.from_bytes(os.urandom(4), 'little')\n"
+              "agreed = [distributed.same_seed_on_every_process(drawn) for _ in range(3)]\n"
+              "sys.stdout.write('SEED ' + json.dumps([jax.process_index(), drawn, agreed]) + '\\n')\n"
+              "sys.stdout.flush()\n")
+    proc = launch("--num-processes", "2", "--devices-per-process", "1", "--timeout", "120", "--",
+                  sys.executable, "-c", worker, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted(json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
+                     if line.startswith("SEED "))
+    (_, drawn_0, agreed_0), (_, _, agreed_1) = results
+    assert agreed_0 == agreed_1 == [drawn_0] * 3

@@ -99,14 +99,59 @@ def test_fits_compares_the_total_with_each_accelerator(two_layer_plan):
 
 
 def test_plan_of_two_full_width_layers_finishes_quickly(two_layer_plan):
-    assert two_layer_plan["elapsed"] < 90
+    assert two_layer_plan["elapsed"] < 120  # four compiles: prefill, decode, and a 2-layer decode for its cost
 
 
 def test_format_plan_shows_each_figure_and_the_verdicts(two_layer_plan):
     text = two_layer_plan["text"]
     for words in ("mesh 1x8", "weights", "KV cache", "temporaries, prefill", "temporaries, decode",
-                  "H200 (141 GB)", "TPU v5e (16 GB)"):
+                  "decode step:", "GFLOP", "compile time", "H200 (141 GB)", "TPU v5e (16 GB)"):
         assert words in text
+
+
+def test_format_plan_gives_bytes_in_gib_like_describe(two_layer_plan):
+    weights = two_layer_plan["bytes_per_device"]["weights"]
+    assert f"{weights / 2**30:10.3f} GiB" in two_layer_plan["text"]
+
+
+def test_format_plan_counts_parameters_in_billions_or_millions(two_layer_plan):
+    count = two_layer_plan["param_count"]
+    assert f"{count / 1e9:.1f}B parameters" in two_layer_plan["text"]
+    small = dict(two_layer_plan, param_count=10_170_000)
+    assert "10.2M parameters" in plan.format_plan(small)
+
+
+def test_plan_reports_compile_time_of_each_step(two_layer_plan):
+    assert set(two_layer_plan["compile_seconds"]) == {"prefill", "decode"}
+    assert all(seconds > 0 for seconds in two_layer_plan["compile_seconds"].values())
+
+
+def test_decode_step_flops_per_device_cover_the_active_weights(two_layer_plan):
+    # Each active weight is used in at least one multiply-add per token: 2 FLOPs, split 8 ways.
+    config = PRESETS["grok-1"].replace(num_layers=2)
+    attention = 2 * config.emb_size * (config.num_q_heads + config.num_kv_heads) * config.key_size
+    experts = 3 * config.num_selected_experts * config.emb_size * config.ffn_size
+    active = config.num_layers * (attention + experts)
+    cost = two_layer_plan["decode_step_per_device"]
+    assert cost["flops"] >= 2 * active * two_layer_plan["batch"] / 8 * 0.9
+    assert cost["bytes_accessed"] >= two_layer_plan["bytes_per_device"]["weights"] * 0.5
+
+
+def abstract_mesh(**sizes: int):
+    from jax.sharding import AbstractMesh
+    return AbstractMesh(tuple(sizes.values()), tuple(sizes))
+
+
+def test_expert_replication_names_an_expert_axis_that_does_not_divide_the_experts():
+    config = PRESETS["grok-1"]  # 8 experts
+    replication = plan.expert_replication(config, abstract_mesh(data=1, expert=16, model=1))
+    assert replication["copies"] == 16 and replication["replicated_over"] == {"expert": 16}
+    assert "8 experts do not divide into 16" in replication["explanation"]
+
+
+def test_expert_weights_are_not_replicated_on_1x8():
+    replication = plan.expert_replication(PRESETS["grok-1"], abstract_mesh(data=1, expert=1, model=8))
+    assert replication["copies"] == 1 and replication["replicated_over"] == {}
 
 
 def test_release_structs_use_eight_scale_blocks_for_row_parallel_weights():

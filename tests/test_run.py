@@ -57,8 +57,8 @@ def test_greedy_text_is_the_same_on_every_run(greedy):
     assert again.stdout == greedy and len(greedy.split()) >= 5
 
 
-def test_greedy_text_on_a_1x8_mesh_equals_one_device(greedy):
-    result = run(*GREEDY, "--mesh", "1x8", devices=8)
+def test_greedy_text_on_a_1x8_mesh_of_cpu_devices_equals_one_device(greedy):
+    result = run(*GREEDY, "--cpu-devices", "8", "--mesh", "1x8")
     assert result.returncode == 0, result.stderr
     assert result.stdout == greedy
 
@@ -139,7 +139,8 @@ def test_tokenizer_of_another_vocabulary_is_refused(tmp_path):
 
 
 def test_mesh_not_matching_the_device_count_is_refused():
-    assert_user_error(run("--mesh", "1x8"), "--mesh", "needs 8 devices", "1 are available")
+    assert_user_error(run("--mesh", "1x8"), "--mesh", "needs 8 devices", "1 are available",
+                      "pass --cpu-devices 8")
 
 
 @pytest.mark.parametrize("flag,value", [("--temperature", "-1"), ("--top-p", "0"),

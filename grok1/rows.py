@@ -1,0 +1,47 @@
+"""Rows of a batch over the mesh's `data` axis, inside the model's steps.
+
+The weights are split over every mesh axis, `data` included (sharding.py), so nothing in the
+weights tells XLA to split the *work* by rows: left alone, a 2x4 mesh computes like 1x8 and
+every device holds the hidden states and temporaries of all rows. `split_rows` pins the residual
+stream [B, ...] to rows over `data` (its other axes left to XLA), once per layer; each data group
+then computes only its rows, with the weights gathered over `data` per layer when used.
+
+It needs to know the mesh while the step is traced: `on_mesh(fn, mesh)` wraps a function (a
+model's `apply`) so that it is traced with the mesh in context. Without one, or with `data` of
+size 1, or rows that do not divide, `split_rows` returns its input unchanged, so single-device
+and 1xN programs are untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import jax
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def split_rows(x: jax.Array) -> jax.Array:
+    """`x` [B, ...] constrained to rows over the data axis of the mesh in context (if any)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or DATA_AXIS not in mesh.axis_names:
+        return x
+    size = mesh.shape[DATA_AXIS]
+    if size == 1 or x.shape[0] % size:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(DATA_AXIS, *[P.UNCONSTRAINED] * (x.ndim - 1)))
+
+
+def on_mesh(fn: Callable[..., Any], mesh: Optional[jax.sharding.Mesh]) -> Callable[..., Any]:
+    """`fn`, traced with `mesh` in context so that `split_rows` applies (`fn` itself if no mesh)."""
+    if mesh is None:
+        return fn
+
+    @functools.wraps(fn)
+    def traced_on_mesh(*args: Any, **kwargs: Any) -> Any:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced_on_mesh

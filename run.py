@@ -162,6 +162,9 @@ def check_flags_go_together(args: argparse.Namespace, given: set[str]) -> None:
             uses = ["generation" if m == "generate" else option[m] for m in FLAG_MODES[name]]
             doing = "generation" if mode == "generate" else option[mode]
             raise UserError(f"{option[name]} has no effect with {doing}; it goes with {' or '.join(uses)}")
+    if mode in ("plan", "describe") and {"checkpoint", "preset"} <= given:
+        raise UserError(f"--checkpoint has no effect with {option[mode]} --preset: the preset's config "
+                        f"is used; drop one of them")
 
 
 def check_plot_path(path: str) -> None:

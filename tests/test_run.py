@@ -179,7 +179,8 @@ def test_empty_prompt_is_a_one_line_error(main, mode):
     (["--trace", "--max-new-tokens", "5"], "--max-new-tokens has no effect with --trace"),
     (["--trace", "--json"], "--json has no effect with --trace"),
     (["--interactive", "--no-stream"], "--no-stream has no effect with --interactive"),
-    (["--plot", "x.png"], "--plot has no effect with generation; it goes with --trace")])
+    (["--plot", "x.png"], "--plot has no effect with generation; it goes with --trace"),
+    (["--describe", "--preset", "grok-1", "--checkpoint", "x"], "--checkpoint has no effect with --describe --preset")])
 def test_flags_that_would_be_ignored_are_refused(main, argv, fragment):
     code, _, err = main(*argv)
     assert_one_line_error(code, err, fragment)

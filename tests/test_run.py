@@ -70,11 +70,13 @@ def test_help_explains_every_flag_with_its_default():
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
     for flag in ["--checkpoint", "--tokenizer", "--prompt", "--max-new-tokens", "--temperature",
-                 "--top-p", "--top-k", "--seed", "--mesh", "--dtype", "--no-stream", "--quiet",
-                 "--interactive", "--preset", "--plan", "--describe", "--trace"]:
+                 "--top-p", "--top-k", "--frequency-penalty", "--presence-penalty", "--seed",
+                 "--mesh", "--dtype", "--no-stream", "--quiet", "--interactive", "--preset", "--plan",
+                 "--describe", "--trace"]:
         assert flag in text
     for default in ["(default: 100)", "(default: 0.8)", "(default: 0.95)", "(default: 40)",
-                    "(default: 0)", "(default: auto)", "checkpoints/small"]:
+                    "(default: 0.2)", "(default: 0.0)", "fresh randomness for every prompt",
+                    "(default: auto)", "checkpoints/small"]:
         assert default in text
 
 

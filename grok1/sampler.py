@@ -178,7 +178,7 @@ def fit_prompt(prompt: Any, config: ModelConfig, tokenizer: Any,
                settings: SamplingSettings) -> FittedPrompt:
     """A prompt (string or token ids; strings get BOS when `config.add_bos`) checked and fitted
     into the context: new tokens are limited to the room the prompt leaves, and a prompt that
-    leaves no room for one new token keeps its last `sequence_len - 1` tokens. With
+    leaves no room for one new token keeps its last `sequence_len - 1` tokens (after its BOS). With
     `settings.strict` either change raises ValueError instead."""
     if isinstance(prompt, str):
         ids = encode_text(prompt, config, tokenizer)
@@ -199,7 +199,9 @@ def fit_prompt(prompt: Any, config: ModelConfig, tokenizer: Any,
     if dropped and settings.strict:
         raise ValueError(f"prompt of {len(ids)} tokens leaves no room for a new token in "
                          f"sequence_len {config.sequence_len}; shorten it to at most {limit} tokens")
-    ids = ids[dropped:]
+    # A text prompt keeps its BOS: the tokens dropped are the oldest ones after it.
+    keep_bos = dropped and isinstance(prompt, str) and config.add_bos
+    ids = [ids[0], *ids[dropped + 1:]] if keep_bos else ids[dropped:]
     room = config.sequence_len - len(ids)
     asked = settings.max_new_tokens
     if asked is not None and asked > room and settings.strict:

@@ -232,3 +232,11 @@ def test_text_prompts_start_with_bos_when_the_config_says_so():
 def test_token_id_prompts_are_taken_as_given_whatever_add_bos_says():
     config = CONFIG.replace(add_bos=True)
     assert prompt_token_ids([10, 11], config, Characters(), sampling_settings(config)) == [10, 11]
+
+
+def test_a_text_prompt_longer_than_the_context_keeps_its_bos():
+    config = CONFIG.replace(add_bos=True)
+    fitted = fit_prompt("abcdefghij" * 7, config, Characters(), sampling_settings(config))
+    assert fitted.token_ids[0] == config.bos_token and len(fitted.token_ids) == config.sequence_len - 1
+    assert fitted.token_ids[1:] == Characters().encode("abcdefghij" * 7)[-62:]
+    assert fitted.dropped_prompt_tokens == 71 - 63

@@ -379,8 +379,8 @@ def ending(finish_reason: str, stop_reason: Any, prompt_tokens: int, tokens: int
 
 
 def fit_notes(fitted, prompt_tokens: int, config) -> list[str]:
-    """One plain line per change made to fit a request into the context (a Completion or the
-    first Delta carries them)."""
+    """One plain line per change made to fit a request into the context, from `fitted`: a
+    sampler.FittedPrompt or a Completion (both carry the two fields)."""
     notes = []
     if fitted.dropped_prompt_tokens:
         notes.append(f"note: the prompt is longer than the {config.sequence_len}-token context allows: "

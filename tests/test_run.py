@@ -199,11 +199,10 @@ def test_plot_with_an_unknown_extension_lists_the_allowed_ones(main, tmp_path):
     assert_one_line_error(code, err, "--plot", ".png", ".svg", ".jpg")
 
 
-@pytest.mark.parametrize("name, magic", [("x.jpg", b"\xff\xd8\xff"), ("x.svg", b"<?xml")])
-def test_plot_writes_the_format_its_extension_names(main, tmp_path, name, magic):
-    code, _, err = main("--trace", "--prompt", "The module", "--plot", str(tmp_path / name))
+def test_plot_writes_the_format_its_extension_names(main, tmp_path):
+    code, _, err = main("--trace", "--prompt", "The module", "--plot", str(tmp_path / "x.jpg"))
     assert code == 0, err
-    assert (tmp_path / name).read_bytes().startswith(magic)
+    assert (tmp_path / "x.jpg").read_bytes().startswith(b"\xff\xd8\xff")   # JPEG, not PNG
 
 
 def test_max_new_tokens_beyond_the_context_is_lowered_with_one_note_line_even_when_quiet(main):

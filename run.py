@@ -7,18 +7,20 @@
         --tokenizer checkpoints/grok-1/tokenizer.model --mesh 1x8          # the real release
 
 User mistakes (missing files, a tokenizer that does not belong to the checkpoint, a mesh that does
-not match the devices, bad sampling values) end with a one-line message and exit status 2.
+not match the devices, bad sampling values, flags that do nothing together) end with a one-line
+message and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CHECKPOINT = os.path.join(REPO, "checkpoints", "small")
@@ -27,6 +29,7 @@ RELEASE_HINT = ("put the release's ckpt-0/ folder (from the official torrent or 
                 "repository xai-org/grok-1) in checkpoints/grok-1/ and run with "
                 "--checkpoint checkpoints/grok-1 --preset grok-1")
 EXIT_USAGE = 2
+TO_CONTEXT_END = "max"       # --max-new-tokens max: generate up to the end of the context
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -77,11 +80,20 @@ def parser() -> argparse.ArgumentParser:
     gen = p.add_argument_group("generation")
     gen.add_argument("--prompt", action="append", default=None, metavar="TEXT",
                      help=f"prompt to continue; repeat for several (default: {DEFAULT_PROMPT!r})")
-    gen.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate per prompt")
+    gen.add_argument("--max-new-tokens", type=max_new_tokens, default=100, metavar="N",
+                     help=f"tokens to generate per prompt, or {TO_CONTEXT_END!r}: up to the end of the "
+                          f"context; lowered (with a note) to the room the prompt leaves")
     gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
     gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass in (0, 1]; 1 = off")
     gen.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens; 0 = off")
-    gen.add_argument("--seed", type=int, default=0, help="random seed of the sampler")
+    # Defaults chosen by measurement on the shipped model (docs/TRAINING.md, "Default sampling").
+    gen.add_argument("--frequency-penalty", type=float, default=0.2,
+                     help="in [-2, 2]: lower each generated token's logit by this times its count so far")
+    gen.add_argument("--presence-penalty", type=float, default=0.0,
+                     help="in [-2, 2]: lower the logit of every token generated so far by this")
+    gen.add_argument("--seed", type=int, default=None,
+                     help="random seed of the sampler, for repeatable samples; default: fresh "
+                          "randomness for every prompt")
     gen.add_argument("--no-stream", action="store_true",
                      help="print each completion when done (prompts run as one batch) instead of "
                           "token by token")
@@ -101,22 +113,95 @@ def parser() -> argparse.ArgumentParser:
                           help="print the parameter table of --preset or the checkpoint's config")
     research.add_argument("--trace", action="store_true",
                           help="run --prompt once and print router and attention statistics per layer")
-    research.add_argument("--plot", default=None, metavar="PNG",
-                          help="--trace: also plot the expert load to this image (needs matplotlib)")
+    research.add_argument("--plot", default=None, metavar="IMAGE",
+                          help="--trace: also plot the expert load to this image, in the format its "
+                               "extension names (.png, .svg, .pdf, ...; needs matplotlib)")
     research.add_argument("--json", action="store_true",
                           help="machine-readable output for --plan, --describe and --no-stream")
     return p
 
 
+def max_new_tokens(text: str) -> Optional[int]:
+    """--max-new-tokens: an integer, or TO_CONTEXT_END (None: up to the end of the context)."""
+    if text == TO_CONTEXT_END:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer or {TO_CONTEXT_END!r} (up to the end of the context), got {text!r}") from None
+
+
+# What each flag is for: the mode flags (--plan, --describe, --trace, --interactive, or none of
+# them: generation) a flag has an effect in. Flags not listed work in every mode.
+MODES = ("plan", "describe", "trace", "interactive", "generate")
+SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_p", "top_k", "frequency_penalty",
+                  "presence_penalty", "seed")
+FLAG_MODES: dict[str, tuple[str, ...]] = {
+    "tokenizer": ("trace", "interactive", "generate"),
+    "dtype": ("plan", "trace", "interactive", "generate"),
+    "prompt": ("trace", "generate"),
+    **{name: ("interactive", "generate") for name in SAMPLING_FLAGS},
+    "no_stream": ("generate",),
+    "quiet": ("trace", "interactive", "generate"),
+    "batch": ("plan",),
+    "context": ("plan",),
+    "plot": ("trace",),
+    "json": ("plan", "describe", "generate"),
+}
+
+
+def given_flags(argv: Optional[Sequence[str]]) -> set[str]:
+    """The destinations of the flags the command line names (not those left at their default)."""
+    explicit = parser()
+    for action in explicit._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(explicit.parse_args(argv)))
+
+
+def check_flags_go_together(args: argparse.Namespace, given: set[str]) -> None:
+    """Refuse a flag that would be ignored: two modes at once, or a flag its mode does not use."""
+    option = {a.dest: a.option_strings[0] for a in parser()._actions if a.option_strings}
+    modes = [m for m in MODES[:-1] if getattr(args, m)]
+    if len(modes) > 1:
+        raise UserError(f"{option[modes[0]]} and {option[modes[1]]} do not go together: run one at a time")
+    mode = modes[0] if modes else "generate"
+    for name in sorted(given & set(FLAG_MODES), key=list(option).index):
+        if mode not in FLAG_MODES[name]:
+            uses = ["generation" if m == "generate" else option[m] for m in FLAG_MODES[name]]
+            doing = "generation" if mode == "generate" else option[mode]
+            raise UserError(f"{option[name]} has no effect with {doing}; it goes with {' or '.join(uses)}")
+    if mode in ("plan", "describe") and {"checkpoint", "preset"} <= given:
+        raise UserError(f"--checkpoint has no effect with {option[mode]} --preset: the preset's config "
+                        f"is used; drop one of them")
+
+
+def check_plot_path(path: str) -> None:
+    """--plot's folder exists and its extension names an image format, checked before the trace."""
+    from grok1.inspect import plot_format
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"--plot: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"--plot: folder {folder} is not writable")
+    try:
+        plot_format(path)
+    except (ValueError, ImportError) as e:
+        raise UserError(f"--plot: {e}") from None
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     args = parser().parse_args(argv)
+    check_flags_go_together(args, given_flags(argv))
     args.checkpoint = args.checkpoint or DEFAULT_CHECKPOINT
     if args.plan and args.mesh is None:
         raise UserError("--plan needs --mesh (e.g. --mesh 1x8)")
-    if args.plot and not args.trace:
-        raise UserError("--plot only goes with --trace")
     if args.interactive and args.prompt:
         raise UserError("--interactive reads prompts from standard input; drop --prompt")
+    if args.prompt and not all(args.prompt):
+        raise UserError("--prompt is empty: give the text to continue")
+    if args.plot:
+        check_plot_path(args.plot)
     if args.batch < 1:
         raise UserError(f"--batch must be >= 1, got {args.batch}")
     if args.context is not None and args.context < 1:
@@ -256,7 +341,8 @@ def sampling(args: argparse.Namespace, config, tokenizer) -> dict[str, Any]:
     from grok1.sampler import sampling_settings
 
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                    top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+                    top_p=args.top_p, top_k=args.top_k, frequency_penalty=args.frequency_penalty,
+                    presence_penalty=args.presence_penalty, seed=args.seed)
     try:
         sampling_settings(config, tokenizer, **settings)
     except ValueError as e:
@@ -309,81 +395,179 @@ def run_describe(args: argparse.Namespace) -> None:
 
 def run_trace(args: argparse.Namespace, model) -> None:
     from grok1.inspect import format_trace, plot_trace
+    from grok1.sampler import encode_text
 
     for prompt in args.prompt or [DEFAULT_PROMPT]:
         try:
-            trace = model.trace([model.tokenizer.encode(prompt)])
+            trace = model.trace([encode_text(prompt, model.config, model.tokenizer)])
         except ValueError as e:  # e.g. a prompt longer than the context
             raise UserError(f"--trace: {e}") from None
         print(format_trace(trace))
         if args.plot:
-            try:
-                plot_trace(trace, args.plot)
-            except ImportError as e:
-                raise UserError(str(e)) from None
+            plot_trace(trace, args.plot)
             print(f"expert load plotted to {args.plot}", file=sys.stderr)
 
 
-def stream_one(model, prompt: str, settings: dict[str, Any], quiet: bool) -> None:
-    """Print the prompt (unless quiet) and its continuation as it arrives, then the speed."""
-    if not quiet:
+class CompileClock:
+    """Seconds jax has spent compiling (tracing, lowering, XLA) since the process started, summed
+    from jax.monitoring, so the speed reported leaves compilation out."""
+
+    seconds = 0.0
+    _listening = False
+
+    @classmethod
+    def now(cls) -> float:
+        if not cls._listening:
+            import jax.monitoring
+            jax.monitoring.register_event_duration_secs_listener(cls._record)
+            cls._listening = True
+        return cls.seconds
+
+    @classmethod
+    def _record(cls, event: str, duration: float, **_: Any) -> None:
+        if event.startswith("/jax/core/compile/"):
+            cls.seconds += duration
+
+
+def ending(finish_reason: str, stop_reason: Any, prompt_tokens: int, tokens: int, config) -> str:
+    """Why a request ended, in words (README: "Why generation ends")."""
+    if finish_reason == "stop":
+        if stop_reason is None:
+            return "ended at EOS"
+        return f"ended at stop {'string' if isinstance(stop_reason, str) else 'token'} {stop_reason!r}"
+    if prompt_tokens + tokens >= config.sequence_len:
+        return "ended at the context end"
+    return "ended at max-new-tokens"
+
+
+def fit_notes(fitted, prompt_tokens: int, config) -> list[str]:
+    """One plain line per change made to fit a request into the context, from `fitted`: a
+    sampler.FittedPrompt or a Completion (both carry the two fields)."""
+    notes = []
+    if fitted.dropped_prompt_tokens:
+        notes.append(f"note: the prompt is longer than the {config.sequence_len}-token context allows: "
+                     f"its first {fitted.dropped_prompt_tokens} tokens were dropped")
+    if fitted.max_new_tokens_lowered_from is not None:
+        room = config.sequence_len - prompt_tokens
+        notes.append(f"note: --max-new-tokens {fitted.max_new_tokens_lowered_from} lowered to {room}: "
+                     f"the room a {prompt_tokens}-token prompt leaves in the {config.sequence_len}-token context")
+    return notes
+
+
+def print_notes(notes: Sequence[str]) -> None:
+    for note in notes:
+        print(note, file=sys.stderr, flush=True)
+
+
+def stream_one(model, prompt: str, settings: dict[str, Any], quiet: bool, echo: bool = True) -> None:
+    """Print the prompt (unless quiet, or not `echo`: already on screen) and its continuation as it
+    arrives, then the speed and why it ended."""
+    from grok1.sampler import fit_prompt, sampling_settings
+
+    fitted = fit_prompt(prompt, model.config, model.tokenizer,
+                        sampling_settings(model.config, model.tokenizer, **settings))
+    prompt_tokens = len(fitted.token_ids)
+    print_notes(fit_notes(fitted, prompt_tokens, model.config))
+    if echo and not quiet:
         sys.stdout.write(prompt)
         sys.stdout.flush()
-    start, first, count = time.perf_counter(), None, 0
+    start, compiled = time.perf_counter(), CompileClock.now()
+    first, count, last = None, 0, None
     for delta in model.stream(prompt, **settings):
         count += len(delta.token_ids)
         if first is None and delta.token_ids:
-            first = time.perf_counter()
+            first, compiled = time.perf_counter(), CompileClock.now() - compiled
         sys.stdout.write(delta.text)
         sys.stdout.flush()
+        last = delta
     sys.stdout.write("\n")
     sys.stdout.flush()
     end = time.perf_counter()
-    if not quiet and first is not None:
-        # The first token waits for compilation; the rate after it is the decoding speed.
-        rate = f"{(count - 1) / (end - first):.1f} tokens/s after it" if count > 1 else "no more tokens"
-        print(f"[{count} tokens in {end - start:.2f} s: first after {first - start:.2f} s "
-              f"(compilation included), then {rate}]", file=sys.stderr, flush=True)
+    if quiet:
+        return
+    why = ending(last.finish_reason, last.stop_reason, prompt_tokens, count, model.config)
+    if first is None:
+        print(f"[no tokens: {why}]", file=sys.stderr, flush=True)
+        return
+    # The first token may wait for compilation; the rate after it is the decoding speed.
+    rate = f"then {(count - 1) / (end - first):.1f} tokens/s" if count > 1 else "no more tokens"
+    compilation = " (compilation included)" if compiled > 0 else ""
+    print(f"[{count} tokens in {end - start:.2f} s: first after {first - start:.2f} s{compilation}, "
+          f"{rate}; {why}]", file=sys.stderr, flush=True)
 
 
 def run_generate(args: argparse.Namespace, model, settings: dict[str, Any]) -> None:
     prompts = args.prompt or [DEFAULT_PROMPT]
-    if args.no_stream or args.json:
-        start = time.perf_counter()
-        completions = model.generate(prompts, **settings)
-        seconds = time.perf_counter() - start
-        if args.json:
-            print(json.dumps([{"prompt": p, "text": c.text, "token_ids": c.token_ids,
-                               "finish_reason": c.finish_reason}
-                              for p, c in zip(prompts, completions)], indent=1))
-        else:
-            for prompt, completion in zip(prompts, completions):
-                print(completion.text if args.quiet else prompt + completion.text)
-        report(sum(len(c.token_ids) for c in completions), seconds, args.quiet)
+    if not (args.no_stream or args.json):
+        for prompt in prompts:
+            stream_one(model, prompt, settings, args.quiet)
         return
-    for prompt in prompts:
-        stream_one(model, prompt, settings, args.quiet)
+    start, compiled = time.perf_counter(), CompileClock.now()
+    completions = model.generate(prompts, **settings)
+    seconds, compiled = time.perf_counter() - start, CompileClock.now() - compiled
+    for completion in completions:
+        print_notes(fit_notes(completion, len(completion.prompt_token_ids), model.config))
+    if args.json:
+        print(json.dumps([{"prompt": p, "text": c.text, "token_ids": c.token_ids,
+                           "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                           "seed": c.seed, "dropped_prompt_tokens": c.dropped_prompt_tokens}
+                          for p, c in zip(prompts, completions)], indent=1))
+    else:
+        for prompt, completion in zip(prompts, completions):
+            print(completion.text if args.quiet else prompt + completion.text)
+    if not args.quiet:
+        endings = collections.Counter(
+            ending(c.finish_reason, c.stop_reason, len(c.prompt_token_ids), len(c.token_ids), model.config)
+            for c in completions)
+        print(report(sum(len(c.token_ids) for c in completions), seconds, compiled,
+                     ", ".join(f"{n} {why}" if len(completions) > 1 else why for why, n in endings.items())),
+              file=sys.stderr, flush=True)
+
+
+def report(tokens: int, seconds: float, compile_seconds: float, why: str) -> str:
+    """The --no-stream stats line: the rate leaves compilation out."""
+    compiling = f" ({compile_seconds:.2f} s of it compiling)" if compile_seconds > 0 else ""
+    running = max(seconds - compile_seconds, 1e-9)
+    return f"[{tokens} tokens in {seconds:.2f} s{compiling}: {tokens / running:.1f} tokens/s; {why}]"
+
+
+def read_prompts(tty: bool) -> Iterator[str]:
+    """Prompts from standard input until EOF or an empty line. On a terminal, with line editing
+    and history (readline) and a "prompt> " cue."""
+    if tty:
+        try:
+            import readline  # noqa: F401  (input() gains line editing and history once imported)
+        except ImportError:  # not on every platform (e.g. Windows)
+            pass
+    while True:
+        if tty:
+            try:
+                line = input("prompt> ")
+            except EOFError:
+                return
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                return
+        line = line.rstrip("\n")
+        if not line.strip():
+            return
+        yield line
 
 
 def run_interactive(args: argparse.Namespace, model, settings: dict[str, Any]) -> None:
     from grok1.distributed import is_main_process, share_from_main
 
     main_process = is_main_process()
-    interactive_tty = main_process and sys.stdin.isatty()
+    tty = main_process and sys.stdin.isatty() and sys.stdout.isatty()
+    prompts = read_prompts(tty) if main_process else iter(())
     while True:
-        if interactive_tty:
-            print("prompt> ", end="", file=sys.stderr, flush=True)
-        # Process 0 reads its stdin; every process then continues the same line.
-        line = share_from_main(sys.stdin.readline() if main_process else None)
-        if not line or not line.strip():
+        # Process 0 reads its stdin; every process then continues the same prompt (None: the end).
+        prompt = share_from_main(next(prompts, None) if main_process else None)
+        if prompt is None:
             return
-        stream_one(model, line.rstrip("\n"), settings, args.quiet)
-
-
-def report(tokens: int, seconds: float, quiet: bool) -> None:
-    if not quiet:
-        print(f"[{tokens} tokens in {seconds:.2f} s: {tokens / max(seconds, 1e-9):.1f} tokens/s]",
-              file=sys.stderr, flush=True)
+        # On a terminal the prompt is on screen already: the continuation follows on the next line.
+        stream_one(model, prompt, settings, args.quiet, echo=not tty)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -35,6 +35,11 @@ class ModelConfig:
     attn_output_multiplier: float = 0.08838834764831845
     pad_token: int = 0
     eos_token: int = 2
+    # Whether text prompts start with `bos_token`: a property of how the model was trained. The
+    # small model saw [BOS] at every document start (its held-out loss is lower with it, see
+    # docs/TRAINING.md); the Grok-1 release is run without one by the official runner.
+    bos_token: int = 1
+    add_bos: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -90,7 +95,9 @@ class ModelConfig:
         if self.num_selected_experts > self.num_experts:
             raise ConfigError(f"num_selected_experts ({self.num_selected_experts}) must be at most "
                               f"num_experts ({self.num_experts})")
-        for name in ["pad_token", "eos_token"]:
+        if not isinstance(self.add_bos, bool):
+            raise ConfigError(f"add_bos must be true or false, got {self.add_bos!r}")
+        for name in ["pad_token", "eos_token", "bos_token"]:
             value = getattr(self, name)
             if not isinstance(value, int) or not 0 <= value < self.vocab_size:
                 raise ConfigError(f"{name} must be a token id in [0, {self.vocab_size}), got {value!r}")

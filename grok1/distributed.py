@@ -205,16 +205,6 @@ _shared_count = 0                    # share_from_main calls so far: the same on
 _SHARE_WAIT_MS = 3_600_000           # one wait; it is renewed until process 0 answers or dies
 
 
-def same_seed_on_every_process(seed: int) -> int:
-    """The seed process 0 drew, on every process: the hook for a sampler that draws a fresh seed
-    per request (each process would otherwise draw its own and sample different tokens).
-
-    Call it where the seed is drawn, e.g. `return same_seed_on_every_process(secrets.randbits(32))`;
-    every process draws and calls in the same order (requests are checked in prompt order on
-    each), and with one process it returns the seed unchanged at no cost."""
-    return int(share_from_main(int(seed)))
-
-
 def join_cluster(timeout_s: int = DEFAULT_TIMEOUT_S) -> bool:
     """For programs such as run.py: `initialize()` from the environment, then leave all printing to
     process 0 (`silence_other_processes`). False, and nothing changed, for a single process."""

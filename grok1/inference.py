@@ -132,8 +132,9 @@ class Model:
 
     def generate(self, prompts: Any, **settings: Any) -> list:
         """Complete a batch of prompts (strings or lists of token ids) -> list of
-        `sampler.Completion`. Settings: max_new_tokens, temperature, top_p, top_k, seed, stop,
-        logprobs, strict, slots (see grok1/sampler.py)."""
+        `sampler.Completion`. Settings: max_new_tokens, temperature, top_p, top_k,
+        frequency_penalty, presence_penalty, seed (None: fresh), stop, logprobs, strict, slots
+        (see grok1/sampler.py). Text prompts start with BOS when `config.add_bos`."""
         from grok1 import sampler
         return sampler.generate(self, prompts, **settings)
 

@@ -413,9 +413,7 @@ def format_trace(t: Trace) -> str:
     return "\n".join(lines)
 
 
-def plot_trace(t: Trace, path: str | os.PathLike) -> None:
-    """Write a PNG: expert usage per layer (heatmap, layers x experts) beside the attention
-    capping statistics per layer. Needs matplotlib (optional dependency)."""
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -423,6 +421,35 @@ def plot_trace(t: Trace, path: str | os.PathLike) -> None:
     except ImportError:
         raise ImportError("plotting needs matplotlib, which is not installed: "
                           "pip install matplotlib (or pip install 'grok1[plot]')") from None
+    return plt
+
+
+def plot_formats() -> list[str]:
+    """The file extensions `plot_trace` can write (the formats matplotlib's Agg backend knows)."""
+    plt = _pyplot()
+    figure = plt.figure()
+    try:
+        return sorted(figure.canvas.get_supported_filetypes())
+    finally:
+        plt.close(figure)
+
+
+def plot_format(path: str | os.PathLike) -> str:
+    """The image format `path`'s extension names, or ValueError listing the allowed ones."""
+    extension = os.path.splitext(os.fspath(path))[1].lower().lstrip(".")
+    allowed = plot_formats()
+    if extension not in allowed:
+        raise ValueError(f"cannot tell the image format of {os.fspath(path)!r} from its extension; "
+                         f"use one of: {', '.join('.' + e for e in allowed)}")
+    return extension
+
+
+def plot_trace(t: Trace, path: str | os.PathLike) -> None:
+    """Write an image (format from the extension: .png, .svg, .pdf, .jpg ...): expert usage per
+    layer (heatmap, layers x experts) beside the attention capping statistics per layer. Needs
+    matplotlib (optional dependency)."""
+    image_format = plot_format(path)
+    plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     load = t.expert_load
@@ -458,7 +485,7 @@ def plot_trace(t: Trace, path: str | os.PathLike) -> None:
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format=image_format, dpi=110)
         os.replace(tmp, path)
     finally:
         plt.close(fig)

@@ -53,7 +53,7 @@ def small_config(vocab_size: int = 4096, emb_size: int = 256, num_layers: int = 
         widening_factor=widening_factor, num_experts=8, num_selected_experts=2,
         sequence_len=sequence_len, embedding_multiplier_scale=math.sqrt(emb_size),
         output_multiplier_scale=1 / math.sqrt(3), attn_output_multiplier=1 / math.sqrt(key_size),
-        pad_token=PAD, eos_token=EOS)
+        pad_token=PAD, eos_token=EOS, bos_token=BOS, add_bos=True)
 
 
 # ---- corpus -----------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import pytest
 
@@ -70,3 +71,19 @@ def test_refuses_unknown_fields_naming_them():
 def test_refuses_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         ModelConfig.from_json(tmp_path / "nope.json")
+
+
+def test_bos_is_added_for_the_small_model_and_not_for_the_grok1_release():
+    small = ModelConfig.from_json(pathlib.Path(__file__).resolve().parent.parent / "checkpoints/small/config.json")
+    assert small.add_bos and small.bos_token == 1
+    assert not PRESETS["grok-1"].add_bos
+
+
+def test_refuses_add_bos_that_is_not_a_boolean():
+    with pytest.raises(ConfigError, match="add_bos"):
+        ModelConfig(add_bos="yes")
+
+
+def test_refuses_bos_token_outside_the_vocabulary():
+    with pytest.raises(ConfigError, match="bos_token"):
+        ModelConfig(bos_token=131072)

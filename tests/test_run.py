@@ -3,6 +3,8 @@ text on a mesh, and a one-line message (no traceback, exit status 2) for each us
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import json
 import os
 import pathlib
@@ -68,11 +70,13 @@ def test_help_explains_every_flag_with_its_default():
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
     for flag in ["--checkpoint", "--tokenizer", "--prompt", "--max-new-tokens", "--temperature",
-                 "--top-p", "--top-k", "--seed", "--mesh", "--dtype", "--no-stream", "--quiet",
-                 "--interactive", "--preset", "--plan", "--describe", "--trace"]:
+                 "--top-p", "--top-k", "--frequency-penalty", "--presence-penalty", "--seed",
+                 "--mesh", "--dtype", "--no-stream", "--quiet", "--interactive", "--preset", "--plan",
+                 "--describe", "--trace"]:
         assert flag in text
     for default in ["(default: 100)", "(default: 0.8)", "(default: 0.95)", "(default: 40)",
-                    "(default: 0)", "(default: auto)", "checkpoints/small"]:
+                    "(default: 0.2)", "(default: 0.0)", "fresh randomness for every prompt",
+                    "(default: auto)", "checkpoints/small"]:
         assert default in text
 
 
@@ -147,3 +151,163 @@ def test_mesh_not_matching_the_device_count_is_refused():
                                         ("--top-k", "-3"), ("--max-new-tokens", "0")])
 def test_bad_sampling_value_names_its_flag(flag, value):
     assert_user_error(run(flag, value), flag)
+
+
+# ---- in-process: run.main(argv) with the shipped model loaded once ---------------------------
+
+@pytest.fixture(scope="module")
+def cli():
+    """run.py as a module."""
+    spec = importlib.util.spec_from_file_location("run_cli", REPO / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    import grok1
+    return grok1.load(REPO / "checkpoints" / "small", progress=False)
+
+
+@pytest.fixture
+def main(cli, shipped, monkeypatch, capsys):
+    """run.main(argv) -> (exit status, stdout, stderr), with the shipped model already loaded."""
+    monkeypatch.setattr(cli, "load_model", lambda args, config, tokenizer_path: shipped)
+
+    def call(*argv: str, stdin: str | None = None) -> tuple[int, str, str]:
+        if stdin is not None:
+            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        code = cli.main(list(argv))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+    return call
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("run.py: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize("mode", [[], ["--trace"]])
+def test_empty_prompt_is_a_one_line_error(main, mode):
+    code, _, err = main(*mode, "--prompt", "")
+    assert_one_line_error(code, err, "--prompt is empty")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--describe", "--trace"], "--describe and --trace do not go together"),
+    (["--plan", "--describe", "--mesh", "1x1"], "--plan and --describe do not go together"),
+    (["--trace", "--interactive"], "--trace and --interactive do not go together"),
+    (["--batch", "2"], "--batch has no effect with generation"),
+    (["--context", "64"], "--context has no effect with generation"),
+    (["--plan", "--mesh", "1x1", "--temperature", "0"], "--temperature has no effect with --plan"),
+    (["--describe", "--prompt", "x"], "--prompt has no effect with --describe"),
+    (["--describe", "--tokenizer", "t.model"], "--tokenizer has no effect with --describe"),
+    (["--trace", "--max-new-tokens", "5"], "--max-new-tokens has no effect with --trace"),
+    (["--trace", "--json"], "--json has no effect with --trace"),
+    (["--interactive", "--no-stream"], "--no-stream has no effect with --interactive"),
+    (["--plot", "x.png"], "--plot has no effect with generation; it goes with --trace"),
+    (["--describe", "--preset", "grok-1", "--checkpoint", "x"], "--checkpoint has no effect with --describe --preset")])
+def test_flags_that_would_be_ignored_are_refused(main, argv, fragment):
+    code, _, err = main(*argv)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_plot_into_a_missing_folder_is_refused_before_the_trace(main, tmp_path):
+    code, out, err = main("--trace", "--plot", str(tmp_path / "missing" / "x.png"))
+    assert_one_line_error(code, err, "--plot", "does not exist")
+    assert out == ""
+
+
+def test_plot_with_an_unknown_extension_lists_the_allowed_ones(main, tmp_path):
+    code, _, err = main("--trace", "--plot", str(tmp_path / "x.bmpx"))
+    assert_one_line_error(code, err, "--plot", ".png", ".svg", ".jpg")
+
+
+def test_plot_writes_the_format_its_extension_names(main, tmp_path):
+    code, _, err = main("--trace", "--prompt", "The module", "--plot", str(tmp_path / "x.jpg"))
+    assert code == 0, err
+    assert (tmp_path / "x.jpg").read_bytes().startswith(b"\xff\xd8\xff")   # JPEG, not PNG
+
+
+def test_max_new_tokens_beyond_the_context_is_lowered_with_one_note_line_even_when_quiet(main):
+    code, out, err = main("--prompt", "Once upon a time", "--max-new-tokens", "1000000",
+                          "--temperature", "0", "--quiet")
+    assert code == 0, err
+    assert err.splitlines() == [err.splitlines()[0]]
+    assert err.startswith("note: --max-new-tokens 1000000 lowered to ") and "Warning" not in err
+
+
+def test_max_new_tokens_max_means_up_to_the_context_end(cli):
+    assert cli.parse_args(["--max-new-tokens", "max"]).max_new_tokens is None
+    assert cli.parse_args(["--max-new-tokens", "7"]).max_new_tokens == 7
+
+
+@pytest.mark.parametrize("mode", [["--no-stream"], ["--interactive"]])
+def test_prompt_longer_than_the_context_is_one_plain_note_line(main, mode):
+    long = "the word " * 300
+    argv = [*mode, "--max-new-tokens", "1", "--temperature", "0", "--quiet"]
+    code, _, err = main(*argv, *([] if "--interactive" in mode else ["--prompt", long]),
+                        stdin=long + "\n" if "--interactive" in mode else None)
+    assert code == 0, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and re.fullmatch(r"note: .* its first \d+ tokens were dropped", lines[0]), err
+
+
+def test_stats_line_says_why_generation_ended(main):
+    _, _, err = main("--prompt", "The module", "--max-new-tokens", "3", "--temperature", "0", "--no-stream")
+    assert err.strip().endswith("ended at max-new-tokens]")
+    _, _, err = main("--prompt", "The module", "--max-new-tokens", "3", "--temperature", "0")
+    assert err.strip().endswith("ended at max-new-tokens]")
+
+
+def test_stats_line_names_a_stop_at_eos(cli, shipped):
+    assert cli.ending("stop", None, 5, 3, shipped.config) == "ended at EOS"
+    assert cli.ending("stop", "\n", 5, 3, shipped.config) == "ended at stop string '\\n'"
+    assert cli.ending("length", None, 6, shipped.config.sequence_len - 6, shipped.config) == \
+        "ended at the context end"
+
+
+def test_no_stream_rate_leaves_compilation_out(cli):
+    line = cli.report(9, 14.58, 14.0, "ended at EOS")
+    assert "9 tokens in 14.58 s (14.00 s of it compiling): 15.5 tokens/s" in line
+
+
+def test_compile_clock_counts_compilation(cli):
+    import jax
+    import jax.numpy as jnp
+    before = cli.CompileClock.now()
+    jax.jit(lambda x: x * 3.0 + 1.0)(jnp.ones(5)).block_until_ready()
+    assert cli.CompileClock.now() > before
+
+
+def test_interactive_says_compilation_included_only_when_something_compiled(main, shipped):
+    warm = bool(shipped.__dict__.get("_runners"))
+    code, _, err = main("--interactive", "--max-new-tokens", "2", "--temperature", "0",
+                        stdin="The module\nA list\n")
+    assert code == 0, err
+    stats = [line for line in err.splitlines() if line.startswith("[")]
+    assert len(stats) == 2 and "compilation included" not in stats[1]
+    assert ("compilation included" in stats[0]) == (not warm)
+
+
+def test_interactive_terminal_edits_lines_with_readline_and_does_not_echo_the_prompt(main, monkeypatch):
+    lines = iter(["Zebra quartz"])
+
+    def fake_input(cue: str) -> str:
+        assert cue == "prompt> "
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+    monkeypatch.setattr("builtins.input", fake_input)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    code, out, err = main("--interactive", "--max-new-tokens", "3", "--temperature", "0")
+    assert code == 0, err
+    assert "readline" in sys.modules
+    assert "Zebra" not in out and len(out.splitlines()) == 1

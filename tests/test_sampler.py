@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import grok1
+from grok1 import sampler
 from grok1.sampler import Request, Runner, runner_for, sampling_settings
 from grok1.tokenizer import REPLACEMENT_CHAR, IncrementalDecoder, Tokenizer
 
@@ -118,6 +119,61 @@ def test_different_seeds_give_different_outputs(model):
     assert len({tuple(o.token_ids) for o in outs}) == 3
 
 
+def test_no_seed_gives_fresh_samples_for_a_repeated_prompt(model):
+    prompt = prompts_of_lengths(5)[0]
+    outs = [alone(model, prompt, max_new_tokens=16, temperature=1.0) for _ in range(2)]
+    assert outs[0].token_ids != outs[1].token_ids and outs[0].seed != outs[1].seed
+
+
+def test_no_seed_gives_batch_neighbours_their_own_streams(model):
+    prompt = prompts_of_lengths(5)[0]
+    outs = model.generate([prompt] * 3, slots=SLOTS, max_new_tokens=16, temperature=1.0)
+    assert len({tuple(o.token_ids) for o in outs}) == 3
+
+
+def test_unseeded_requests_take_their_seeds_from_draw_fresh_seeds(model, monkeypatch):
+    prompt = prompts_of_lengths(5)[0]
+    monkeypatch.setattr(sampler, "draw_fresh_seeds", lambda count: [11] * count)
+    unseeded = alone(model, prompt, max_new_tokens=16, temperature=1.0)
+    assert unseeded.seed == 11
+    assert unseeded.token_ids == alone(model, prompt, max_new_tokens=16, temperature=1.0, seed=11).token_ids
+
+
+def test_an_explicit_seed_gives_a_prompt_the_same_output_alone_or_in_a_batch(model):
+    prompts = prompts_of_lengths(5, 9, 3)
+    together = model.generate(prompts, slots=SLOTS, max_new_tokens=12, temperature=1.0, seed=4)
+    assert together[1].token_ids == alone(model, prompts[1], max_new_tokens=12, temperature=1.0, seed=4).token_ids
+
+
+# ---- penalties --------------------------------------------------------------------------------
+
+def greedy_with_penalties_by_full_recompute(model, prompt, steps, frequency, presence):
+    """The definition, on the host: argmax of logits - count * frequency - (count > 0) * presence."""
+    tokens, counts = list(prompt), np.zeros(model.config.vocab_size)
+    for _ in range(steps):
+        logits = model.logits([tokens])[0, -1].astype(np.float64)
+        token = int(np.argmax(logits - counts * frequency - (counts > 0) * presence))
+        tokens.append(token)
+        counts[token] += 1
+    return tokens[len(prompt):]
+
+
+@pytest.mark.parametrize("frequency, presence", [(1.5, 0.0), (0.7, 0.5)])
+def test_greedy_with_penalties_follows_their_definition(model, frequency, presence):
+    prompt = [300, 12, 8, 8, 450]
+    out = alone(model, prompt, max_new_tokens=12, temperature=0, frequency_penalty=frequency,
+                presence_penalty=presence, stop=[])
+    expected = greedy_with_penalties_by_full_recompute(model, prompt, 12, frequency, presence)
+    assert out.token_ids == expected[:len(out.token_ids)]
+
+
+def test_penalties_count_only_the_requests_own_tokens(model):
+    prompts = prompts_of_lengths(5, 7)
+    settings = dict(max_new_tokens=12, temperature=0, frequency_penalty=1.0, presence_penalty=1.0)
+    together = model.generate(prompts, slots=SLOTS, **settings)
+    assert [o.token_ids for o in together] == [alone(model, p, **settings).token_ids for p in prompts]
+
+
 # ---- stopping ---------------------------------------------------------------------------------
 
 def test_max_new_tokens_ends_with_finish_reason_length(model):
@@ -139,6 +195,12 @@ def test_eos_token_ends_the_request_with_stop_and_is_not_output(model):
     delta = request.add(model.config.eos_token, -1.0)
     assert delta.finish_reason == "stop" and delta.token_ids == []
     assert request.completion().token_ids == [7]
+    assert delta.stop_reason is None and request.completion().stop_reason is None
+
+
+def test_stop_reason_names_the_stop_token(model):
+    request = Request([5, 6], sampling_settings(model.config, stop=[9]), model.config, None)
+    assert request.add(9, -1.0).stop_reason == 9 and request.completion().stop_reason == 9
 
 
 def test_generation_stops_at_the_context_end(model):
@@ -148,11 +210,17 @@ def test_generation_stops_at_the_context_end(model):
     assert out.finish_reason == "length"
 
 
-def test_too_long_prompt_is_left_truncated_with_a_warning(model):
+def test_max_new_tokens_beyond_the_context_is_lowered_and_reported_on_the_completion(model):
     prompt = prompts_of_lengths(40)[0]
-    with pytest.warns(UserWarning, match="keeping its last 24 tokens"):
-        out = alone(model, prompt, max_new_tokens=40, temperature=0)
-    assert out.prompt_token_ids == prompt[-24:]
+    out = alone(model, prompt, max_new_tokens=1000, temperature=0)
+    assert out.prompt_token_ids == prompt and len(out.token_ids) == model.config.sequence_len - 40
+    assert out.max_new_tokens_lowered_from == 1000 and out.dropped_prompt_tokens == 0
+
+
+def test_prompt_longer_than_the_context_is_reported_on_the_first_delta(model):
+    prompt = prompts_of_lengths(70)[0]
+    deltas = list(model.stream(prompt, max_new_tokens=1, temperature=0))
+    assert deltas[0].dropped_prompt_tokens == 70 - (model.config.sequence_len - 1)
 
 
 def test_logprobs_come_with_each_token_when_asked(model):
@@ -186,7 +254,7 @@ def test_stop_string_cuts_the_text_and_streams_the_same(model):
     stop = text[5:8]
     assert stop and text.find(stop) == 5
     out = alone(model, "hello world", stop=[stop], **settings)
-    assert out.text == text[:5] and out.finish_reason == "stop"
+    assert out.text == text[:5] and out.finish_reason == "stop" and out.stop_reason == stop
     streamed = "".join(d.text for d in model.stream("hello world", slots=SLOTS, stop=[stop], **settings))
     assert streamed == out.text
 

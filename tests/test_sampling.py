@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,8 @@ import pytest
 
 from grok1.config import ModelConfig
 from grok1.inference import Model
-from grok1.sampler import prompt_token_ids, request_keys, sample, sampling_settings
+from grok1.sampler import (draw_fresh_seeds, encode_text, fit_prompt, penalize, prompt_token_ids,
+                           request_keys, sample, sampling_settings)
 
 LOGITS = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0], np.float32)
 DRAWS = 40_000
@@ -101,7 +104,9 @@ CONFIG = ModelConfig(vocab_size=100, emb_size=32, num_layers=1, num_q_heads=4, n
     ("top_p", 0.0, "(0, 1]"), ("top_p", 1.5, "(0, 1]"),
     ("top_k", -1, ">= 0"), ("top_k", 2.5, ">= 0"),
     ("max_new_tokens", 0, ">= 1"), ("max_new_tokens", True, ">= 1"),
-    ("seed", -1, "[0, 2**32)"), ("stop", [100], "[0, 100)"), ("stop", [""], "empty"),
+    ("seed", -1, "[0, 2**32)"), ("seed", 2.0, "[0, 2**32)"),
+    ("frequency_penalty", 2.5, "[-2, 2]"), ("presence_penalty", -2.1, "[-2, 2]"),
+    ("frequency_penalty", float("inf"), "[-2, 2]"), ("presence_penalty", "1", "[-2, 2]"), ("stop", [100], "[0, 100)"), ("stop", [""], "empty"),
     ("logprobs", "yes", "True or False")])
 def test_bad_setting_raises_value_error_naming_it_and_its_range(name, value, allowed):
     with pytest.raises(ValueError) as err:
@@ -133,17 +138,36 @@ def test_bad_prompt_raises_value_error(prompt, message):
         prompt_token_ids(prompt, CONFIG, None, sampling_settings(CONFIG))
 
 
-def test_long_prompt_loses_its_oldest_tokens_with_a_warning():
-    settings = sampling_settings(CONFIG, max_new_tokens=54)
-    with pytest.warns(UserWarning, match="keeping its last 10 tokens"):
-        ids = prompt_token_ids(list(range(1, 31)), CONFIG, None, settings)
-    assert ids == list(range(21, 31))
+def test_max_new_tokens_beyond_the_room_left_is_lowered_and_reported():
+    fitted = fit_prompt(list(range(1, 31)), CONFIG, None, sampling_settings(CONFIG, max_new_tokens=54))
+    assert fitted.token_ids == list(range(1, 31))
+    assert fitted.max_new_tokens == 34 and fitted.max_new_tokens_lowered_from == 54
+    assert fitted.dropped_prompt_tokens == 0
 
 
-def test_long_prompt_raises_when_strict():
-    settings = sampling_settings(CONFIG, max_new_tokens=54, strict=True)
-    with pytest.raises(ValueError, match="at most 10 tokens"):
-        prompt_token_ids(list(range(1, 31)), CONFIG, None, settings)
+def test_prompt_longer_than_the_context_keeps_its_last_tokens_and_reports_how_many_it_dropped():
+    fitted = fit_prompt(list(range(1, 71)), CONFIG, None, sampling_settings(CONFIG))
+    assert fitted.token_ids == list(range(8, 71)) and fitted.dropped_prompt_tokens == 7
+    assert fitted.max_new_tokens == 1 and fitted.max_new_tokens_lowered_from is None
+
+
+def test_fitting_a_prompt_raises_no_python_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_prompt(list(range(1, 90)), CONFIG, None, sampling_settings(CONFIG, max_new_tokens=10 ** 6))
+
+
+def test_without_max_new_tokens_the_request_runs_to_the_context_end():
+    fitted = fit_prompt([4, 5, 6], CONFIG, None, sampling_settings(CONFIG, max_new_tokens=None))
+    assert fitted.max_new_tokens == 61 and fitted.max_new_tokens_lowered_from is None
+
+
+@pytest.mark.parametrize("prompt, max_new_tokens, message", [
+    (list(range(1, 31)), 54, "at most 34"), (list(range(1, 71)), None, "at most 63 tokens")])
+def test_strict_refuses_to_lower_max_new_tokens_or_drop_prompt_tokens(prompt, max_new_tokens, message):
+    settings = sampling_settings(CONFIG, max_new_tokens=max_new_tokens, strict=True)
+    with pytest.raises(ValueError, match=message):
+        fit_prompt(prompt, CONFIG, None, settings)
 
 
 def test_prompt_that_fits_is_kept_whole():
@@ -170,3 +194,49 @@ def test_stream_checks_settings_when_called_not_when_iterated():
 def test_seed_per_prompt_must_match_the_batch():
     with pytest.raises(ValueError, match="one per prompt"):
         MODEL.generate([[1], [2]], seed=[1, 2, 3])
+
+
+# ---- penalties, seeds, BOS --------------------------------------------------------------------
+
+def test_penalties_lower_generated_tokens_as_the_openai_api_defines_them():
+    logits = jnp.array([[1.0, 1.0, 1.0, 1.0]])
+    counts = jnp.array([[0, 1, 3, 0]])
+    out = penalize(logits, counts, jnp.array([0.5]), jnp.array([0.25]))
+    # logit - count * frequency_penalty - (count > 0) * presence_penalty
+    np.testing.assert_allclose(out, [[1.0, 1.0 - 0.5 - 0.25, 1.0 - 1.5 - 0.25, 1.0]])
+
+
+def test_negative_penalties_raise_generated_tokens():
+    out = penalize(jnp.zeros((1, 3)), jnp.array([[2, 0, 0]]), jnp.array([-1.0]), jnp.array([-0.5]))
+    np.testing.assert_allclose(out, [[2.5, 0.0, 0.0]])
+
+
+def test_no_seed_is_none_in_the_settings_and_fresh_seeds_differ():
+    assert sampling_settings(CONFIG).seed is None
+    seeds = draw_fresh_seeds(8)
+    assert len(set(seeds)) == 8 and all(0 <= s < 2 ** 32 for s in seeds)
+
+
+class Characters:
+    """A stand-in tokenizer: one token per character (ids 10, 11, ...)."""
+
+    def encode(self, text):
+        return [10 + ord(c) - ord("a") for c in text]
+
+
+def test_text_prompts_start_with_bos_when_the_config_says_so():
+    assert encode_text("ab", CONFIG.replace(add_bos=True), Characters()) == [CONFIG.bos_token, 10, 11]
+    assert encode_text("ab", CONFIG.replace(add_bos=False), Characters()) == [10, 11]
+
+
+def test_token_id_prompts_are_taken_as_given_whatever_add_bos_says():
+    config = CONFIG.replace(add_bos=True)
+    assert prompt_token_ids([10, 11], config, Characters(), sampling_settings(config)) == [10, 11]
+
+
+def test_a_text_prompt_longer_than_the_context_keeps_its_bos():
+    config = CONFIG.replace(add_bos=True)
+    fitted = fit_prompt("abcdefghij" * 7, config, Characters(), sampling_settings(config))
+    assert fitted.token_ids[0] == config.bos_token and len(fitted.token_ids) == config.sequence_len - 1
+    assert fitted.token_ids[1:] == Characters().encode("abcdefghij" * 7)[-62:]
+    assert fitted.dropped_prompt_tokens == 71 - 63

@@ -82,3 +82,23 @@ def test_git_keeps_the_shipped_model_and_ignores_downloaded_weights():
     assert not git_ignored("checkpoints/small/tokenizer.model")
     assert not git_ignored("checkpoints/README.md")
     assert git_ignored("checkpoints/grok-1/ckpt-0/tensor00000_000")
+
+
+def test_small_model_predicts_heldout_documents_better_with_bos_as_its_config_says(model):
+    """The small model saw [BOS] at every document start, so its config adds it to text prompts."""
+    import sentencepiece
+    from grok1.train import BOS, corpus_documents, split_documents
+
+    assert model.config.add_bos and model.config.bos_token == BOS
+    _, heldout = split_documents(corpus_documents())
+    tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(SMALL / "tokenizer.model"))
+    docs = np.array([ids[:65] for ids in tokenizer.encode(heldout) if len(ids) >= 65][:32], np.int32)
+
+    def loss(with_bos: bool, targets: int) -> float:   # the same targets docs[:, 1:] either way
+        inputs = np.concatenate([np.full((len(docs), 1), BOS), docs[:, :-1]], 1) if with_bos else docs[:, :-1]
+        logits = model.logits(inputs)[:, 1:] if with_bos else model.logits(inputs)
+        return next_token_loss(logits[:, :targets], docs[:, :targets + 1])
+
+    # BOS helps most at the start of a document, and does not hurt later.
+    assert loss(with_bos=True, targets=8) < loss(with_bos=False, targets=8) - 0.1
+    assert loss(with_bos=True, targets=64) < loss(with_bos=False, targets=64)

@@ -118,20 +118,24 @@ class EngineMetrics:
 class Engine:
     """Continuous batching for requests that arrive at any time (see the module docstring).
 
-    The engine uses the jitted steps of the model's Runner (`runner_for`, compiled once for
-    both) with a cache of its own, so `model.generate` can run beside it.
+    Without `runner`, the engine uses the jitted steps of the model's Runner (`runner_for`, so
+    both compile once) with a cache of its own; with `runner`, it owns that runner and its cache
+    (`engine_for` does this for `generate` and `stream`).
     Start it with `start()` (or use it as a context manager); `close()` ends every running and
     waiting request with EngineClosed and stops the thread.
     """
 
     def __init__(self, model: Any, slots: int = DEFAULT_SLOTS, decode_chunk: int = 1,
-                 max_waiting: int = DEFAULT_MAX_WAITING):
+                 max_waiting: int = DEFAULT_MAX_WAITING, runner: Optional[Runner] = None):
         if max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
         self.model = model
-        self.runner = (runner_for(model, slots) if decode_chunk == 1
-                       else Runner(model, slots, decode_chunk=decode_chunk))
-        self._state: Optional[SlotState] = None   # the engine's cache; the runner's own stays unused
+        if runner is not None:
+            self.runner, self._cache_holder = runner, runner
+        else:
+            self.runner = (runner_for(model, slots) if decode_chunk == 1
+                           else Runner(model, slots, decode_chunk=decode_chunk))
+            self._cache_holder = _CacheHolder()
         self.slots = self.runner.slots
         self.max_waiting = int(max_waiting)
         self.metrics = EngineMetrics(slots=self.slots)
@@ -141,6 +145,14 @@ class Engine:
         self._ids = itertools.count()
         self._closing = False
         self._thread: Optional[threading.Thread] = None
+
+    @property
+    def _state(self) -> Optional[SlotState]:
+        return self._cache_holder._state
+
+    @_state.setter
+    def _state(self, state: Optional[SlotState]) -> None:
+        self._cache_holder._state = state
 
     # ---- life cycle ----
 
@@ -185,9 +197,10 @@ class Engine:
         (ValueError on bad input, or on a prompt or max_new_tokens that do not fit when strict)."""
         return fit_prompt(prompt, self.model.config, self.model.tokenizer, settings)
 
-    def submit(self, requests: Sequence[tuple[list[int], SamplingSettings, Deliver]]) -> list[Job]:
+    def submit(self, requests: Sequence[tuple[list[int], SamplingSettings, Deliver]],
+               bounded: bool = True) -> list[Job]:
         """Queue (prompt ids, settings, deliver) requests, all or none: QueueFull when they do
-        not fit in the waiting queue, EngineClosed when shutting down. A request without a seed
+        not fit in the waiting queue (unless not `bounded`), EngineClosed when shutting down. A request without a seed
         gets a fresh one. `deliver` receives each Delta (the last has a finish_reason) or, if the
         request cannot finish, one EngineError."""
         config, tokenizer = self.model.config, self.model.tokenizer
@@ -206,7 +219,7 @@ class Engine:
         with self._lock:
             if self._closing:
                 raise EngineClosed("the server is shutting down")
-            if len(self._waiting) + len(jobs) > self.max_waiting:
+            if bounded and len(self._waiting) + len(jobs) > self.max_waiting:
                 raise QueueFull(f"{len(self._waiting)} requests wait for a slot "
                                 f"(at most {self.max_waiting})")
             for job in jobs:
@@ -239,6 +252,28 @@ class Engine:
         finally:
             if not job.done:
                 self.cancel(job)
+
+    def run(self, requests: Sequence[tuple[list[int], SamplingSettings]]
+            ) -> Iterator[tuple[int, Delta, Request]]:
+        """A blocking client with `Runner.run`'s interface: generate every (prompt ids, settings)
+        request, yielding (request index, delta, progress) as tokens arrive, in order within each
+        request. Requests are queued whatever the bound; closing the iterator cancels them."""
+        results: queue.SimpleQueue = queue.SimpleQueue()
+        deliver = lambda index: (lambda item: results.put((index, item)))
+        jobs = self.submit([(prompt, settings, deliver(i)) for i, (prompt, settings) in enumerate(requests)],
+                           bounded=False)
+        try:
+            remaining = len(jobs)
+            while remaining:
+                index, item = results.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield index, item, jobs[index].progress
+                remaining -= item.finish_reason is not None
+        finally:
+            for job in jobs:
+                if not job.done:
+                    self.cancel(job)
 
     def snapshot(self) -> EngineMetrics:
         """A consistent copy of the metrics."""
@@ -377,6 +412,24 @@ class Engine:
         with self._lock:
             self.metrics.finished[reason] += 1
         self._send(job, error)
+
+
+class _CacheHolder:
+    _state: Optional[SlotState] = None
+
+
+_ENGINES_LOCK = threading.Lock()
+
+
+def engine_for(model: Any, slots: int) -> Engine:
+    """The model's engine on `runner_for(model, slots)`, started once and cached on the model:
+    what `generate` and `stream` submit to."""
+    with _ENGINES_LOCK:
+        engines = model.__dict__.setdefault("_engines", {})
+        engine = engines.get(slots)
+        if engine is None or engine.closing:
+            engine = engines[slots] = Engine(model, slots, runner=runner_for(model, slots)).start()
+        return engine
 
 
 def _copy(histogram: Histogram) -> Histogram:

@@ -6,7 +6,9 @@
 The server (grok1/server.py, `--slots` slots) runs in this process on 127.0.0.1; each client
 sends `--requests` streaming completions one after the other (fixed seeds, `--max-tokens` each;
 EOS may end one early). A warm-up request compiles the steps first. Tokens are counted from the
-`usage` of each stream; the time to first token is the client's (median over requests).
+`usage` of each stream; the time to first token is the client's (median over requests). A checkpoint without a tokenizer
+(bench-1b) gets 5-token prompts of token ids, and asks for logprobs so that each token streams
+(its text is empty).
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
-async def client(url: str, model: str, index: int, requests: int, max_tokens: int):
+async def client(url: str, model: str, index: int, requests: int, max_tokens: int, text: bool):
     tokens, first = 0, []
     async with httpx.AsyncClient(base_url=url, timeout=600) as c:
         for r in range(requests):
-            body = dict(model=model, prompt=f"The function returns {index} {r}", max_tokens=max_tokens,
+            prompt = f"The function returns {index} {r}" if text else [1, 100 + index, 200 + r, 300, 400]
+            body = dict(model=model, prompt=prompt, max_tokens=max_tokens,
                         seed=1000 * index + r, temperature=0.8, stream=True,
-                        stream_options={"include_usage": True})
+                        stream_options={"include_usage": True},
+                        **({} if text else {"logprobs": 0}))   # no text without a tokenizer
             start = time.perf_counter()
             async with c.stream("POST", "/v1/completions", json=body) as response:
                 response.raise_for_status()
@@ -46,9 +50,10 @@ async def client(url: str, model: str, index: int, requests: int, max_tokens: in
     return tokens, first
 
 
-async def run_level(url: str, model: str, clients: int, requests: int, max_tokens: int):
+async def run_level(url: str, model: str, clients: int, requests: int, max_tokens: int, text: bool):
     start = time.perf_counter()
-    results = await asyncio.gather(*(client(url, model, i, requests, max_tokens) for i in range(clients)))
+    results = await asyncio.gather(*(client(url, model, i, requests, max_tokens, text)
+                                     for i in range(clients)))
     seconds = time.perf_counter() - start
     tokens = sum(t for t, _ in results)
     ttft = statistics.median(f for _, firsts in results for f in firsts)
@@ -70,13 +75,14 @@ def main() -> None:
     model = grok1.load(args.checkpoint, progress=False)
     name = os.path.basename(os.path.normpath(args.checkpoint))
     with BackgroundServer(model, slots=args.slots, model_name=name) as server:
-        asyncio.run(run_level(server.url, name, 1, 1, 4))                       # compile
+        text = model.tokenizer is not None      # else prompts of token ids
+        asyncio.run(run_level(server.url, name, 1, 1, 4, text))                 # compile
         print(f"{name}, {args.slots} slots, {args.requests} requests per client, "
               f"max_tokens {args.max_tokens}")
         print("clients  tokens  seconds  tokens/s  median TTFT (s)")
         for clients in (int(c) for c in args.clients.split(",")):
             tokens, seconds, ttft = asyncio.run(run_level(server.url, name, clients, args.requests,
-                                                          args.max_tokens))
+                                                          args.max_tokens, text))
             print(f"{clients:7d}  {tokens:6d}  {seconds:7.2f}  {tokens / seconds:8.1f}  {ttft:15.3f}",
                   flush=True)
 

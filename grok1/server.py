@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
-import os
 import secrets
 import socket
 import threading
@@ -196,8 +196,6 @@ class Service:
 
     def fit(self, prompt: Any, settings, param: str, default_max_tokens: Optional[int]):
         """(prompt ids, settings) fitted into the context; a too-long prompt or max_tokens is a 400."""
-        import dataclasses
-
         try:
             ids = self.engine.fit(prompt, dataclasses.replace(settings, max_new_tokens=None)).token_ids
             if settings.max_new_tokens is None and default_max_tokens is not None:

@@ -11,7 +11,9 @@ given); chat defaults to the end of the context. A prompt longer than the contex
 max_tokens beyond the room it leaves, is a 400 naming the limit. `top_k` is an extension
 (0 = off). `logprobs` gives the log-probability of each chosen token; top alternatives
 (logprobs > 0, top_logprobs > 0) are not computed and are refused. `usage.completion_tokens`
-counts the tokens returned (a stop token is not among them).
+counts the tokens returned (a stop token is not among them). A model without a tokenizer takes
+prompts of token ids only, and its completions' text is empty: logprobs=0 returns the token ids
+(as strings) with their log-probabilities.
 
 Chat template (Grok-1 is a base model, so chat is plain text it can continue):
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import random
 import re
 import signal
@@ -26,6 +27,8 @@ import openai
 import pytest
 
 import grok1
+from grok1.engine import Engine
+from grok1.sampler import runner_for, sampling_settings
 from grok1.server import BackgroundServer
 
 from conftest import REPO
@@ -154,6 +157,30 @@ def test_a_short_request_sent_during_a_long_one_completes_first(client, http):
     thread.join(120)
     assert order[0][0] == "short"
     assert order[1][1] > 100, "the long request must really be long"
+
+
+def test_newcomers_join_one_per_decode_step_while_others_decode(model):
+    runner = runner_for(model, SLOTS)
+    calls, prefill, decode = [], runner.prefill, runner.decode
+    runner.prefill = lambda *args: calls.append("prefill") or prefill(*args)
+    runner.decode = lambda *args: calls.append("decode") or decode(*args)
+    try:
+        with Engine(model, slots=SLOTS) as engine:
+            settings = sampling_settings(model.config, model.tokenizer, max_new_tokens=200, seed=16)
+            ids = engine.fit(PROMPT, settings).token_ids
+            long = engine.stream(ids, settings)
+            next(long)
+            finished = queue.SimpleQueue()
+            short = [sampling_settings(model.config, model.tokenizer, max_new_tokens=3, seed=s) for s in (1, 2, 3)]
+            engine.submit([(ids, s, lambda d: d.finish_reason and finished.put(d)) for s in short])
+            for _ in short:
+                finished.get(timeout=60)
+            long.close()
+    finally:
+        runner.prefill, runner.decode = prefill, decode
+    while_decoding = calls[calls.index("decode"):]
+    assert while_decoding.count("prefill") == 3
+    assert "prefill, prefill" not in ", ".join(while_decoding)
 
 
 def test_same_seed_and_settings_through_the_server_equal_generate_alone(client, model):

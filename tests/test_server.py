@@ -353,3 +353,15 @@ def test_run_py_serves_and_sigterm_ends_a_running_stream_and_frees_the_port():
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_run_py_refuses_a_port_in_use_in_one_line_before_loading_the_model():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, str(REPO / "run.py"), "--serve", "--port", str(port)],
+                                cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"run.py: error: --serve: cannot listen on 127.0.0.1:{port} (Address already in use)"]

@@ -18,6 +18,7 @@ Back-pressure: at most `max_waiting` requests wait for a slot; `submit` raises Q
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import collections
 import dataclasses
@@ -25,6 +26,7 @@ import itertools
 import queue
 import threading
 import time
+import weakref
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -164,6 +166,7 @@ class Engine:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="grok1-engine", daemon=True)
                 self._thread.start()
+                _STARTED.add(self)
         return self
 
     def close(self, timeout: Optional[float] = 30.0) -> None:
@@ -412,6 +415,17 @@ class Engine:
         with self._lock:
             self.metrics.finished[reason] += 1
         self._send(job, error)
+
+
+# Engines still running when the interpreter exits are closed first, so their thread is not cut
+# off in the middle of a device call while Python tears down.
+_STARTED: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_started_engines() -> None:
+    for engine in list(_STARTED):
+        engine.close(timeout=10)
 
 
 class _CacheHolder:

@@ -129,7 +129,7 @@ def max_new_tokens(text: str) -> Optional[int]:
             f"expected an integer or {TO_CONTEXT_END!r} (up to the end of the context), got {text!r}") from None
 
 
-# What each flag is for: the mode flags (--plan, --describe, --trace, --interactive, or none of
+# What each flag is for: the mode flags (--plan, --describe, --trace, --interactive, --serve, or none of
 # them: generation) a flag has an effect in. Flags not listed work in every mode.
 MODES = ("plan", "describe", "trace", "interactive", "serve", "generate")
 SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_p", "top_k", "frequency_penalty",

@@ -102,6 +102,12 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true",
                      help="no progress bar, no prompt echo, no tokens/s report: only the generated text")
 
+    server = p.add_argument_group("server")
+    server.add_argument("--serve", action="store_true",
+                        help="serve the model over HTTP with the OpenAI API (grok1/server.py) until "
+                             "Ctrl-C or SIGTERM")
+    server.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on")
+    server.add_argument("--port", type=int, default=8000, help="--serve: port to listen on (0: any free one)")
     research = p.add_argument_group("research and planning")
     research.add_argument("--plan", action="store_true",
                           help="print the memory and sharding plan of --preset (or the checkpoint's "
@@ -132,18 +138,20 @@ def max_new_tokens(text: str) -> Optional[int]:
             f"expected an integer or {TO_CONTEXT_END!r} (up to the end of the context), got {text!r}") from None
 
 
-# What each flag is for: the mode flags (--plan, --describe, --trace, --interactive, or none of
+# What each flag is for: the mode flags (--plan, --describe, --trace, --interactive, --serve, or none of
 # them: generation) a flag has an effect in. Flags not listed work in every mode.
-MODES = ("plan", "describe", "trace", "interactive", "generate")
+MODES = ("plan", "describe", "trace", "interactive", "serve", "generate")
 SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_p", "top_k", "frequency_penalty",
                   "presence_penalty", "seed")
 FLAG_MODES: dict[str, tuple[str, ...]] = {
-    "tokenizer": ("trace", "interactive", "generate"),
-    "dtype": ("plan", "trace", "interactive", "generate"),
+    "tokenizer": ("trace", "interactive", "serve", "generate"),
+    "dtype": ("plan", "trace", "interactive", "serve", "generate"),
     "prompt": ("trace", "generate"),
     **{name: ("interactive", "generate") for name in SAMPLING_FLAGS},
     "no_stream": ("generate",),
-    "quiet": ("trace", "interactive", "generate"),
+    "quiet": ("trace", "interactive", "serve", "generate"),
+    "host": ("serve",),
+    "port": ("serve",),
     "batch": ("plan",),
     "context": ("plan",),
     "plot": ("trace",),
@@ -256,6 +264,21 @@ def check_mesh_covers_the_cluster(spec: Optional[str]) -> None:
     if jax.process_count() > 1 and spec is None:
         raise UserError(f"this run has {jax.process_count()} processes and {jax.device_count()} devices: "
                         f"pass --mesh over all of them (e.g. --mesh 1x{jax.device_count()})")
+
+
+def listen(args: argparse.Namespace):
+    """--serve's listening socket, opened before the model loads so a busy port fails at once."""
+    import jax
+    from grok1.server import bind
+    if jax.process_count() > 1:  # followers would need process 0's schedule of every step
+        raise UserError(f"--serve runs in one process; this run has {jax.process_count()} "
+                        f"(serve from one host, or generate with run.py / Model.generate across them)")
+    if not 0 <= args.port < 65536:
+        raise UserError(f"--port must lie in [0, 65535], got {args.port}")
+    try:
+        return bind(args.host, args.port)
+    except OSError as e:
+        raise UserError(f"--serve: cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
 
 
 # ---- config, tokenizer, model -----------------------------------------------------------------
@@ -586,6 +609,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_checkpoint_folder(args.checkpoint)
         start_jax(args)
         check_mesh_covers_the_cluster(args.mesh)
+        listening = listen(args) if args.serve else None
         config = model_config(args)
         tokenizer_path, tokenizer = load_tokenizer(args, config)
         settings = sampling(args, config, tokenizer)
@@ -594,6 +618,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             run_trace(args, model)
         elif args.interactive:
             run_interactive(args, model, settings)
+        elif args.serve:
+            from grok1.server import serve
+            serve(model, sock=listening, model_name=os.path.basename(os.path.normpath(args.checkpoint)),
+                  log_level="warning" if args.quiet else "info")
         else:
             run_generate(args, model, settings)
         return 0

@@ -640,7 +640,8 @@ def generate(model: Any, prompts: Sequence[Any], slots: Optional[int] = None,
         slots = min(DEFAULT_MAX_SLOTS, 1 << (len(requests) - 1).bit_length())
     done: dict[int, Completion] = {}
     runs = [(fitted.token_ids, request_settings) for fitted, request_settings in requests]
-    for index, delta, request in runner_for(model, slots).run(runs):
+    from grok1.engine import engine_for
+    for index, delta, request in engine_for(model, slots).run(runs):
         if delta.finish_reason is not None:
             fitted = requests[index][0]
             done[index] = dataclasses.replace(
@@ -653,7 +654,8 @@ def stream(model: Any, prompt: Any, slots: int = 1, **settings: Any) -> Iterator
     """Complete one prompt, yielding Deltas (text and token ids) as they are sampled; the
     concatenated delta texts equal the Completion's text. Settings are checked on the call."""
     [(fitted, request_settings)] = _requests(model, [prompt], settings)
-    deltas = runner_for(model, slots).run([(fitted.token_ids, request_settings)])
+    from grok1.engine import engine_for
+    deltas = engine_for(model, slots).run([(fitted.token_ids, request_settings)])
 
     def with_fit_on_the_first() -> Iterator[Delta]:
         for i, (_, delta, _) in enumerate(deltas):

@@ -1,0 +1,452 @@
+"""A long-lived generation engine: requests join and leave the runner's slots at any step.
+
+`sampler.Runner.run` batches the prompts of one call. The Engine keeps one Runner busy for the
+life of a server instead: one thread owns the runner and the device, requests are submitted from
+any thread (or an event loop, through a callback), join a free slot before the next decode call,
+receive their Deltas as soon as the host reads them, and leave when they finish or are cancelled;
+their slot is prefilled with the next waiting request on the following step.
+
+Scheduling per step: finished and cancelled requests leave; waiting requests are prefilled into
+free slots, at most one per step while other requests are decoding (so a newcomer stalls the
+running ones by one prompt's prefill, never more); one decode call (`decode_chunk` tokens) is
+dispatched; then the results of the previous call are read while the device runs this one, as in
+`Runner.run`. Sampling is the Runner's: a request's tokens depend on its prompt, settings and seed
+only, not on its slot or its neighbours.
+
+Back-pressure: at most `max_waiting` requests wait for a slot; `submit` raises QueueFull past it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import bisect
+import collections
+import dataclasses
+import itertools
+import queue
+import threading
+import time
+import weakref
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from grok1.sampler import (Delta, FittedPrompt, Request, Runner, SamplingSettings, SlotState,
+                           draw_fresh_seeds, fit_prompt, runner_for)
+from grok1.sharding import to_host
+
+DEFAULT_SLOTS = 4
+DEFAULT_MAX_WAITING = 256
+
+
+class EngineError(RuntimeError):
+    """A request ended without finishing: the engine shut down or the device step failed."""
+
+
+class EngineClosed(EngineError):
+    """The engine is shutting down (or has): the request was not, or not fully, served."""
+
+
+class QueueFull(RuntimeError):
+    """Too many requests wait for a slot; try again later."""
+
+
+Deliver = Callable[[Any], None]   # called on the engine thread with each Delta, or an EngineError
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    """One submitted request: its prompt, settings and progress, and where its Deltas go.
+    `deliver` runs on the engine thread and must not block (put on a queue, or
+    loop.call_soon_threadsafe)."""
+
+    prompt: list[int]
+    settings: SamplingSettings
+    deliver: Deliver
+    progress: Request
+    id: int
+    submitted_at: float
+    first_token_at: Optional[float] = None
+    last_token_at: Optional[float] = None
+    cancelled: bool = False
+    done: bool = False
+
+
+# ---- metrics ----------------------------------------------------------------------------------
+
+class Histogram:
+    """A Prometheus histogram: cumulative bucket counts, sum and count."""
+
+    def __init__(self, bounds: Sequence[float]):
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name: str) -> list[str]:
+        out, total = [], 0
+        for bound, count in zip(self.bounds, self.counts):
+            total += count
+            out.append(f'{name}_bucket{{le="{bound:g}"}} {total}')
+        out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
+        out += [f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
+        return out
+
+
+LATENCY_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclasses.dataclass
+class EngineMetrics:
+    """Counters the engine thread updates (under the engine's lock)."""
+
+    slots: int
+    running: int = 0
+    waiting: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    finished: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    time_to_first_token: Histogram = dataclasses.field(default_factory=lambda: Histogram(LATENCY_BOUNDS))
+    time_per_output_token: Histogram = dataclasses.field(default_factory=lambda: Histogram(LATENCY_BOUNDS))
+
+
+# ---- the engine -------------------------------------------------------------------------------
+
+class Engine:
+    """Continuous batching for requests that arrive at any time (see the module docstring).
+
+    Without `runner`, the engine uses the jitted steps of the model's Runner (`runner_for`, so
+    both compile once) with a cache of its own; with `runner`, it owns that runner and its cache
+    (`engine_for` does this for `generate` and `stream`).
+    Start it with `start()` (or use it as a context manager); `close()` ends every running and
+    waiting request with EngineClosed and stops the thread.
+    """
+
+    def __init__(self, model: Any, slots: int = DEFAULT_SLOTS, decode_chunk: int = 1,
+                 max_waiting: int = DEFAULT_MAX_WAITING, runner: Optional[Runner] = None):
+        if max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
+        self.model = model
+        if runner is not None:
+            self.runner, self._cache_holder = runner, runner
+        else:
+            self.runner = (runner_for(model, slots) if decode_chunk == 1
+                           else Runner(model, slots, decode_chunk=decode_chunk))
+            self._cache_holder = _CacheHolder()
+        self.slots = self.runner.slots
+        self.max_waiting = int(max_waiting)
+        self.metrics = EngineMetrics(slots=self.slots)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._ids = itertools.count()
+        self._closing = False
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def _state(self) -> Optional[SlotState]:
+        return self._cache_holder._state
+
+    @_state.setter
+    def _state(self, state: Optional[SlotState]) -> None:
+        self._cache_holder._state = state
+
+    # ---- life cycle ----
+
+    def start(self) -> "Engine":
+        """Start the engine thread (idempotent)."""
+        with self._lock:
+            if self._closing:
+                raise EngineClosed("the engine is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="grok1-engine", daemon=True)
+                self._thread.start()
+                _STARTED.add(self)
+        return self
+
+    def close(self, timeout: Optional[float] = 30.0) -> None:
+        """Stop taking requests, end running and waiting ones with EngineClosed, join the thread."""
+        with self._lock:
+            self._closing = True
+            self._wake.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        with self._lock:   # never started: nobody else will end the waiting requests
+            waiting, self._waiting = list(self._waiting), collections.deque()
+            self.metrics.waiting = 0
+        for job in waiting:
+            self._end(job, EngineClosed("the server is shutting down"), reason="aborted")
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def __enter__(self) -> "Engine":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- requests ----
+
+    def fit(self, prompt: Any, settings: SamplingSettings) -> FittedPrompt:
+        """The prompt checked and fitted into the context as `sampler.fit_prompt` does
+        (ValueError on bad input, or on a prompt or max_new_tokens that do not fit when strict)."""
+        return fit_prompt(prompt, self.model.config, self.model.tokenizer, settings)
+
+    def submit(self, requests: Sequence[tuple[list[int], SamplingSettings, Deliver]],
+               bounded: bool = True) -> list[Job]:
+        """Queue (prompt ids, settings, deliver) requests, all or none: QueueFull when they do
+        not fit in the waiting queue (unless not `bounded`), EngineClosed when shutting down. A request without a seed
+        gets a fresh one. `deliver` receives each Delta (the last has a finish_reason) or, if the
+        request cannot finish, one EngineError."""
+        config, tokenizer = self.model.config, self.model.tokenizer
+        fresh = iter(draw_fresh_seeds(sum(s.seed is None for _, s, _ in requests)))
+        jobs = []
+        now = time.monotonic()
+        for prompt, settings, deliver in requests:
+            if settings.seed is None:
+                settings = dataclasses.replace(settings, seed=next(fresh))
+            if not prompt or len(prompt) >= config.sequence_len:
+                raise ValueError(f"prompt ids must number 1 to {config.sequence_len - 1} "
+                                 f"(fit them with Engine.fit), got {len(prompt)}")
+            jobs.append(Job(prompt=list(prompt), settings=settings, deliver=deliver,
+                            progress=Request(list(prompt), settings, config, tokenizer),
+                            id=0, submitted_at=now))
+        with self._lock:
+            if self._closing:
+                raise EngineClosed("the server is shutting down")
+            if bounded and len(self._waiting) + len(jobs) > self.max_waiting:
+                raise QueueFull(f"{len(self._waiting)} requests wait for a slot "
+                                f"(at most {self.max_waiting})")
+            for job in jobs:
+                job.id = next(self._ids)
+                self._waiting.append(job)
+            self.metrics.waiting = len(self._waiting)
+            self._wake.notify_all()
+        return jobs
+
+    def cancel(self, job: Job) -> None:
+        """Stop a request: it receives nothing more, and its slot is free after the decode call
+        in progress (or it leaves the queue)."""
+        with self._lock:
+            job.cancelled = True
+            self._wake.notify_all()
+
+    def stream(self, prompt: list[int], settings: SamplingSettings) -> Iterator[Delta]:
+        """A blocking client: Deltas of one request (prompt ids as `fit` returns them).
+        Closing the iterator early cancels the request."""
+        deltas: queue.SimpleQueue = queue.SimpleQueue()
+        [job] = self.submit([(prompt, settings, deltas.put)])
+        try:
+            while True:
+                item = deltas.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            if not job.done:
+                self.cancel(job)
+
+    def run(self, requests: Sequence[tuple[list[int], SamplingSettings]]
+            ) -> Iterator[tuple[int, Delta, Request]]:
+        """A blocking client with `Runner.run`'s interface: generate every (prompt ids, settings)
+        request, yielding (request index, delta, progress) as tokens arrive, in order within each
+        request. Requests are queued whatever the bound; closing the iterator cancels them."""
+        results: queue.SimpleQueue = queue.SimpleQueue()
+        deliver = lambda index: (lambda item: results.put((index, item)))
+        jobs = self.submit([(prompt, settings, deliver(i)) for i, (prompt, settings) in enumerate(requests)],
+                           bounded=False)
+        try:
+            remaining = len(jobs)
+            while remaining:
+                index, item = results.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield index, item, jobs[index].progress
+                remaining -= item.finish_reason is not None
+        finally:
+            for job in jobs:
+                if not job.done:
+                    self.cancel(job)
+
+    def snapshot(self) -> EngineMetrics:
+        """A consistent copy of the metrics."""
+        with self._lock:
+            m = self.metrics
+            return dataclasses.replace(m, finished=collections.Counter(m.finished),
+                                       time_to_first_token=_copy(m.time_to_first_token),
+                                       time_per_output_token=_copy(m.time_per_output_token))
+
+    # ---- the engine thread ----
+
+    def _loop(self) -> None:
+        slot_of: list[Optional[Job]] = [None] * self.slots
+        in_flight: collections.deque = collections.deque()   # (kind, {slot: job}, device arrays)
+        while True:
+            with self._lock:
+                while not (self._closing or self._waiting or in_flight
+                           or any(job is not None for job in slot_of)):
+                    self._wake.wait()
+                if self._closing:
+                    break
+                admitted = self._admit(slot_of)
+            try:
+                self._step(slot_of, admitted, in_flight)
+            except Exception as error:   # a failed device call: end its requests, keep serving
+                for job in {id(j): j for j in slot_of if j is not None}.values():
+                    self._end(job, EngineError(f"generation failed: {error}"), reason="error")
+                slot_of = [None] * self.slots
+                in_flight.clear()
+                self._state = None
+                with self._lock:
+                    self.metrics.running = 0
+        for job in slot_of:
+            if job is not None:
+                self._end(job, EngineClosed("the server is shutting down"), reason="aborted")
+        with self._lock:
+            self.metrics.running = 0
+
+    def _admit(self, slot_of: list[Optional[Job]]) -> list[tuple[int, Job]]:
+        """(Under the lock.) Free the slots of cancelled requests and pick the newcomers for free
+        slots: all that fit when nothing is decoding, else one."""
+        for slot, job in enumerate(slot_of):
+            if job is not None and (job.cancelled or job.done):
+                if job.cancelled and not job.done:
+                    job.done = True
+                    self.metrics.finished["cancelled"] += 1
+                slot_of[slot] = None
+        busy = any(job is not None for job in slot_of)
+        admitted = []
+        for slot in range(self.slots):
+            if slot_of[slot] is not None:
+                continue
+            while self._waiting and self._waiting[0].cancelled:
+                self._waiting.popleft().done = True
+                self.metrics.finished["cancelled"] += 1
+            if not self._waiting or (busy and admitted):
+                break
+            job = self._waiting.popleft()
+            slot_of[slot] = job
+            admitted.append((slot, job))
+        self.metrics.waiting = len(self._waiting)
+        self.metrics.running = sum(job is not None for job in slot_of)
+        return admitted
+
+    def _step(self, slot_of: list[Optional[Job]], admitted: list[tuple[int, Job]],
+              in_flight: collections.deque) -> None:
+        """Prefill the newcomers, dispatch one decode call, read all results but its own."""
+        runner = self.runner
+        if self._state is None:
+            self._state = runner._fresh_state()
+        for slot, job in admitted:
+            self._state, token, logprob = self._prefill(slot, job.prompt, job.settings)
+            in_flight.append(("prefill", {slot: job}, (token, logprob)))
+            with self._lock:
+                self.metrics.prompt_tokens += len(job.prompt)
+        dispatched = False
+        if any(job is not None for job in slot_of):
+            self._state, tokens, logprobs = runner.decode(self.model.params, self._state)
+            in_flight.append(("decode", {s: j for s, j in enumerate(slot_of) if j is not None},
+                              (tokens, logprobs)))
+            dispatched = True
+        while len(in_flight) > (1 if dispatched else 0):
+            kind, snapshot, arrays = in_flight.popleft()
+            tokens, logprobs = (to_host(a) for a in arrays)
+            if kind == "prefill":
+                tokens, logprobs = tokens.reshape(1, 1), logprobs.reshape(1, 1)
+            for step in range(tokens.shape[0]):
+                now = time.monotonic()
+                for slot, job in snapshot.items():
+                    if job.done or job.cancelled:
+                        continue
+                    column = 0 if kind == "prefill" else slot
+                    delta = job.progress.add(int(tokens[step, column]), float(logprobs[step, column]))
+                    self._record(job, delta, now)
+                    if delta.finish_reason is not None:
+                        job.done = True
+                        if slot_of[slot] is job:
+                            slot_of[slot] = None
+                    self._send(job, delta)
+
+    def _prefill(self, slot: int, prompt: list[int], settings: SamplingSettings):
+        """`Runner._prefill` on the engine's state: the prompt padded to its bucket."""
+        bucket = next(b for b in self.runner.buckets if b >= len(prompt))
+        padded = np.full((1, bucket), self.model.config.pad_token, np.int32)
+        padded[0, :len(prompt)] = prompt
+        return self.runner.prefill(
+            self.model.params, self._state, padded, np.int32(len(prompt)), np.int32(slot),
+            np.uint32(settings.seed), np.float32(settings.temperature), np.float32(settings.top_p),
+            np.int32(settings.top_k), np.float32(settings.frequency_penalty),
+            np.float32(settings.presence_penalty))
+
+    def _record(self, job: Job, delta: Delta, now: float) -> None:
+        with self._lock:
+            m = self.metrics
+            m.generated_tokens += 1
+            if job.first_token_at is None:
+                job.first_token_at = now
+                m.time_to_first_token.observe(now - job.submitted_at)
+            else:
+                m.time_per_output_token.observe(now - job.last_token_at)
+            job.last_token_at = now
+            if delta.finish_reason is not None:
+                m.finished[delta.finish_reason] += 1
+                m.running = max(0, m.running - 1)
+
+    def _send(self, job: Job, item: Any) -> None:
+        try:
+            job.deliver(item)
+        except Exception:   # a receiver that cannot take more: treat it as gone
+            job.cancelled = True
+
+    def _end(self, job: Job, error: EngineError, reason: str) -> None:
+        if job.done:
+            return
+        job.done = True
+        with self._lock:
+            self.metrics.finished[reason] += 1
+        self._send(job, error)
+
+
+# Engines still running when the interpreter exits are closed first, so their thread is not cut
+# off in the middle of a device call while Python tears down.
+_STARTED: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_started_engines() -> None:
+    for engine in list(_STARTED):
+        engine.close(timeout=10)
+
+
+class _CacheHolder:
+    _state: Optional[SlotState] = None
+
+
+_ENGINES_LOCK = threading.Lock()
+
+
+def engine_for(model: Any, slots: int) -> Engine:
+    """The model's engine on `runner_for(model, slots)`, started once and cached on the model:
+    what `generate` and `stream` submit to."""
+    with _ENGINES_LOCK:
+        engines = model.__dict__.setdefault("_engines", {})
+        engine = engines.get(slots)
+        if engine is None or engine.closing:
+            engine = engines[slots] = Engine(model, slots, runner=runner_for(model, slots)).start()
+        return engine
+
+
+def _copy(histogram: Histogram) -> Histogram:
+    copy = Histogram(histogram.bounds)
+    copy.counts, copy.sum, copy.count = list(histogram.counts), histogram.sum, histogram.count
+    return copy

@@ -1,0 +1,367 @@
+"""The OpenAI-compatible server: the official client, requests joining while others decode,
+determinism against `generate`, a load test with disconnecting clients, malformed input, and
+graceful shutdown.
+
+One server (4 slots, on 127.0.0.1 and a free port, in a thread of this process) serves the
+shipped model for the whole file; it shares its compiled steps with `model.generate(slots=4)`.
+Prompts stay under 32 tokens so one prefill bucket is compiled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+import grok1
+from grok1.engine import Engine
+from grok1.sampler import runner_for, sampling_settings
+from grok1.server import BackgroundServer
+
+from conftest import REPO
+
+MODEL = "small"
+SLOTS = 4
+PROMPT = "The function returns"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return grok1.load(REPO / "checkpoints" / "small")
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    with BackgroundServer(model, slots=SLOTS, model_name=MODEL) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+def metrics(http: httpx.Client) -> dict[str, float]:
+    """/metrics as {name{labels}: value}."""
+    text = http.get("/metrics").text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def wait_until_idle(http: httpx.Client, timeout: float = 10.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metrics(http)
+        if (m["grok1_requests_running"], m["grok1_requests_waiting"]) == (0, 0) \
+                or time.monotonic() > deadline:
+            return m
+        time.sleep(0.05)
+
+
+# ---- the official client ----------------------------------------------------------------------
+
+def test_openai_client_gets_a_completion_with_usage_and_finish_reason(client, model):
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, seed=1, temperature=0.8)
+    assert out.object == "text_completion" and out.model == MODEL
+    [choice] = out.choices
+    assert choice.finish_reason in ("stop", "length") and isinstance(choice.text, str)
+    assert out.usage.prompt_tokens == len(model.tokenizer.encode(PROMPT)) + 1      # and BOS
+    assert 1 <= out.usage.completion_tokens <= 12
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+
+
+def test_openai_client_gets_a_chat_completion(client):
+    out = client.chat.completions.create(model=MODEL, messages=[
+        {"role": "system", "content": "You write code."}, {"role": "user", "content": "Say hello"}],
+        max_tokens=10, seed=2)
+    [choice] = out.choices
+    assert out.object == "chat.completion"
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert out.usage.completion_tokens <= 10 and out.usage.prompt_tokens > 0
+
+
+def test_streamed_completion_has_the_text_finish_reason_and_usage_of_the_whole_one(client):
+    settings = dict(model=MODEL, prompt=PROMPT, max_tokens=20, seed=3, temperature=0.9, top_p=0.95)
+    whole = client.completions.create(**settings)
+    chunks = list(client.completions.create(**settings, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+
+
+def test_streamed_chat_starts_with_the_role_and_ends_with_a_finish_reason(client):
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8, seed=4, stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens <= 8
+
+
+def test_a_list_of_prompts_with_n_gives_every_choice_in_order(client):
+    out = client.completions.create(model=MODEL, prompt=[PROMPT, [1, 450, 600]], n=2, max_tokens=5, seed=5)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert all(c.finish_reason in ("stop", "length") for c in out.choices)
+
+
+def test_logprobs_come_with_each_returned_token(client):
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, seed=6, logprobs=0)
+    logprobs = out.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == out.usage.completion_tokens
+    assert all(lp <= 0 for lp in logprobs.token_logprobs)
+
+
+def test_models_lists_the_served_model_and_health_is_ok(client, http):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert http.get("/health").json() == {"status": "ok"}
+
+
+# ---- scheduling -------------------------------------------------------------------------------
+
+def test_a_short_request_sent_during_a_long_one_completes_first(client, http):
+    order, long_started = [], threading.Event()
+
+    def long_request():   # seed 16 samples 154 tokens, then EOS
+        stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=200, seed=16,
+                                           temperature=1.0, stream=True,
+                                           stream_options={"include_usage": True})
+        for chunk in stream:
+            long_started.set()
+        order.append(("long", chunk.usage.completion_tokens))
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    assert long_started.wait(60)
+    short = client.completions.create(model=MODEL, prompt="Hello", max_tokens=2, seed=12)
+    order.append(("short", short.choices[0].finish_reason))
+    thread.join(120)
+    assert order[0][0] == "short"
+    assert order[1][1] > 100, "the long request must really be long"
+
+
+def test_newcomers_join_one_per_decode_step_while_others_decode(model):
+    runner = runner_for(model, SLOTS)
+    calls, prefill, decode = [], runner.prefill, runner.decode
+    runner.prefill = lambda *args: calls.append("prefill") or prefill(*args)
+    runner.decode = lambda *args: calls.append("decode") or decode(*args)
+    try:
+        with Engine(model, slots=SLOTS) as engine:
+            settings = sampling_settings(model.config, model.tokenizer, max_new_tokens=200, seed=16)
+            ids = engine.fit(PROMPT, settings).token_ids
+            long = engine.stream(ids, settings)
+            next(long)
+            finished = queue.SimpleQueue()
+            short = [sampling_settings(model.config, model.tokenizer, max_new_tokens=3, seed=s) for s in (1, 2, 3)]
+            engine.submit([(ids, s, lambda d: d.finish_reason and finished.put(d)) for s in short])
+            for _ in short:
+                finished.get(timeout=60)
+            long.close()
+    finally:
+        runner.prefill, runner.decode = prefill, decode
+    while_decoding = calls[calls.index("decode"):]
+    assert while_decoding.count("prefill") == 3
+    assert "prefill, prefill" not in ", ".join(while_decoding)
+
+
+def test_same_seed_and_settings_through_the_server_equal_generate_alone(client, model):
+    cases = [dict(prompt=PROMPT, max_tokens=24, seed=21, temperature=0.8, top_p=0.9),
+             dict(prompt="Once upon a time", max_tokens=30, seed=22, temperature=1.0, top_k=40),
+             dict(prompt="import numpy", max_tokens=16, seed=23, temperature=0.0),
+             dict(prompt="def main():", max_tokens=20, seed=24, temperature=0.7, frequency_penalty=0.5,
+                  presence_penalty=0.3)]
+    texts = [None] * len(cases)
+
+    def ask(i, case):
+        extra = {"top_k": case["top_k"]} if "top_k" in case else {}
+        settings = {k: v for k, v in case.items() if k != "top_k"}
+        texts[i] = client.completions.create(model=MODEL, **settings, extra_body=extra).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(i, case)) for i, case in enumerate(cases)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for case, text in zip(cases, texts):
+        case = dict(case)
+        prompt, case["max_new_tokens"] = case.pop("prompt"), case.pop("max_tokens")
+        assert text == model.generate([prompt], slots=SLOTS, **case)[0].text
+
+
+# ---- cancellation and load --------------------------------------------------------------------
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, http):
+    cancelled_before = metrics(http).get('grok1_requests_finished_total{reason="cancelled"}', 0)
+    with httpx.Client(base_url=server.url, timeout=60) as own:
+        with own.stream("POST", "/v1/completions", json=dict(
+                model=MODEL, prompt=PROMPT, max_tokens=250, seed=16, stream=True)) as response:
+            next(response.iter_lines())
+    m = wait_until_idle(http)
+    assert m["grok1_requests_running"] == 0
+    assert m['grok1_requests_finished_total{reason="cancelled"}'] == cancelled_before + 1
+
+
+async def one_client(url: str, index: int, rng: random.Random) -> str:
+    """One streaming client; a quarter mean to disconnect after a few events (those that reach
+    EOS first end normally). -> "done" | "left"."""
+    leave_after = rng.randint(1, 6) if index % 4 == 0 else None
+    body = dict(model=MODEL, prompt=f"{PROMPT} {index}",
+                max_tokens=rng.randint(4, 24) if leave_after is None else 200,
+                seed=index, stream=True, stream_options={"include_usage": True})
+    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+        async with c.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200, await response.aread()
+            events = []
+            async for line in response.aiter_lines():
+                if not line:
+                    continue
+                assert line.startswith("data: ")
+                events.append(line[len("data: "):])
+                if leave_after is not None and len(events) >= leave_after:
+                    return "left"
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finishes[-1] in ("stop", "length") and all(f is None for f in finishes[:-1])
+    usage = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == [] and 1 <= usage["completion_tokens"] <= body["max_tokens"]
+    return "done"
+
+
+def test_64_concurrent_clients_with_a_quarter_leaving_end_well_and_free_every_slot(server, http):
+    before = metrics(http)
+    rng = random.Random(0)
+
+    async def all_clients():
+        return await asyncio.gather(*(one_client(server.url, i, rng) for i in range(64)))
+
+    start = time.monotonic()
+    outcomes = asyncio.run(asyncio.wait_for(all_clients(), timeout=120))
+    m = wait_until_idle(http)
+    assert outcomes.count("left") >= 12 and outcomes.count("done") + outcomes.count("left") == 64
+    assert (m["grok1_requests_running"], m["grok1_requests_waiting"]) == (0, 0)
+    assert not [k for k in m if k.startswith('grok1_http_responses_total{code="5')]
+    assert m["grok1_http_responses_total{code=\"200\"}"] - before["grok1_http_responses_total{code=\"200\"}"] >= 64
+    assert time.monotonic() - start < 120
+
+
+def test_a_full_queue_answers_429_with_retry_after(model):
+    with BackgroundServer(model, slots=SLOTS, model_name=MODEL, max_waiting=1) as busy:
+        response = httpx.post(busy.url + "/v1/completions", timeout=60,
+                              json=dict(model=MODEL, prompt=PROMPT, max_tokens=2, n=2))
+    assert response.status_code == 429 and response.headers["Retry-After"] == "1"
+    assert response.json()["error"]["type"] == "rate_limit_error"
+
+
+# ---- malformed input --------------------------------------------------------------------------
+
+GOOD = dict(model=MODEL, prompt=PROMPT, max_tokens=2)
+MALFORMED = {
+    "not JSON": (b'{"model": "small", ', 400, None),
+    "not an object": (b"[1, 2]", 400, None),
+    "NaN is not JSON": (b'{"model": "small", "prompt": "a", "temperature": NaN}', 400, None),
+    "missing prompt": (dict(model=MODEL), 400, "prompt"),
+    "unknown field": ({**GOOD, "temprature": 0.5}, 400, "temprature"),
+    "unknown model": ({**GOOD, "model": "gpt-4"}, 404, "model"),
+    "temperature above 2": ({**GOOD, "temperature": 2.5}, 400, "temperature"),
+    "top_p of 0": ({**GOOD, "top_p": 0}, 400, "top_p"),
+    "n of 0": ({**GOOD, "n": 0}, 400, "n"),
+    "max_tokens of 0": ({**GOOD, "max_tokens": 0}, 400, "max_tokens"),
+    "max_tokens as text": ({**GOOD, "max_tokens": "10"}, 400, "max_tokens"),
+    "penalty out of range": ({**GOOD, "presence_penalty": 3}, 400, "presence_penalty"),
+    "negative seed": ({**GOOD, "seed": -1}, 400, "seed"),
+    "five stop strings": ({**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    "token id past the vocabulary": ({**GOOD, "prompt": [1, 99999]}, 400, "prompt"),
+    "empty prompt list": ({**GOOD, "prompt": []}, 400, "prompt"),
+    "prompt longer than the context": ({**GOOD, "prompt": [5] * 300}, 400, "prompt"),
+    "max_tokens past the context": ({**GOOD, "max_tokens": 1000}, 400, "max_tokens"),
+    "top logprobs": ({**GOOD, "logprobs": 3}, 400, "logprobs"),
+}
+
+
+@pytest.mark.parametrize("body,status,param", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_completion_gets_a_4xx_json_error_and_the_server_keeps_serving(http, body, status, param):
+    response = http.post("/v1/completions", **({"content": body} if isinstance(body, bytes) else {"json": body}))
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["message"] and error["type"] and error["param"] == param
+    assert http.post("/v1/completions", json=GOOD).status_code == 200
+
+
+def test_prompt_longer_than_the_context_names_the_limit(http):
+    message = http.post("/v1/completions", json={**GOOD, "prompt": [5] * 300}).json()["error"]["message"]
+    assert "256" in message
+
+
+@pytest.mark.parametrize("messages", [[], [{"role": "robot", "content": "hi"}], [{"role": "user"}],
+                                      "hello"])
+def test_malformed_chat_messages_get_a_400(http, messages):
+    response = http.post("/v1/chat/completions", json=dict(model=MODEL, messages=messages))
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+
+
+def test_unknown_path_and_wrong_method_get_json_errors(http):
+    assert http.get("/v1/nothing").json()["error"]["message"]
+    response = http.get("/v1/completions")
+    assert response.status_code == 405 and response.json()["error"]["message"]
+
+
+# ---- run.py --serve and shutdown --------------------------------------------------------------
+
+def test_run_py_serves_and_sigterm_ends_a_running_stream_and_frees_the_port():
+    process = subprocess.Popen([sys.executable, str(REPO / "run.py"), "--serve", "--port", "0", "--quiet"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = process.stdout.readline()
+        url = re.search(r"(http://\S+)/v1", line).group(1)
+        port = int(url.rsplit(":", 1)[1])
+        with httpx.Client(base_url=url, timeout=120) as c:
+            assert c.get("/v1/models").json()["data"][0]["id"] == "small"
+            with c.stream("POST", "/v1/completions", json=dict(
+                    model="small", prompt=PROMPT, max_tokens=250, seed=16, stream=True)) as response:
+                lines = response.iter_lines()
+                next(lines)      # seed 16 samples 154 tokens: SIGTERM arrives while they decode
+                process.send_signal(signal.SIGTERM)
+                rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]" and "shutting down" in rest[-2]
+        process.wait(60)
+        assert process.returncode == -signal.SIGTERM
+        with socket.socket() as s:       # a new server can listen on the port again
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_run_py_refuses_a_port_in_use_in_one_line_before_loading_the_model():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run([sys.executable, str(REPO / "run.py"), "--serve", "--port", str(port)],
+                                cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"run.py: error: --serve: cannot listen on 127.0.0.1:{port} (Address already in use)"]

@@ -22,21 +22,25 @@ from grok1.quant import QuantizedWeight8bit, Weight
 
 def grouped_matmul(xs: jax.Array, w: Weight, group_sizes: jax.Array, row_expert: jax.Array,
                    dtype) -> jax.Array:
-    """Rows of `xs` sorted by expert times their expert's [in, out] matrix (`jax.lax.ragged_dot`).
+    """Rows of `xs` sorted by expert times their expert's [in, out] matrix (`jax.lax.ragged_dot`),
+    operands in `dtype`, result float32.
 
     For int8 weights each scale block of the input axis is its own ragged_dot, and the block's
     scales (per expert and output column) multiply its partial product.
     """
+    acc = jnp.float32
+    xs = xs.astype(dtype)
     if not isinstance(w, QuantizedWeight8bit):
-        return jax.lax.ragged_dot(xs, w.astype(dtype), group_sizes)
+        return jax.lax.ragged_dot(xs, w.astype(dtype), group_sizes, preferred_element_type=acc)
     E, n_in, n_out = w.weight.shape
     blocks = w.num_blocks
     size = n_in // blocks
     out = None
     for b in range(blocks):
         part = jax.lax.ragged_dot(xs[:, b * size:(b + 1) * size],
-                                  w.weight[:, b * size:(b + 1) * size, :].astype(dtype), group_sizes)
-        part = part * w.scales[:, b, :].astype(dtype)[row_expert]
+                                  w.weight[:, b * size:(b + 1) * size, :].astype(dtype), group_sizes,
+                                  preferred_element_type=acc)
+        part = part * w.scales[:, b, :].astype(acc)[row_expert]
         out = part if out is None else out + part
     return out
 
@@ -79,43 +83,47 @@ EXPERT_PANELS = 2
 UNEMBED_PANELS = 8
 
 
-def panel_dot(x: jax.Array, w_t: jax.Array, panels: int) -> jax.Array:
-    """x [n, in] @ w_t.T for a weight stored [out, in], as `panels` dots over slices of `out`."""
+def panel_dot(x: jax.Array, w_t: jax.Array, panels: int, out_dtype=None) -> jax.Array:
+    """x [n, in] @ w_t.T for a weight stored [out, in], as `panels` dots over slices of `out`;
+    the result in `out_dtype` (default x's)."""
     out_size, in_size = w_t.shape
+    out_dtype = out_dtype or x.dtype
     acc = jnp.float32  # bfloat16 dots accumulating in float32 run on the fast CPU kernels
     if x.shape[0] == 1 and x.dtype == jnp.bfloat16:  # one bfloat16 row: the form XLA ran fastest
         if out_size >= in_size:
-            return jnp.dot(x, w_t.T, preferred_element_type=acc).astype(x.dtype)
+            return jnp.dot(x, w_t.T, preferred_element_type=acc).astype(out_dtype)
         panels = 1
     if out_size % panels:
         panels = 1
     y = jnp.einsum("ni,poi->pno", x, w_t.reshape(panels, out_size // panels, in_size),
-                   preferred_element_type=acc).astype(x.dtype)
+                   preferred_element_type=acc).astype(out_dtype)
     return jnp.transpose(y, (1, 0, 2)).reshape(x.shape[0], out_size)
 
 
 def expert_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, dtype) -> jax.Array:
     """One expert on rows x [n, d], its weights transposed as [out, in] (ExpertWeights):
-    (gelu(x @ linear) * (x @ linear_v)) @ linear_1."""
-    dot = lambda a, w_t: panel_dot(a, w_t.astype(dtype), EXPERT_PANELS)
+    (gelu(x @ linear) * (x @ linear_v)) @ linear_1, matmul operands in `dtype`, the rest and the
+    result in float32 (docs/ARCHITECTURE.md, "Where the model rounds to bfloat16")."""
+    dot = lambda a, w_t: panel_dot(a.astype(dtype), w_t.astype(dtype), EXPERT_PANELS, jnp.float32)
     h = jax.nn.gelu(dot(x, w_gate)) * dot(x, w_up)
     return dot(h, w_down)
 
 
 def prefill_expert_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
     """One expert on many rows x [n, d] with its prefill copy (weights [in, out], their dtype
-    the matmul dtype, products accumulated in float32); the result in x's dtype."""
+    the matmul dtype, products accumulated in float32); the result in float32."""
     dtype = w_gate.dtype
     dot = lambda a, w: jnp.dot(a.astype(dtype), w, preferred_element_type=jnp.float32)
     h = jax.nn.gelu(dot(x, w_gate)) * dot(x, w_up)
-    return dot(h, w_down).astype(x.dtype)
+    return dot(h, w_down)
 
 
 def per_expert_moe(x: jax.Array, gates: jax.Array, experts: jax.Array,
                    weights: tuple[ExpertWeights, ExpertWeights, ExpertWeights], dtype) -> jax.Array:
     """The MoE sum over ExpertWeights (one array per expert) for tokens x [N, d] with their top-k
     `gates` and `experts` [N, k]; no weight is ever copied. Tokens enough to give each expert
-    MIN_PREFILL_COPY_ROWS rows use the experts' prefill copy when the layout kept one."""
+    MIN_PREFILL_COPY_ROWS rows use the experts' prefill copy when the layout kept one. The sum
+    is float32 (the official model adds its experts' outputs before rounding)."""
     per_expert = list(zip(*(w.transposed for w in weights)))        # E x (gate, up, down)
     if x.shape[0] <= DENSE_MOE_TOKENS:
         return chosen_experts_dense(x, gates, experts, per_expert, dtype)
@@ -131,13 +139,13 @@ def chosen_experts_dense(x, gates, experts, per_expert, dtype) -> jax.Array:
     """Every expert that some token chose runs on all N rows (`lax.cond` skips the others), its
     output weighted by each row's gate for it (0 where the row did not choose it). For the few
     rows of a decode step, reading an expert's weights costs far more than the extra rows."""
-    out = jnp.zeros(x.shape, dtype)
+    out = jnp.zeros(x.shape, jnp.float32)
     for e, w in enumerate(per_expert):
         chosen = experts == e                                               # [N, k]
-        gate = jnp.sum(jnp.where(chosen, gates, 0.0), axis=-1).astype(dtype)
+        gate = jnp.sum(jnp.where(chosen, gates, 0.0), axis=-1).astype(jnp.float32)
         out = out + jax.lax.cond(
             jnp.any(chosen), lambda x, g, w=w: expert_ffn(x, *w, dtype) * g[:, None],
-            lambda x, g: jnp.zeros_like(x), x, gate)
+            lambda x, g: jnp.zeros(x.shape, jnp.float32), x, gate)
     return out
 
 
@@ -165,7 +173,7 @@ def grouped_experts(x, gates, experts, per_expert, ffn: Callable[..., jax.Array]
         window = jax.lax.dynamic_slice_in_dim(ys, start, capacity)
         return jax.lax.dynamic_update_slice_in_dim(ys, window + y, start, 0)
 
-    ys = jnp.zeros_like(xs)
+    ys = jnp.zeros(xs.shape, jnp.float32)
     for e in range(E):
         ys = run(ys, e, 0)
 

@@ -107,7 +107,7 @@ class Linear(hk.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = get_weight("w", [x.shape[-1], self.output_size])
-        return matmul(x, w, self.dtype)
+        return matmul(x, w, self.dtype, out_dtype=jnp.float32)  # operands rounded, result not
 
 
 def get_weight(name: str, shape: list[int]) -> Weight:
@@ -118,7 +118,8 @@ def get_weight(name: str, shape: list[int]) -> Weight:
 
 
 def rotary_embedding(x: jax.Array, positions: jax.Array) -> jax.Array:
-    """RoPE in float32 on [B, T, heads, K]: halves of the head dim rotate (not interleaved pairs)."""
+    """RoPE in float32 on [B, T, heads, K]: halves of the head dim rotate (not interleaved pairs).
+    The result stays float32."""
     K = x.shape[-1]
     freqs = 1.0 / (ROPE_BASE ** (jnp.arange(0, K, 2, dtype=jnp.float32) / K))      # [K/2]
     phase = positions.astype(jnp.float32)[:, :, None] * freqs                         # [B, T, K/2]
@@ -126,7 +127,7 @@ def rotary_embedding(x: jax.Array, positions: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     first, second = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([-second, first], axis=-1)
-    return (x32 * jnp.cos(phase) + rotated * jnp.sin(phase)).astype(x.dtype)
+    return x32 * jnp.cos(phase) + rotated * jnp.sin(phase)
 
 
 def cap_attention_logits(logits: jax.Array) -> jax.Array:
@@ -152,8 +153,10 @@ class MultiHeadAttention(hk.Module):
         q = Linear(H * K, self.dtype, name="query")(x).reshape(B, T, H, K)
         k = Linear(N * K, self.dtype, name="key")(x).reshape(B, T, N, K)
         v = Linear(N * K, self.dtype, name="value")(x).reshape(B, T, N, K)
-        q = rotary_embedding(q, ctx.positions)
-        k = rotary_embedding(k, ctx.positions)
+        # The official model rounds the query and key projections to the compute dtype before RoPE
+        # (they stay bfloat16 through rotate_half's slices); everything after is float32.
+        q = rotary_embedding(q.astype(self.dtype), ctx.positions)
+        k = rotary_embedding(k.astype(self.dtype), ctx.positions)
 
         new_kv = None
         if ctx.cache is not None:  # write this step's keys at each row's own offset
@@ -163,17 +166,19 @@ class MultiHeadAttention(hk.Module):
             new_kv = (k, v)
 
         q = q.reshape(B, T, N, c.q_per_kv, K)                               # [B, T, N, G, K]
-        logits = self.attention_logits(q, k.astype(self.dtype))            # [B, N, G, T, S]
+        # Attention runs in float32 on the (possibly bfloat16-cached) keys and values: the
+        # official model's softmax weights and weighted sum were never rounded (docs/ARCHITECTURE.md).
+        logits = self.attention_logits(q, k.astype(jnp.float32))           # [B, N, G, T, S]
         logits = cap_attention_logits(logits)
         logits = jnp.where(ctx.mask[:, None, None, :, :], logits, MASKED_LOGIT)
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bngts,bsnk->btngk", weights, v.astype(self.dtype))
+        weights = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum("bngts,bsnk->btngk", weights, v.astype(jnp.float32))
         out = out.reshape(B, T, H * K)
         return Linear(c.emb_size, self.dtype, name="linear")(out), new_kv
 
     def attention_logits(self, q: jax.Array, k: jax.Array) -> jax.Array:
         """(q . k) * attn_output_multiplier in float32, before capping and masking."""
-        logits = jnp.einsum("btngk,bsnk->bngts", q, k).astype(jnp.float32)
+        logits = jnp.einsum("btngk,bsnk->bngts", q, k, preferred_element_type=jnp.float32)
         return logits * self.config.attn_output_multiplier
 
 
@@ -222,10 +227,10 @@ class MoELayer(hk.Module):
         sorted_experts = experts.reshape(-1)[order]
         xs = x.reshape(B * T, d).astype(self.dtype)[order // k]         # [B*T*k, d]
 
-        matmul_grouped = expert_kernels.grouped_matmul
+        matmul_grouped = expert_kernels.grouped_matmul  # float32 results
         h = jax.nn.gelu(matmul_grouped(xs, w_gate, group_sizes, sorted_experts, self.dtype))
         h = h * matmul_grouped(xs, w_up, group_sizes, sorted_experts, self.dtype)
-        y = matmul_grouped(h, w_down, group_sizes, sorted_experts, self.dtype)  # [B*T*k, d]
+        y = matmul_grouped(h.astype(self.dtype), w_down, group_sizes, sorted_experts, self.dtype)
 
         out = expert_kernels.combine_pairs(y, gates.reshape(B * T, k), order, k)
         return out.reshape(B, T, d)
@@ -296,7 +301,8 @@ class LanguageModel(hk.Module):
     @hk.experimental.name_like("__call__")
     def embed(self, tokens: jax.Array) -> jax.Array:
         emb = InOutEmbed(self.config, name="in_out_embed")()
-        return emb[tokens].astype(self.dtype) * self.config.embedding_multiplier_scale  # [B, T, d]
+        # The residual stream is float32 in either compute dtype (docs/ARCHITECTURE.md says why).
+        return emb[tokens].astype(jnp.float32) * self.config.embedding_multiplier_scale  # [B, T, d]
 
     @hk.experimental.name_like("__call__")
     def unembed(self, h: jax.Array) -> jax.Array:
@@ -305,8 +311,10 @@ class LanguageModel(hk.Module):
         # Contract the table's own last axis: `h @ table.T` made XLA copy the transposed table.
         panels = expert_kernels.UNEMBED_PANELS if jax.default_backend() == "cpu" else 1
         rows = h.reshape(-1, h.shape[-1]).astype(self.dtype)
-        logits = expert_kernels.panel_dot(rows, table, panels).reshape(*h.shape[:-1], table.shape[0])
-        return (logits * self.config.output_multiplier_scale).astype(jnp.float32)     # [..., V]
+        logits = expert_kernels.panel_dot(rows, table, panels, out_dtype=jnp.float32)
+        logits = logits.reshape(*h.shape[:-1], table.shape[0]) * self.config.output_multiplier_scale
+        # Rounded once to the compute dtype, as the official model returns its logits.
+        return logits.astype(self.dtype).astype(jnp.float32)                            # [..., V]
 
 
 class InOutEmbed(hk.Module):

@@ -84,22 +84,32 @@ def quantize(w: np.ndarray | jax.Array, num_blocks: int = 1, scale_dtype=None) -
     return QuantizedWeight8bit(weight=weight, scales=scales)
 
 
-def matmul(x: jax.Array, w: Weight, dtype=None) -> jax.Array:
+def matmul(x: jax.Array, w: Weight, dtype=None, out_dtype=None) -> jax.Array:
     """`x @ w` over the last axis of x, for a plain or block-quantized weight [in, out].
 
+    The operands are cast to `dtype` (default x's), the products accumulate in float32 and the
+    result is returned in `out_dtype` (default `dtype`): the model asks for float32, so a
+    bfloat16 matmul rounds its inputs but not its output (docs/ARCHITECTURE.md, "Where the model
+    rounds to bfloat16").
     For int8 weights the block scales are applied to the partial products of each block, so the
     float weight is never materialised: `sum_b (x_b @ int8_b) * scales_b`.
     """
     dtype = dtype or x.dtype
+    out_dtype = out_dtype or dtype
     x = x.astype(dtype)
+    acc = jnp.float32  # the same result for float32, the fast CPU kernels for bfloat16
     if not isinstance(w, QuantizedWeight8bit):
-        # float32 accumulation: the same result for float32, the fast CPU kernels for bfloat16
-        return jnp.matmul(x, w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+        return jnp.matmul(x, w.astype(dtype), preferred_element_type=acc).astype(out_dtype)
     n_in, n_out = w.weight.shape
     blocks = w.num_blocks
     if blocks == 1:
-        return jnp.matmul(x, w.weight.astype(dtype)) * w.scales[0].astype(dtype)
-    xb = x.reshape(*x.shape[:-1], blocks, n_in // blocks)
-    wb = w.weight.reshape(blocks, n_in // blocks, n_out).astype(dtype)
-    partial = jnp.einsum("...bi,bio->...bo", xb, wb)
-    return jnp.einsum("...bo,bo->...o", partial, w.scales.astype(dtype))
+        y = jnp.matmul(x, w.weight.astype(dtype), preferred_element_type=acc)
+        return (y * w.scales[0].astype(acc)).astype(out_dtype)
+    # One plain matmul per block (XLA:CPU has no batched bfloat16 dot with a float32 result).
+    size = n_in // blocks
+    out = None
+    for b in range(blocks):
+        part = jnp.matmul(x[..., b * size:(b + 1) * size], w.weight[b * size:(b + 1) * size].astype(dtype),
+                          preferred_element_type=acc) * w.scales[b].astype(acc)
+        out = part if out is None else out + part
+    return out.astype(out_dtype)

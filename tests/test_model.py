@@ -52,6 +52,68 @@ def test_two_layer_bfloat16_within_0_1_at_95_percent_of_positions(two_layer):
     assert close / total >= 0.95, f"{close}/{total} positions within 0.1"
 
 
+# ---- bfloat16 against the bfloat16 goldens (issue 17) ------------------------------------------
+
+CLEAR_MARGIN = 0.2  # reference top-two margins above this must give the same top token
+
+
+@functools.lru_cache(maxsize=None)
+def load_golden_int8(name: str) -> grok1.Model:
+    """bfloat16 compute on the official int8 tree (a mesh keeps it, as on accelerators): the
+    block scales multiply float32 partial products, so the weights are exactly the checkpoint's."""
+    from conftest import GOLDEN
+    return grok1.load(GOLDEN / name, dtype="bfloat16", mesh=grok1.make_mesh("1x1"))
+
+
+def assert_bfloat16_tracks_golden_like_float32(golden, model: grok1.Model) -> None:
+    float32 = load_golden(golden.name, "float32")
+    for prompt, reference in zip(golden.prompts, golden.logits):
+        logits = model.logits([prompt])[0]
+        error = np.abs(logits - reference).mean() / reference.std()
+        float32_error = np.abs(float32.logits([prompt])[0] - reference).mean() / reference.std()
+        assert error <= max(1.5 * float32_error, 0.015), \
+            f"prompt {prompt}: bfloat16 {error:.4f} vs float32 {float32_error:.4f} (mean |error| / std)"
+        top_two = np.sort(reference, axis=-1)[:, -2:]
+        clear = top_two[:, 1] - top_two[:, 0] > CLEAR_MARGIN
+        assert np.array_equal(logits.argmax(-1)[clear], reference.argmax(-1)[clear]), \
+            f"prompt {prompt}: top token differs at a position with margin > {CLEAR_MARGIN}"
+
+
+def assert_greedy_follows_golden_until_a_near_tie(golden, model: grok1.Model) -> None:
+    expected = golden.data["greedy_full_recompute"]
+    outs = model.generate(golden.prompts, temperature=0, max_new_tokens=len(expected[0]))
+    for out, reference, margins in zip(outs, expected, golden.data["greedy_top2_margin"]):
+        n = next((i for i, m in enumerate(margins) if m < CLEAR_MARGIN), len(margins))
+        assert out.token_ids[:n] == reference[:n], f"greedy {out.token_ids} vs golden {reference}"
+
+
+# The int8 tree runs its unfused int8 -> bf16 converts on CPU: minutes on the shared 2-core
+# machine (121-238 s per set), hence slow; `-m slow` runs them.
+@pytest.mark.slow
+def test_bfloat16_on_int8_weights_tracks_golden_at_least_like_float32(golden):
+    assert_bfloat16_tracks_golden_like_float32(golden, load_golden_int8(golden.name))
+
+
+@pytest.mark.slow
+def test_bfloat16_on_int8_weights_greedy_follows_golden_until_a_near_tie(golden):
+    assert_greedy_follows_golden_until_a_near_tie(golden, load_golden_int8(golden.name))
+
+
+def test_two_layer_bfloat16_cpu_layout_tracks_golden_at_least_like_float32(two_layer):
+    assert_bfloat16_tracks_golden_like_float32(two_layer, load_golden("two_layer", "bfloat16"))
+
+
+@pytest.mark.xfail(strict=True, reason="the CPU float layout rounds each dequantised weight to "
+                   "bfloat16, which flips a near-tie of the router (layer 1, token 0, gap 2e-5) on "
+                   "prompt 0; weights kept int8 with scales after the dot (issue 12) do not")
+def test_twelve_layer_bfloat16_cpu_layout_tracks_golden_at_least_like_float32(twelve_layer):
+    assert_bfloat16_tracks_golden_like_float32(twelve_layer, load_golden("twelve_layer", "bfloat16"))
+
+
+def test_bfloat16_cpu_layout_greedy_follows_golden_until_a_near_tie(golden):
+    assert_greedy_follows_golden_until_a_near_tie(golden, load_golden(golden.name, "bfloat16"))
+
+
 def test_right_padded_batch_equals_each_prompt_alone(golden):
     model = load_golden(golden.name, "float32")
     width = max(len(p) for p in golden.prompts)

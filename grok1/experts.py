@@ -104,7 +104,7 @@ def expert_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Arr
     """One expert on rows x [n, d], its weights transposed as [out, in] (ExpertWeights):
     (gelu(x @ linear) * (x @ linear_v)) @ linear_1, matmul operands in `dtype`, the rest and the
     result in float32 (docs/ARCHITECTURE.md, "Where the model rounds to bfloat16")."""
-    dot = lambda a, w_t: panel_dot(a.astype(dtype), w_t.astype(dtype), EXPERT_PANELS, jnp.float32)
+    dot = lambda a, w_t: panel_dot(a.astype(dtype), w_t, EXPERT_PANELS, jnp.float32)
     h = jax.nn.gelu(dot(x, w_gate)) * dot(x, w_up)
     return dot(h, w_down)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import shutil
 from typing import TYPE_CHECKING, Any, Optional
 
 import jax
@@ -13,7 +14,7 @@ import numpy as np
 
 from grok1 import checkpoint
 from grok1.config import ModelConfig
-from grok1.layout import prepare_params
+from grok1.layout import prepare_params, stored_forms, to_official
 from grok1.model import KVCache, transformed
 
 if TYPE_CHECKING:
@@ -70,7 +71,8 @@ class Model:
 
     `params` is the Haiku params dict with the official paths: int8 `QuantizedWeight8bit` linear
     weights as stored, or on CPU the float layout of grok1/layout.py. `dtype` is the compute
-    dtype, `mesh` the device mesh or None for one device, `tokenizer` optional.
+    dtype, `mesh` the device mesh or None for one device, `tokenizer` optional. `stored_forms`
+    says how the checkpoint stored the tensors the float layout converted (`save` needs it).
     """
 
     config: ModelConfig
@@ -78,6 +80,7 @@ class Model:
     dtype: jnp.dtype
     mesh: Optional[jax.sharding.Mesh] = None
     tokenizer: Any = None
+    stored_forms: dict = dataclasses.field(default_factory=dict)
 
     @functools.cached_property
     def _forward(self):
@@ -97,6 +100,18 @@ class Model:
         logits, _ = self._forward(self.params, from_host(
             tokens, activation_sharding(self.mesh, "tokens", tokens.shape)))
         return to_host(logits).astype(np.float32)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the model as an official checkpoint: `path/ckpt-0/` (the tensor files it was
+        loaded from, byte for byte), `path/config.json`, and the tokenizer's file when the model
+        has one. Everything is written under temporary names, then renamed into place."""
+        checkpoint.save(to_official(self.params, self.stored_forms), path, self.config)
+        if self.tokenizer is not None:
+            target = os.path.join(os.fspath(path), TOKENIZER_FILE)
+            if os.path.abspath(self.tokenizer.path) != os.path.abspath(target):
+                tmp = f"{target}.tmp-{os.getpid()}"
+                shutil.copyfile(self.tokenizer.path, tmp)
+                os.replace(tmp, target)
 
     def trace(self, tokens: Any) -> Trace:
         """Forward pass on int tokens [B, T] recording, per layer, the router probabilities and
@@ -168,13 +183,15 @@ def load(path: str | os.PathLike, *, mesh: Optional[jax.sharding.Mesh | str] = N
     config = resolve_config(config) or checkpoint.read_config(path)
     # Each tensor goes straight into its final sharding over `mesh` (one device without a mesh).
     params = checkpoint.load_params(path, config, mesh=mesh, progress=progress)
+    forms = {}
     if mesh is None:  # on CPU: float weights, one array per expert (grok1/layout.py says why)
         exact_float32 = dtype is not None and compute_dtype == jnp.float32
-        params = prepare_params(params, compute_dtype,
-                                prefill_dtype=None if exact_float32 else jnp.bfloat16)
+        forms = stored_forms(params)
+        params = prepare_params(params, prefill_dtype=None if exact_float32 else jnp.bfloat16)
     tok = None
     tokenizer_path = tokenizer or os.path.join(path, TOKENIZER_FILE)
     if tokenizer is not None or os.path.isfile(tokenizer_path):
         from grok1.tokenizer import Tokenizer
         tok = Tokenizer(tokenizer_path, vocab_size=config.vocab_size)
-    return Model(config=config, params=params, dtype=compute_dtype, mesh=mesh, tokenizer=tok)
+    return Model(config=config, params=params, dtype=compute_dtype, mesh=mesh, tokenizer=tok,
+                 stored_forms=forms)

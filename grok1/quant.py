@@ -99,7 +99,7 @@ def matmul(x: jax.Array, w: Weight, dtype=None, out_dtype=None) -> jax.Array:
     x = x.astype(dtype)
     acc = jnp.float32  # the same result for float32, the fast CPU kernels for bfloat16
     if not isinstance(w, QuantizedWeight8bit):
-        return jnp.matmul(x, w.astype(dtype), preferred_element_type=acc).astype(out_dtype)
+        return jnp.matmul(x, w, preferred_element_type=acc).astype(out_dtype)
     n_in, n_out = w.weight.shape
     blocks = w.num_blocks
     if blocks == 1:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import jax
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 
 import grok1
+from conftest import GOLDEN, require
 from grok1 import experts as expert_kernels, layout, model
 from grok1.config import ModelConfig
 from grok1.layout import ExpertWeights, prepare_params
@@ -32,7 +35,7 @@ def logits(params: dict, tokens: np.ndarray) -> np.ndarray:
 
 
 def test_cpu_layout_splits_experts_and_dequantises_linear_weights():
-    prepared = prepare_params(official_params(SMALL), jnp.float32, platform="cpu")
+    prepared = prepare_params(official_params(SMALL), platform="cpu")
     experts = prepared["transformer/decoder_layer_0/moe/linear"]["w"]
     assert isinstance(experts, ExpertWeights)
     assert experts.shape == (SMALL.num_experts, SMALL.emb_size, SMALL.ffn_size)
@@ -42,7 +45,7 @@ def test_cpu_layout_splits_experts_and_dequantises_linear_weights():
 
 def test_other_platforms_keep_the_official_layout():
     params = official_params(SMALL)
-    assert prepare_params(params, jnp.bfloat16, platform="gpu") is params
+    assert prepare_params(params, platform="gpu") is params
 
 
 @pytest.mark.parametrize("tokens", [4, 100], ids=["decode-sized (dense per chosen expert)", "prefill-sized (grouped by expert)"])
@@ -50,7 +53,7 @@ def test_cpu_layout_logits_equal_official_layout(tokens):
     rng = np.random.default_rng(0)
     batch = rng.integers(1, SMALL.vocab_size, size=(2, tokens)).astype(np.int32)
     want = logits(official_params(SMALL), batch)
-    got = logits(prepare_params(official_params(SMALL), jnp.float32, platform="cpu"), batch)
+    got = logits(prepare_params(official_params(SMALL), platform="cpu"), batch)
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
 
 
@@ -77,7 +80,7 @@ def test_group_capacity_holds_the_balanced_share_with_margin_in_multiples_of_16(
 
 
 def test_prefill_copy_holds_each_expert_as_in_out_in_the_prefill_dtype():
-    prepared = prepare_params(official_params(SMALL), jnp.float32, platform="cpu",
+    prepared = prepare_params(official_params(SMALL), platform="cpu",
                               prefill_dtype=jnp.bfloat16)
     experts = prepared["transformer/decoder_layer_0/moe/linear_1"]["w"]
     assert len(experts.for_prefill) == SMALL.num_experts
@@ -89,7 +92,7 @@ def test_prefill_copy_holds_each_expert_as_in_out_in_the_prefill_dtype():
 
 
 def test_without_prefill_dtype_no_prefill_copy_is_kept():
-    prepared = prepare_params(official_params(SMALL), jnp.float32, platform="cpu")
+    prepared = prepare_params(official_params(SMALL), platform="cpu")
     assert prepared["transformer/decoder_layer_0/moe/linear"]["w"].for_prefill is None
 
 
@@ -97,8 +100,8 @@ def test_prefill_copy_computes_prompts_within_bfloat16_rounding_and_leaves_decod
     rng = np.random.default_rng(2)
     prompt = rng.integers(1, SMALL.vocab_size, size=(2, 100)).astype(np.int32)  # grouped path
     step = prompt[:, :4]                                                       # dense path
-    plain = prepare_params(official_params(SMALL), jnp.float32, platform="cpu")
-    mixed = prepare_params(official_params(SMALL), jnp.float32, platform="cpu",
+    plain = prepare_params(official_params(SMALL), platform="cpu")
+    mixed = prepare_params(official_params(SMALL), platform="cpu",
                            prefill_dtype=jnp.bfloat16)
     want, got = logits(plain, prompt), logits(mixed, prompt)
     assert not np.array_equal(got, want)              # the prefill copy was used ...
@@ -122,8 +125,51 @@ def test_load_on_cpu_keeps_a_bfloat16_prefill_copy_unless_float32_is_asked_for(d
 def test_prefill_copy_is_dropped_when_both_copies_do_not_fit(monkeypatch):
     # Room for the float layout alone, not for the prefill copy beside it.
     monkeypatch.setattr(layout, "fits_in_memory",
-                        lambda params, dtype, prefill_dtype=None: prefill_dtype is None)
-    prepared = prepare_params(official_params(SMALL), jnp.float32, platform="cpu",
+                        lambda params, prefill_dtype=None: prefill_dtype is None)
+    prepared = prepare_params(official_params(SMALL), platform="cpu",
                               prefill_dtype=jnp.bfloat16)
     experts = prepared["transformer/decoder_layer_0/moe/linear"]["w"]
     assert isinstance(experts, ExpertWeights) and experts.for_prefill is None
+
+
+def test_cpu_layout_holds_the_checkpoint_weights_exactly_in_float32():
+    params = official_params(SMALL)
+    stored = params["transformer/decoder_layer_0/multi_head_attention/query"]["w"]
+    exact = np.asarray(stored.dequantize(jnp.float32))
+    prepared = prepare_params(params, platform="cpu")
+    np.testing.assert_array_equal(
+        np.asarray(prepared["transformer/decoder_layer_0/multi_head_attention/query"]["w"]), exact)
+
+
+def test_bfloat16_compute_keeps_float32_weights_on_cpu():
+    shipped = Path(__file__).resolve().parents[1] / "checkpoints" / "small"
+    params = grok1.load(shipped, dtype="bfloat16", progress=False).params
+    assert params["transformer/decoder_layer_0/multi_head_attention/query"]["w"].dtype == jnp.float32
+    assert params["transformer/decoder_layer_0/moe/linear"]["w"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_model_save_writes_the_loaded_checkpoint_byte_for_byte(tmp_path, dtype):
+    shipped = Path(__file__).resolve().parents[1] / "checkpoints" / "small"
+    model = grok1.load(shipped, dtype=dtype, progress=False)
+    model.save(tmp_path / "copy")
+    for name in sorted(os.listdir(shipped / "ckpt-0")):
+        assert (tmp_path / "copy" / "ckpt-0" / name).read_bytes() == (shipped / "ckpt-0" / name).read_bytes(), name
+    assert (tmp_path / "copy" / "tokenizer.model").read_bytes() == (shipped / "tokenizer.model").read_bytes()
+    assert json.loads((tmp_path / "copy" / "config.json").read_text()) == json.loads((shipped / "config.json").read_text())
+
+
+def test_model_save_round_trip_gives_identical_logits(tmp_path):
+    shipped = Path(__file__).resolve().parents[1] / "checkpoints" / "small"
+    model = grok1.load(shipped, progress=False)
+    model.save(tmp_path / "copy")
+    tokens = [[1, 422, 1151, 9, 77]]
+    np.testing.assert_array_equal(grok1.load(tmp_path / "copy", progress=False).logits(tokens),
+                                  model.logits(tokens))
+
+
+def test_model_save_of_a_golden_set_writes_its_tensor_files_byte_for_byte(tmp_path):
+    golden = require(GOLDEN / "two_layer")
+    grok1.load(golden, progress=False).save(tmp_path / "copy")
+    for name in sorted(os.listdir(golden / "ckpt-0")):
+        assert (tmp_path / "copy" / "ckpt-0" / name).read_bytes() == (golden / "ckpt-0" / name).read_bytes(), name

@@ -103,9 +103,6 @@ def test_two_layer_bfloat16_cpu_layout_tracks_golden_at_least_like_float32(two_l
     assert_bfloat16_tracks_golden_like_float32(two_layer, load_golden("two_layer", "bfloat16"))
 
 
-@pytest.mark.xfail(strict=True, reason="the CPU float layout rounds each dequantised weight to "
-                   "bfloat16, which flips a near-tie of the router (layer 1, token 0, gap 2e-5) on "
-                   "prompt 0; weights kept int8 with scales after the dot (issue 12) do not")
 def test_twelve_layer_bfloat16_cpu_layout_tracks_golden_at_least_like_float32(twelve_layer):
     assert_bfloat16_tracks_golden_like_float32(twelve_layer, load_golden("twelve_layer", "bfloat16"))
 

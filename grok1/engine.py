@@ -14,6 +14,15 @@ dispatched; then the results of the previous call are read while the device runs
 only, not on its slot or its neighbours.
 
 Back-pressure: at most `max_waiting` requests wait for a slot; `submit` raises QueueFull past it.
+
+Several processes (`grok1.distributed`): every process must make the same jitted calls in the
+same order. `generate` gets that by submitting the same requests on every process. A server
+takes requests on process 0 only, so its engine is built with `lead_followers=True`: before each
+step process 0 publishes the step's schedule (the newcomers' slots, prompt ids and sampling
+settings with their seeds, whether a decode call runs, or that the engine stopped) through a
+`distributed.Broadcast`, and the other processes run `Engine.follow`, which makes the same calls
+on their part of the global state. The schedule is all they need: which slots hold or have
+freed a request only matters on the host, and the step's results reach every process.
 """
 
 from __future__ import annotations
@@ -29,8 +38,10 @@ import time
 import weakref
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+import jax
 import numpy as np
 
+from grok1.distributed import Broadcast, is_main_process
 from grok1.sampler import (Delta, FittedPrompt, Request, Runner, SamplingSettings, SlotState,
                            draw_fresh_seeds, fit_prompt, runner_for)
 from grok1.sharding import to_host
@@ -124,11 +135,13 @@ class Engine:
     both compile once) with a cache of its own; with `runner`, it owns that runner and its cache
     (`engine_for` does this for `generate` and `stream`).
     Start it with `start()` (or use it as a context manager); `close()` ends every running and
-    waiting request with EngineClosed and stops the thread.
+    waiting request with EngineClosed and stops the thread. With `lead_followers` on a cluster,
+    process 0's engine takes the requests and the other processes call `follow()` (module docstring).
     """
 
     def __init__(self, model: Any, slots: int = DEFAULT_SLOTS, decode_chunk: int = 1,
-                 max_waiting: int = DEFAULT_MAX_WAITING, runner: Optional[Runner] = None):
+                 max_waiting: int = DEFAULT_MAX_WAITING, runner: Optional[Runner] = None,
+                 lead_followers: bool = False):
         if max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
         self.model = model
@@ -147,6 +160,11 @@ class Engine:
         self._ids = itertools.count()
         self._closing = False
         self._thread: Optional[threading.Thread] = None
+        # With several processes and lead_followers: the schedule each step, process 0 -> others.
+        self._schedule: Optional[Broadcast] = None
+        self._told_stop = False
+        if lead_followers and jax.process_count() > 1:
+            self._schedule = Broadcast("engine-schedule")
 
     @property
     def _state(self) -> Optional[SlotState]:
@@ -177,6 +195,8 @@ class Engine:
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+        if thread is None:
+            self._tell_followers_to_stop("closed")
         with self._lock:   # never started: nobody else will end the waiting requests
             waiting, self._waiting = list(self._waiting), collections.deque()
             self.metrics.waiting = 0
@@ -207,7 +227,9 @@ class Engine:
         gets a fresh one. `deliver` receives each Delta (the last has a finish_reason) or, if the
         request cannot finish, one EngineError."""
         config, tokenizer = self.model.config, self.model.tokenizer
-        fresh = iter(draw_fresh_seeds(sum(s.seed is None for _, s, _ in requests)))
+        # A leading engine's followers get the seeds in the schedule, not by a draw of their own.
+        fresh = iter(draw_fresh_seeds(sum(s.seed is None for _, s, _ in requests),
+                                      across_processes=self._schedule is None))
         jobs = []
         now = time.monotonic()
         for prompt, settings, deliver in requests:
@@ -309,6 +331,12 @@ class Engine:
                 self._state = None
                 with self._lock:
                     self.metrics.running = 0
+                if self._schedule is not None:   # followers cannot know how far the step got
+                    self._tell_followers_to_stop("failed")
+                    with self._lock:
+                        self._closing = True
+                    break
+        self._tell_followers_to_stop("closed")
         for job in slot_of:
             if job is not None:
                 self._end(job, EngineClosed("the server is shutting down"), reason="aborted")
@@ -344,23 +372,16 @@ class Engine:
     def _step(self, slot_of: list[Optional[Job]], admitted: list[tuple[int, Job]],
               in_flight: collections.deque) -> None:
         """Prefill the newcomers, dispatch one decode call, read all results but its own."""
-        runner = self.runner
-        if self._state is None:
-            self._state = runner._fresh_state()
-        for slot, job in admitted:
-            self._state, token, logprob = self._prefill(slot, job.prompt, job.settings)
-            in_flight.append(("prefill", {slot: job}, (token, logprob)))
-            with self._lock:
-                self.metrics.prompt_tokens += len(job.prompt)
-        dispatched = False
-        if any(job is not None for job in slot_of):
-            self._state, tokens, logprobs = runner.decode(self.model.params, self._state)
-            in_flight.append(("decode", {s: j for s, j in enumerate(slot_of) if j is not None},
-                              (tokens, logprobs)))
-            dispatched = True
-        while len(in_flight) > (1 if dispatched else 0):
-            kind, snapshot, arrays = in_flight.popleft()
-            tokens, logprobs = (to_host(a) for a in arrays)
+        schedule = {"admit": [[slot, job.prompt, *_device_settings(job.settings)] for slot, job in admitted],
+                    "decode": any(job is not None for job in slot_of)}
+        if self._schedule is not None:
+            self._schedule.publish(schedule)
+        with self._lock:
+            self.metrics.prompt_tokens += sum(len(job.prompt) for _, job in admitted)
+        snapshots = [{slot: job} for slot, job in admitted]
+        if schedule["decode"]:
+            snapshots.append({s: j for s, j in enumerate(slot_of) if j is not None})
+        for kind, snapshot, tokens, logprobs in self._device_step(schedule, snapshots, in_flight):
             if kind == "prefill":
                 tokens, logprobs = tokens.reshape(1, 1), logprobs.reshape(1, 1)
             for step in range(tokens.shape[0]):
@@ -377,16 +398,58 @@ class Engine:
                             slot_of[slot] = None
                     self._send(job, delta)
 
-    def _prefill(self, slot: int, prompt: list[int], settings: SamplingSettings):
+    def _device_step(self, schedule: dict, snapshots: Sequence[Any], in_flight: collections.deque
+                     ) -> list[tuple[str, Any, np.ndarray, np.ndarray]]:
+        """The device side of one step, the same on every process: prefill each admitted
+        (slot, prompt, settings) of `schedule`, dispatch a decode call if it says so, then read the
+        results of every call but that one -> [(kind, snapshot, tokens, logprobs)] in call order.
+        `snapshots` (one per call, or all None on a follower) travel with the results."""
+        if self._state is None:
+            self._state = self.runner._fresh_state()
+        snapshots = iter(snapshots)
+        for slot, prompt, *settings in schedule["admit"]:
+            self._state, token, logprob = self._prefill(slot, prompt, *settings)
+            in_flight.append(("prefill", next(snapshots, None), (token, logprob)))
+        if schedule["decode"]:
+            self._state, tokens, logprobs = self.runner.decode(self.model.params, self._state)
+            in_flight.append(("decode", next(snapshots, None), (tokens, logprobs)))
+        results = []
+        while len(in_flight) > (1 if schedule["decode"] else 0):
+            kind, snapshot, arrays = in_flight.popleft()
+            results.append((kind, snapshot, *(to_host(a) for a in arrays)))
+        return results
+
+    def follow(self) -> None:
+        """On a process other than 0 of a cluster: make the device calls of process 0's leading
+        engine, step by step as it publishes them, until it stops (return) or fails (EngineError).
+        Blocks in the key-value store between steps, however long the server stays idle."""
+        if self._schedule is None or is_main_process():
+            raise RuntimeError("follow() runs on processes other than 0 of a cluster, "
+                               "on an engine built with lead_followers=True")
+        in_flight: collections.deque = collections.deque()
+        while True:
+            schedule = self._schedule.receive()
+            if "stop" in schedule:
+                if schedule["stop"] == "failed":
+                    raise EngineError("process 0's engine step failed; this process stops with it")
+                return
+            self._device_step(schedule, [], in_flight)
+
+    def _tell_followers_to_stop(self, why: str) -> None:
+        if self._schedule is not None and not self._told_stop:
+            self._told_stop = True
+            self._schedule.publish({"stop": why})
+
+    def _prefill(self, slot: int, prompt: list[int], seed: int, temperature: float, top_p: float,
+                 top_k: int, frequency_penalty: float, presence_penalty: float):
         """`Runner._prefill` on the engine's state: the prompt padded to its bucket."""
         bucket = next(b for b in self.runner.buckets if b >= len(prompt))
         padded = np.full((1, bucket), self.model.config.pad_token, np.int32)
         padded[0, :len(prompt)] = prompt
         return self.runner.prefill(
             self.model.params, self._state, padded, np.int32(len(prompt)), np.int32(slot),
-            np.uint32(settings.seed), np.float32(settings.temperature), np.float32(settings.top_p),
-            np.int32(settings.top_k), np.float32(settings.frequency_penalty),
-            np.float32(settings.presence_penalty))
+            np.uint32(seed), np.float32(temperature), np.float32(top_p), np.int32(top_k),
+            np.float32(frequency_penalty), np.float32(presence_penalty))
 
     def _record(self, job: Job, delta: Delta, now: float) -> None:
         with self._lock:
@@ -426,6 +489,12 @@ _STARTED: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 def _close_started_engines() -> None:
     for engine in list(_STARTED):
         engine.close(timeout=10)
+
+
+def _device_settings(settings: SamplingSettings) -> list:
+    """The sampling settings the device calls take, in `Engine._prefill`'s order (JSON-able)."""
+    return [settings.seed, settings.temperature, settings.top_p, settings.top_k,
+            settings.frequency_penalty, settings.presence_penalty]
 
 
 class _CacheHolder:

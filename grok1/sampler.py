@@ -114,12 +114,15 @@ def sampling_settings(config: ModelConfig, tokenizer: Any = None, **settings: An
                             stop_token_ids=stop_ids, stop_strings=stop_strings, **flags)
 
 
-def draw_fresh_seeds(count: int) -> list[int]:
+def draw_fresh_seeds(count: int, across_processes: bool = True) -> list[int]:
     """`count` fresh random seeds for requests that gave none: the one place unseeded sampling
     gets its randomness. With several processes every process uses process 0's draw, so they all
-    sample the same tokens (each process calls this for the same requests in the same order)."""
+    sample the same tokens (each process calls this for the same requests in the same order);
+    not `across_processes`: this process's own draw (a server's engine on process 0 sends its
+    seeds to the other processes in each step's schedule)."""
     from grok1.distributed import share_from_main
-    return [int(seed) for seed in share_from_main([secrets.randbelow(MAX_SEED) for _ in range(count)])]
+    draw = [secrets.randbelow(MAX_SEED) for _ in range(count)]
+    return [int(seed) for seed in (share_from_main(draw) if across_processes else draw)]
 
 
 def _is_int(value: Any) -> bool:

@@ -365,3 +365,47 @@ def test_run_py_refuses_a_port_in_use_in_one_line_before_loading_the_model():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"run.py: error: --serve: cannot listen on 127.0.0.1:{port} (Address already in use)"]
+
+
+# ---- several processes ------------------------------------------------------------------------
+
+def test_two_processes_of_four_devices_serve_what_one_process_generates(model):
+    # Process 0 serves; process 1 follows its engine's steps over a 1x8 mesh spanning both.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "grok1.distributed", "--num-processes", "2", "--devices-per-process", "4",
+         "--timeout", "170", "--", sys.executable, "run.py", "--serve", "--port", "0", "--mesh", "1x8",
+         "--quiet"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**env, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = launcher.stdout.readline()
+        assert "serving" in line, launcher.stderr.read()[-3000:] if launcher.poll() is not None else line
+        url = re.search(r"(http://\S+)/v1", line).group(1)
+        cases = [dict(prompt=PROMPT, max_tokens=20, seed=31, temperature=0.8),
+                 dict(prompt="Once upon a time", max_tokens=12, seed=32, temperature=1.0),
+                 dict(prompt="import numpy", max_tokens=16, seed=33, temperature=0.0)]
+        texts = [None] * len(cases)
+        with httpx.Client(base_url=url, timeout=120) as c:
+            def ask(i):
+                texts[i] = c.post("/v1/completions", json=dict(model="small", **cases[i])).json()["choices"][0]["text"]
+
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(cases))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            with c.stream("POST", "/v1/completions", json=dict(model="small", stream=True, **cases[0])) as r:
+                streamed = "".join(json.loads(line[6:])["choices"][0]["text"] for line in r.iter_lines()
+                                   if line.startswith("data: {"))
+            assert wait_until_idle(c)["grok1_requests_running"] == 0
+        for case, text in zip(cases, texts):
+            case = dict(case)
+            prompt, case["max_new_tokens"] = case.pop("prompt"), case.pop("max_tokens")
+            assert text == model.generate([prompt], slots=SLOTS, **case)[0].text
+        assert streamed == texts[0]
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(30)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()

@@ -6,11 +6,13 @@ any thread (or an event loop, through a callback), join a free slot before the n
 receive their Deltas as soon as the host reads them, and leave when they finish or are cancelled;
 their slot is prefilled with the next waiting request on the following step.
 
-Scheduling per step: finished and cancelled requests leave; waiting requests are prefilled into
-free slots, at most one per step while other requests are decoding (so a newcomer stalls the
-running ones by one prompt's prefill, never more); one decode call (`decode_chunk` tokens) is
-dispatched; then the results of the previous call are read while the device runs this one, as in
-`Runner.run`. Sampling is the Runner's: a request's tokens depend on its prompt, settings and seed
+Scheduling per step: finished and cancelled requests leave; waiting requests take free slots
+(all that fit when nothing decodes, else one per step); newcomers are prefilled, a prompt longer
+than `prefill_chunk` tokens in chunks of that size across steps (`sampler.prefill_chunk`), and
+while other requests decode only one chunk (or one short prompt) is prefilled per step, so a
+newcomer holds the running requests up by one chunk's prefill at a time, however long its
+prompt; one decode call (`decode_chunk` tokens) advances every slot whose prompt is all in; then
+the results of the previous call are read while the device runs this one, as in `Runner.run`. Sampling is the Runner's: a request's tokens depend on its prompt, settings and seed
 only, not on its slot or its neighbours.
 
 Back-pressure: at most `max_waiting` requests wait for a slot; `submit` raises QueueFull past it.
@@ -47,6 +49,7 @@ from grok1.sampler import (Delta, FittedPrompt, Request, Runner, SamplingSetting
 from grok1.sharding import to_host
 
 DEFAULT_SLOTS = 4
+DEFAULT_PREFILL_CHUNK = 128   # a prefill bucket, so a shorter prompt's padded prefill is no longer
 DEFAULT_MAX_WAITING = 256
 
 
@@ -81,6 +84,12 @@ class Job:
     last_token_at: Optional[float] = None
     cancelled: bool = False
     done: bool = False
+    prefilled: int = 0          # prompt tokens scheduled into the slot's cache so far
+
+    @property
+    def decoding(self) -> bool:
+        """Its whole prompt is in the cache: decode calls advance it."""
+        return self.prefilled >= len(self.prompt)
 
 
 # ---- metrics ----------------------------------------------------------------------------------
@@ -131,6 +140,8 @@ class EngineMetrics:
 class Engine:
     """Continuous batching for requests that arrive at any time (see the module docstring).
 
+    `prefill_chunk`: prompts longer than this are prefilled in chunks of this many tokens, one per
+    step while others decode (it should divide the context length; otherwise prompts go whole).
     Without `runner`, the engine uses the jitted steps of the model's Runner (`runner_for`, so
     both compile once) with a cache of its own; with `runner`, it owns that runner and its cache
     (`engine_for` does this for `generate` and `stream`).
@@ -141,9 +152,15 @@ class Engine:
 
     def __init__(self, model: Any, slots: int = DEFAULT_SLOTS, decode_chunk: int = 1,
                  max_waiting: int = DEFAULT_MAX_WAITING, runner: Optional[Runner] = None,
-                 lead_followers: bool = False):
+                 lead_followers: bool = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         if max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
+        sequence_len = model.config.sequence_len
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        # Chunks start at multiples of the chunk size, so that one never runs past the cache's
+        # end; a size that does not divide the context prefills every prompt whole.
+        self.prefill_chunk = int(prefill_chunk) if sequence_len % prefill_chunk == 0 else sequence_len
         self.model = model
         if runner is not None:
             self.runner, self._cache_holder = runner, runner
@@ -371,16 +388,29 @@ class Engine:
 
     def _step(self, slot_of: list[Optional[Job]], admitted: list[tuple[int, Job]],
               in_flight: collections.deque) -> None:
-        """Prefill the newcomers, dispatch one decode call, read all results but its own."""
-        schedule = {"admit": [[slot, job.prompt, *_device_settings(job.settings)] for slot, job in admitted],
-                    "decode": any(job is not None for job in slot_of)}
-        if self._schedule is not None:
-            self._schedule.publish(schedule)
+        """Prefill the newcomers (one chunk or short prompt per step while others decode),
+        dispatch one decode call, read all results but its own."""
         with self._lock:
             self.metrics.prompt_tokens += sum(len(job.prompt) for _, job in admitted)
-        snapshots = [{slot: job} for slot, job in admitted]
+        prefilling = sorted(((job.id, slot, job) for slot, job in enumerate(slot_of)
+                             if job is not None and not job.decoding), key=lambda t: t[0])
+        if any(job is not None and job.decoding for job in slot_of):
+            prefilling = prefilling[:1]
+        schedule: dict[str, Any] = {"prefill": []}
+        snapshots: list[dict[int, Job]] = []
+        for _, slot, job in prefilling:
+            start = job.prefilled
+            whole = start == 0 and len(job.prompt) <= self.prefill_chunk
+            piece = job.prompt if whole else job.prompt[start:start + self.prefill_chunk]
+            job.prefilled = start + len(piece)
+            schedule["prefill"].append([slot, piece, start, len(job.prompt), *_device_settings(job.settings)])
+            if job.decoding:   # its first token is sampled by this call
+                snapshots.append({slot: job})
+        schedule["decode"] = any(job is not None and job.decoding for job in slot_of)
         if schedule["decode"]:
-            snapshots.append({s: j for s, j in enumerate(slot_of) if j is not None})
+            snapshots.append({s: j for s, j in enumerate(slot_of) if j is not None and j.decoding})
+        if self._schedule is not None:
+            self._schedule.publish(schedule)
         for kind, snapshot, tokens, logprobs in self._device_step(schedule, snapshots, in_flight):
             if kind == "prefill":
                 tokens, logprobs = tokens.reshape(1, 1), logprobs.reshape(1, 1)
@@ -400,16 +430,21 @@ class Engine:
 
     def _device_step(self, schedule: dict, snapshots: Sequence[Any], in_flight: collections.deque
                      ) -> list[tuple[str, Any, np.ndarray, np.ndarray]]:
-        """The device side of one step, the same on every process: prefill each admitted
-        (slot, prompt, settings) of `schedule`, dispatch a decode call if it says so, then read the
-        results of every call but that one -> [(kind, snapshot, tokens, logprobs)] in call order.
-        `snapshots` (one per call, or all None on a follower) travel with the results."""
+        """The device side of one step, the same on every process: each prefill of `schedule`
+        ([slot, token ids, start, prompt length, settings...]: a whole prompt, or one chunk of
+        it), a decode call if it says so, then the results of every call but that one are read
+        -> [(kind, snapshot, tokens, logprobs)] in call order. `snapshots` (one per call whose
+        tokens count: final prefills and the decode; none on a follower) travel with them."""
         if self._state is None:
             self._state = self.runner._fresh_state()
         snapshots = iter(snapshots)
-        for slot, prompt, *settings in schedule["admit"]:
-            self._state, token, logprob = self._prefill(slot, prompt, *settings)
-            in_flight.append(("prefill", next(snapshots, None), (token, logprob)))
+        for slot, ids, start, length, *settings in schedule["prefill"]:
+            if start == 0 and len(ids) == length:
+                self._state, token, logprob = self._prefill(slot, ids, *settings)
+            else:
+                self._state, token, logprob = self._prefill_chunk(slot, ids, start, length, *settings)
+            if start + len(ids) >= length:
+                in_flight.append(("prefill", next(snapshots, None), (token, logprob)))
         if schedule["decode"]:
             self._state, tokens, logprobs = self.runner.decode(self.model.params, self._state)
             in_flight.append(("decode", next(snapshots, None), (tokens, logprobs)))
@@ -439,6 +474,17 @@ class Engine:
         if self._schedule is not None and not self._told_stop:
             self._told_stop = True
             self._schedule.publish({"stop": why})
+
+    def _prefill_chunk(self, slot: int, ids: list[int], start: int, length: int, seed: int,
+                       temperature: float, top_p: float, top_k: int, frequency_penalty: float,
+                       presence_penalty: float):
+        """`sampler.prefill_chunk` of prompt positions [start, start + len(ids)), padded to a chunk."""
+        padded = np.full((1, self.prefill_chunk), self.model.config.pad_token, np.int32)
+        padded[0, :len(ids)] = ids
+        return self.runner.prefill_chunk(
+            self.model.params, self._state, padded, np.int32(start), np.int32(length), np.int32(slot),
+            np.uint32(seed), np.float32(temperature), np.float32(top_p), np.int32(top_k),
+            np.float32(frequency_penalty), np.float32(presence_penalty))
 
     def _prefill(self, slot: int, prompt: list[int], seed: int, temperature: float, top_p: float,
                  top_k: int, frequency_penalty: float, presence_penalty: float):

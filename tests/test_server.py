@@ -183,6 +183,51 @@ def test_newcomers_join_one_per_decode_step_while_others_decode(model):
     assert "prefill, prefill" not in ", ".join(while_decoding)
 
 
+LONG_PROMPT = "The function returns the value of its argument, or raises an error. " * 12
+
+
+def long_prompt_ids(engine: Engine, settings, length: int = 150) -> list[int]:
+    ids = engine.fit(LONG_PROMPT, settings).token_ids[:length]
+    assert len(ids) == length
+    return ids
+
+
+def test_a_prompt_prefilled_in_chunks_generates_what_it_generates_prefilled_whole(model):
+    settings = sampling_settings(model.config, model.tokenizer, max_new_tokens=20, temperature=0.8,
+                                 seed=5, logprobs=True)
+    results = {}
+    for chunk in (32, model.config.sequence_len):   # 150 tokens: 5 chunks, or one prefill
+        with Engine(model, slots=2, prefill_chunk=chunk) as engine:
+            deltas = list(engine.stream(long_prompt_ids(engine, settings), settings))
+        results[chunk] = ([t for d in deltas for t in d.token_ids], "".join(d.text for d in deltas),
+                          [p for d in deltas for p in d.logprobs or []])
+    (chunked_ids, chunked_text, chunked_logprobs), (whole_ids, whole_text, whole_logprobs) = results.values()
+    assert chunked_ids == whole_ids and chunked_text == whole_text and len(chunked_ids) > 10
+    # Not bitwise: grok1.load's CPU default computes the experts of long prompts in bfloat16.
+    assert max(abs(a - b) for a, b in zip(chunked_logprobs, whole_logprobs)) < 1e-2
+
+
+def test_a_running_request_decodes_between_the_chunks_of_a_newcomers_prompt(model):
+    runner = runner_for(model, SLOTS)
+    calls, prefill_chunk, decode = [], runner.prefill_chunk, runner.decode
+    runner.prefill_chunk = lambda *args: calls.append("chunk") or prefill_chunk(*args)
+    runner.decode = lambda *args: calls.append("decode") or decode(*args)
+    try:
+        with Engine(model, slots=SLOTS, prefill_chunk=32) as engine:
+            settings = sampling_settings(model.config, model.tokenizer, max_new_tokens=200, seed=16)
+            long = engine.stream(engine.fit(PROMPT, settings).token_ids, settings)
+            next(long)
+            newcomer = sampling_settings(model.config, model.tokenizer, max_new_tokens=3, seed=1)
+            deltas = list(engine.stream(long_prompt_ids(engine, newcomer), newcomer))
+            long.close()
+    finally:
+        runner.prefill_chunk, runner.decode = prefill_chunk, decode
+    assert deltas[-1].finish_reason == "length"
+    chunks = [i for i, call in enumerate(calls) if call == "chunk"]
+    assert len(chunks) == 5                              # ceil(150 / 32)
+    assert all("decode" in calls[a + 1:b] for a, b in zip(chunks, chunks[1:]))
+
+
 def test_same_seed_and_settings_through_the_server_equal_generate_alone(client, model):
     cases = [dict(prompt=PROMPT, max_tokens=24, seed=21, temperature=0.8, top_p=0.9),
              dict(prompt="Once upon a time", max_tokens=30, seed=22, temperature=1.0, top_k=40),

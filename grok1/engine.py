@@ -471,7 +471,7 @@ class Engine:
             self._device_step(schedule, [], in_flight)
 
     def _tell_followers_to_stop(self, why: str) -> None:
-        if self._schedule is not None and not self._told_stop:
+        if self._schedule is not None and is_main_process() and not self._told_stop:
             self._told_stop = True
             self._schedule.publish({"stop": why})
 

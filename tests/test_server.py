@@ -32,6 +32,7 @@ from grok1.sampler import runner_for, sampling_settings
 from grok1.server import BackgroundServer
 
 from conftest import REPO
+from test_distributed import launched_process
 
 MODEL = "small"
 SLOTS = 4
@@ -414,6 +415,7 @@ def test_run_py_refuses_a_port_in_use_in_one_line_before_loading_the_model():
 
 # ---- several processes ------------------------------------------------------------------------
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds the launched processes in /proc")
 def test_two_processes_of_four_devices_serve_what_one_process_generates(model):
     # Process 0 serves; process 1 follows its engine's steps over a 1x8 mesh spanning both.
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -448,8 +450,9 @@ def test_two_processes_of_four_devices_serve_what_one_process_generates(model):
             prompt, case["max_new_tokens"] = case.pop("prompt"), case.pop("max_tokens")
             assert text == model.generate([prompt], slots=SLOTS, **case)[0].text
         assert streamed == texts[0]
-        launcher.send_signal(signal.SIGTERM)
-        launcher.wait(30)
+        os.kill(launched_process(launcher, 1), signal.SIGKILL)   # a failed follower ends the server
+        assert launcher.wait(30) != 0
+        assert "process 1 was killed by signal 9" in launcher.stderr.read()
     finally:
         if launcher.poll() is None:
             launcher.kill()

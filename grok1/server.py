@@ -25,6 +25,9 @@ Chat template (Grok-1 is a base model, so chat is plain text it can continue):
 
 and generation also stops at "\nUser:" (the model starting the next turn). The reply is the
 continuation with its leading whitespace removed.
+
+Several processes (`grok1.distributed`): process 0 serves; the others follow its engine's steps
+(`serve` does both, see `Engine.follow`).
 """
 
 from __future__ import annotations

@@ -12,8 +12,10 @@ than `prefill_chunk` tokens in chunks of that size across steps (`sampler.prefil
 while other requests decode only one chunk (or one short prompt) is prefilled per step, so a
 newcomer holds the running requests up by one chunk's prefill at a time, however long its
 prompt; one decode call (`decode_chunk` tokens) advances every slot whose prompt is all in; then
-the results of the previous call are read while the device runs this one, as in `Runner.run`. Sampling is the Runner's: a request's tokens depend on its prompt, settings and seed
-only, not on its slot or its neighbours.
+the results of the previous call are read while the device runs this one, as in `Runner.run`.
+Sampling is the Runner's: a request's tokens depend on its prompt, settings and seed only, not on
+its slot or its neighbours (nor on whether its prompt went in chunks: the same tokens, logits
+equal up to rounding).
 
 Back-pressure: at most `max_waiting` requests wait for a slot; `submit` raises QueueFull past it.
 
@@ -49,7 +51,8 @@ from grok1.sampler import (Delta, FittedPrompt, Request, Runner, SamplingSetting
 from grok1.sharding import to_host
 
 DEFAULT_SLOTS = 4
-DEFAULT_PREFILL_CHUNK = 128   # a prefill bucket, so a shorter prompt's padded prefill is no longer
+# A prefill bucket, so that a shorter prompt, padded to its bucket, is never longer than a chunk.
+DEFAULT_PREFILL_CHUNK = 128
 DEFAULT_MAX_WAITING = 256
 
 

@@ -434,7 +434,8 @@ def test_two_processes_of_four_devices_serve_what_one_process_generates(model):
         texts = [None] * len(cases)
         with httpx.Client(base_url=url, timeout=120) as c:
             def ask(i):
-                texts[i] = c.post("/v1/completions", json=dict(model="small", **cases[i])).json()["choices"][0]["text"]
+                response = c.post("/v1/completions", json=dict(model="small", **cases[i]))
+                texts[i] = response.json()["choices"][0]["text"]
 
             threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(cases))]
             for t in threads:

@@ -267,14 +267,14 @@ def check_mesh_covers_the_cluster(spec: Optional[str]) -> None:
 
 
 def listen(args: argparse.Namespace):
-    """--serve's listening socket, opened before the model loads so a busy port fails at once."""
-    import jax
+    """--serve's listening socket, opened before the model loads so a busy port fails at once;
+    None on processes other than 0 of a cluster, which follow process 0's engine instead."""
+    from grok1.distributed import is_main_process
     from grok1.server import bind
-    if jax.process_count() > 1:  # followers would need process 0's schedule of every step
-        raise UserError(f"--serve runs in one process; this run has {jax.process_count()} "
-                        f"(serve from one host, or generate with run.py / Model.generate across them)")
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must lie in [0, 65535], got {args.port}")
+    if not is_main_process():
+        return None
     try:
         return bind(args.host, args.port)
     except OSError as e:

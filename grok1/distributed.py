@@ -205,6 +205,58 @@ _shared_count = 0                    # share_from_main calls so far: the same on
 _SHARE_WAIT_MS = 3_600_000           # one wait; it is renewed until process 0 answers or dies
 
 
+class Broadcast:
+    """A stream of values from process 0 to every other process, one per `publish`, received in
+    order: how a server's engine on process 0 tells the other processes each step's schedule.
+
+    Like `share_from_main` it goes through the coordinator's key-value store, and a receiver
+    blocks (without spinning) until the next value comes, however long process 0 stays idle; but
+    each value goes to one key per receiving process, which that process deletes once read, so a
+    long-lived stream leaves nothing behind in the store. Process 0 never waits for the others.
+    """
+
+    def __init__(self, name: str):
+        import jax
+        self.name = name
+        self.count = 0
+        self.processes = jax.process_count()
+        self.index = jax.process_index()
+
+    def _key(self, count: int, process: int) -> str:
+        return f"grok1/broadcast/{self.name}/{count}/{process}"
+
+    def publish(self, value: Any) -> None:
+        """(Process 0.) Send `value` (JSON-serialisable) to every other process."""
+        import json
+        client = _store_client()
+        text = json.dumps(value)
+        for process in range(1, self.processes):
+            client.key_value_set(self._key(self.count, process), text)
+        self.count += 1
+
+    def receive(self) -> Any:
+        """(Other processes.) The next published value; blocks until it comes."""
+        import jax
+        import json
+        client = _store_client()
+        key = self._key(self.count, self.index)
+        while True:
+            try:
+                text = client.blocking_key_value_get(key, _SHARE_WAIT_MS)
+                break
+            except jax.errors.JaxRuntimeError as e:
+                if "DEADLINE_EXCEEDED" not in str(e):
+                    raise
+        client.key_value_delete(key)
+        self.count += 1
+        return json.loads(text)
+
+
+def _store_client():
+    from jax._src import distributed as jax_distributed  # the store has no public API yet
+    return jax_distributed.global_state.client
+
+
 def join_cluster(timeout_s: int = DEFAULT_TIMEOUT_S) -> bool:
     """For programs such as run.py: `initialize()` from the environment, then leave all printing to
     process 0 (`silence_other_processes`). False, and nothing changed, for a single process."""

@@ -6,14 +6,27 @@ any thread (or an event loop, through a callback), join a free slot before the n
 receive their Deltas as soon as the host reads them, and leave when they finish or are cancelled;
 their slot is prefilled with the next waiting request on the following step.
 
-Scheduling per step: finished and cancelled requests leave; waiting requests are prefilled into
-free slots, at most one per step while other requests are decoding (so a newcomer stalls the
-running ones by one prompt's prefill, never more); one decode call (`decode_chunk` tokens) is
-dispatched; then the results of the previous call are read while the device runs this one, as in
-`Runner.run`. Sampling is the Runner's: a request's tokens depend on its prompt, settings and seed
-only, not on its slot or its neighbours.
+Scheduling per step: finished and cancelled requests leave; waiting requests take free slots
+(all that fit when nothing decodes, else one per step); newcomers are prefilled, a prompt longer
+than `prefill_chunk` tokens in chunks of that size across steps (`sampler.prefill_chunk`), and
+while other requests decode only one chunk (or one short prompt) is prefilled per step, so a
+newcomer holds the running requests up by one chunk's prefill at a time, however long its
+prompt; one decode call (`decode_chunk` tokens) advances every slot whose prompt is all in; then
+the results of the previous call are read while the device runs this one, as in `Runner.run`.
+Sampling is the Runner's: a request's tokens depend on its prompt, settings and seed only, not on
+its slot or its neighbours (nor on whether its prompt went in chunks: the same tokens, logits
+equal up to rounding).
 
 Back-pressure: at most `max_waiting` requests wait for a slot; `submit` raises QueueFull past it.
+
+Several processes (`grok1.distributed`): every process must make the same jitted calls in the
+same order. `generate` gets that by submitting the same requests on every process. A server
+takes requests on process 0 only, so its engine is built with `lead_followers=True`: before each
+step process 0 publishes the step's schedule (the newcomers' slots, prompt ids and sampling
+settings with their seeds, whether a decode call runs, or that the engine stopped) through a
+`distributed.Broadcast`, and the other processes run `Engine.follow`, which makes the same calls
+on their part of the global state. The schedule is all they need: which slots hold or have
+freed a request only matters on the host, and the step's results reach every process.
 """
 
 from __future__ import annotations
@@ -29,13 +42,17 @@ import time
 import weakref
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+import jax
 import numpy as np
 
+from grok1.distributed import Broadcast, is_main_process
 from grok1.sampler import (Delta, FittedPrompt, Request, Runner, SamplingSettings, SlotState,
                            draw_fresh_seeds, fit_prompt, runner_for)
 from grok1.sharding import to_host
 
 DEFAULT_SLOTS = 4
+# A prefill bucket, so that a shorter prompt, padded to its bucket, is never longer than a chunk.
+DEFAULT_PREFILL_CHUNK = 128
 DEFAULT_MAX_WAITING = 256
 
 
@@ -70,6 +87,12 @@ class Job:
     last_token_at: Optional[float] = None
     cancelled: bool = False
     done: bool = False
+    prefilled: int = 0          # prompt tokens scheduled into the slot's cache so far
+
+    @property
+    def decoding(self) -> bool:
+        """Its whole prompt is in the cache: decode calls advance it."""
+        return self.prefilled >= len(self.prompt)
 
 
 # ---- metrics ----------------------------------------------------------------------------------
@@ -120,17 +143,27 @@ class EngineMetrics:
 class Engine:
     """Continuous batching for requests that arrive at any time (see the module docstring).
 
+    `prefill_chunk`: prompts longer than this are prefilled in chunks of this many tokens, one per
+    step while others decode (it should divide the context length; otherwise prompts go whole).
     Without `runner`, the engine uses the jitted steps of the model's Runner (`runner_for`, so
     both compile once) with a cache of its own; with `runner`, it owns that runner and its cache
     (`engine_for` does this for `generate` and `stream`).
     Start it with `start()` (or use it as a context manager); `close()` ends every running and
-    waiting request with EngineClosed and stops the thread.
+    waiting request with EngineClosed and stops the thread. With `lead_followers` on a cluster,
+    process 0's engine takes the requests and the other processes call `follow()` (module docstring).
     """
 
     def __init__(self, model: Any, slots: int = DEFAULT_SLOTS, decode_chunk: int = 1,
-                 max_waiting: int = DEFAULT_MAX_WAITING, runner: Optional[Runner] = None):
+                 max_waiting: int = DEFAULT_MAX_WAITING, runner: Optional[Runner] = None,
+                 lead_followers: bool = False, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         if max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {max_waiting}")
+        sequence_len = model.config.sequence_len
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        # Chunks start at multiples of the chunk size, so that one never runs past the cache's
+        # end; a size that does not divide the context prefills every prompt whole.
+        self.prefill_chunk = int(prefill_chunk) if sequence_len % prefill_chunk == 0 else sequence_len
         self.model = model
         if runner is not None:
             self.runner, self._cache_holder = runner, runner
@@ -147,6 +180,11 @@ class Engine:
         self._ids = itertools.count()
         self._closing = False
         self._thread: Optional[threading.Thread] = None
+        # With several processes and lead_followers: the schedule each step, process 0 -> others.
+        self._schedule: Optional[Broadcast] = None
+        self._told_stop = False
+        if lead_followers and jax.process_count() > 1:
+            self._schedule = Broadcast("engine-schedule")
 
     @property
     def _state(self) -> Optional[SlotState]:
@@ -177,6 +215,8 @@ class Engine:
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+        if thread is None:
+            self._tell_followers_to_stop("closed")
         with self._lock:   # never started: nobody else will end the waiting requests
             waiting, self._waiting = list(self._waiting), collections.deque()
             self.metrics.waiting = 0
@@ -207,7 +247,9 @@ class Engine:
         gets a fresh one. `deliver` receives each Delta (the last has a finish_reason) or, if the
         request cannot finish, one EngineError."""
         config, tokenizer = self.model.config, self.model.tokenizer
-        fresh = iter(draw_fresh_seeds(sum(s.seed is None for _, s, _ in requests)))
+        # A leading engine's followers get the seeds in the schedule, not by a draw of their own.
+        fresh = iter(draw_fresh_seeds(sum(s.seed is None for _, s, _ in requests),
+                                      across_processes=self._schedule is None))
         jobs = []
         now = time.monotonic()
         for prompt, settings, deliver in requests:
@@ -309,6 +351,12 @@ class Engine:
                 self._state = None
                 with self._lock:
                     self.metrics.running = 0
+                if self._schedule is not None:   # followers cannot know how far the step got
+                    self._tell_followers_to_stop("failed")
+                    with self._lock:
+                        self._closing = True
+                    break
+        self._tell_followers_to_stop("closed")
         for job in slot_of:
             if job is not None:
                 self._end(job, EngineClosed("the server is shutting down"), reason="aborted")
@@ -343,24 +391,30 @@ class Engine:
 
     def _step(self, slot_of: list[Optional[Job]], admitted: list[tuple[int, Job]],
               in_flight: collections.deque) -> None:
-        """Prefill the newcomers, dispatch one decode call, read all results but its own."""
-        runner = self.runner
-        if self._state is None:
-            self._state = runner._fresh_state()
-        for slot, job in admitted:
-            self._state, token, logprob = self._prefill(slot, job.prompt, job.settings)
-            in_flight.append(("prefill", {slot: job}, (token, logprob)))
-            with self._lock:
-                self.metrics.prompt_tokens += len(job.prompt)
-        dispatched = False
-        if any(job is not None for job in slot_of):
-            self._state, tokens, logprobs = runner.decode(self.model.params, self._state)
-            in_flight.append(("decode", {s: j for s, j in enumerate(slot_of) if j is not None},
-                              (tokens, logprobs)))
-            dispatched = True
-        while len(in_flight) > (1 if dispatched else 0):
-            kind, snapshot, arrays = in_flight.popleft()
-            tokens, logprobs = (to_host(a) for a in arrays)
+        """Prefill the newcomers (one chunk or short prompt per step while others decode),
+        dispatch one decode call, read all results but its own."""
+        with self._lock:
+            self.metrics.prompt_tokens += sum(len(job.prompt) for _, job in admitted)
+        prefilling = sorted(((job.id, slot, job) for slot, job in enumerate(slot_of)
+                             if job is not None and not job.decoding), key=lambda t: t[0])
+        if any(job is not None and job.decoding for job in slot_of):
+            prefilling = prefilling[:1]
+        schedule: dict[str, Any] = {"prefill": []}
+        snapshots: list[dict[int, Job]] = []
+        for _, slot, job in prefilling:
+            start = job.prefilled
+            whole = start == 0 and len(job.prompt) <= self.prefill_chunk
+            piece = job.prompt if whole else job.prompt[start:start + self.prefill_chunk]
+            job.prefilled = start + len(piece)
+            schedule["prefill"].append([slot, piece, start, len(job.prompt), *_device_settings(job.settings)])
+            if job.decoding:   # its first token is sampled by this call
+                snapshots.append({slot: job})
+        schedule["decode"] = any(job is not None and job.decoding for job in slot_of)
+        if schedule["decode"]:
+            snapshots.append({s: j for s, j in enumerate(slot_of) if j is not None and j.decoding})
+        if self._schedule is not None:
+            self._schedule.publish(schedule)
+        for kind, snapshot, tokens, logprobs in self._device_step(schedule, snapshots, in_flight):
             if kind == "prefill":
                 tokens, logprobs = tokens.reshape(1, 1), logprobs.reshape(1, 1)
             for step in range(tokens.shape[0]):
@@ -377,16 +431,74 @@ class Engine:
                             slot_of[slot] = None
                     self._send(job, delta)
 
-    def _prefill(self, slot: int, prompt: list[int], settings: SamplingSettings):
+    def _device_step(self, schedule: dict, snapshots: Sequence[Any], in_flight: collections.deque
+                     ) -> list[tuple[str, Any, np.ndarray, np.ndarray]]:
+        """The device side of one step, the same on every process: each prefill of `schedule`
+        ([slot, token ids, start, prompt length, settings...]: a whole prompt, or one chunk of
+        it), a decode call if it says so, then the results of every call but that one are read
+        -> [(kind, snapshot, tokens, logprobs)] in call order. `snapshots` (one per call whose
+        tokens count: final prefills and the decode; none on a follower) travel with them."""
+        if self._state is None:
+            self._state = self.runner._fresh_state()
+        snapshots = iter(snapshots)
+        for slot, ids, start, length, *settings in schedule["prefill"]:
+            if start == 0 and len(ids) == length:
+                self._state, token, logprob = self._prefill(slot, ids, *settings)
+            else:
+                self._state, token, logprob = self._prefill_chunk(slot, ids, start, length, *settings)
+            if start + len(ids) >= length:
+                in_flight.append(("prefill", next(snapshots, None), (token, logprob)))
+        if schedule["decode"]:
+            self._state, tokens, logprobs = self.runner.decode(self.model.params, self._state)
+            in_flight.append(("decode", next(snapshots, None), (tokens, logprobs)))
+        results = []
+        while len(in_flight) > (1 if schedule["decode"] else 0):
+            kind, snapshot, arrays = in_flight.popleft()
+            results.append((kind, snapshot, *(to_host(a) for a in arrays)))
+        return results
+
+    def follow(self) -> None:
+        """On a process other than 0 of a cluster: make the device calls of process 0's leading
+        engine, step by step as it publishes them, until it stops (return) or fails (EngineError).
+        Blocks in the key-value store between steps, however long the server stays idle."""
+        if self._schedule is None or is_main_process():
+            raise RuntimeError("follow() runs on processes other than 0 of a cluster, "
+                               "on an engine built with lead_followers=True")
+        in_flight: collections.deque = collections.deque()
+        while True:
+            schedule = self._schedule.receive()
+            if "stop" in schedule:
+                if schedule["stop"] == "failed":
+                    raise EngineError("process 0's engine step failed; this process stops with it")
+                return
+            self._device_step(schedule, [], in_flight)
+
+    def _tell_followers_to_stop(self, why: str) -> None:
+        if self._schedule is not None and is_main_process() and not self._told_stop:
+            self._told_stop = True
+            self._schedule.publish({"stop": why})
+
+    def _prefill_chunk(self, slot: int, ids: list[int], start: int, length: int, seed: int,
+                       temperature: float, top_p: float, top_k: int, frequency_penalty: float,
+                       presence_penalty: float):
+        """`sampler.prefill_chunk` of prompt positions [start, start + len(ids)), padded to a chunk."""
+        padded = np.full((1, self.prefill_chunk), self.model.config.pad_token, np.int32)
+        padded[0, :len(ids)] = ids
+        return self.runner.prefill_chunk(
+            self.model.params, self._state, padded, np.int32(start), np.int32(length), np.int32(slot),
+            np.uint32(seed), np.float32(temperature), np.float32(top_p), np.int32(top_k),
+            np.float32(frequency_penalty), np.float32(presence_penalty))
+
+    def _prefill(self, slot: int, prompt: list[int], seed: int, temperature: float, top_p: float,
+                 top_k: int, frequency_penalty: float, presence_penalty: float):
         """`Runner._prefill` on the engine's state: the prompt padded to its bucket."""
         bucket = next(b for b in self.runner.buckets if b >= len(prompt))
         padded = np.full((1, bucket), self.model.config.pad_token, np.int32)
         padded[0, :len(prompt)] = prompt
         return self.runner.prefill(
             self.model.params, self._state, padded, np.int32(len(prompt)), np.int32(slot),
-            np.uint32(settings.seed), np.float32(settings.temperature), np.float32(settings.top_p),
-            np.int32(settings.top_k), np.float32(settings.frequency_penalty),
-            np.float32(settings.presence_penalty))
+            np.uint32(seed), np.float32(temperature), np.float32(top_p), np.int32(top_k),
+            np.float32(frequency_penalty), np.float32(presence_penalty))
 
     def _record(self, job: Job, delta: Delta, now: float) -> None:
         with self._lock:
@@ -426,6 +538,12 @@ _STARTED: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 def _close_started_engines() -> None:
     for engine in list(_STARTED):
         engine.close(timeout=10)
+
+
+def _device_settings(settings: SamplingSettings) -> list:
+    """The sampling settings the device calls take, in `Engine._prefill`'s order (JSON-able)."""
+    return [settings.seed, settings.temperature, settings.top_p, settings.top_k,
+            settings.frequency_penalty, settings.presence_penalty]
 
 
 class _CacheHolder:

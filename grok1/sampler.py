@@ -114,12 +114,15 @@ def sampling_settings(config: ModelConfig, tokenizer: Any = None, **settings: An
                             stop_token_ids=stop_ids, stop_strings=stop_strings, **flags)
 
 
-def draw_fresh_seeds(count: int) -> list[int]:
+def draw_fresh_seeds(count: int, across_processes: bool = True) -> list[int]:
     """`count` fresh random seeds for requests that gave none: the one place unseeded sampling
     gets its randomness. With several processes every process uses process 0's draw, so they all
-    sample the same tokens (each process calls this for the same requests in the same order)."""
+    sample the same tokens (each process calls this for the same requests in the same order);
+    not `across_processes`: this process's own draw (a server's engine on process 0 sends its
+    seeds to the other processes in each step's schedule)."""
     from grok1.distributed import share_from_main
-    return [int(seed) for seed in share_from_main([secrets.randbelow(MAX_SEED) for _ in range(count)])]
+    draw = [secrets.randbelow(MAX_SEED) for _ in range(count)]
+    return [int(seed) for seed in (share_from_main(draw) if across_processes else draw)]
 
 
 def _is_int(value: Any) -> bool:
@@ -396,6 +399,46 @@ def prefill_slot(apply, config: ModelConfig, dtype, constrain, params: dict, sta
     return constrain(state), token[0], logprob[0]
 
 
+def prefill_chunk(apply, constrain, params: dict, state: SlotState, chunk: jax.Array,
+                  start: jax.Array, length: jax.Array, slot: jax.Array, seed: jax.Array,
+                  temperature: jax.Array, top_p: jax.Array, top_k: jax.Array,
+                  frequency_penalty: jax.Array, presence_penalty: jax.Array
+                  ) -> tuple[SlotState, jax.Array, jax.Array]:
+    """Prefill positions [start, start + C) of a `length`-token prompt into row `slot`, on top of
+    the positions before `start` that earlier chunks wrote (chunk [1, C], right-padded past the
+    prompt's end; start + C must not pass the cache's end). Long prompts go in such chunks across
+    engine steps, so that a newcomer holds up the decoding requests by one chunk at a time.
+
+    The row's positions from `start` on are cleared first: whatever a previous request or a
+    decode step of the other slots left there is not seen. The slot takes the request's settings
+    and sampled first token each time; only the final chunk's (start + C >= length) count, since
+    the slot's decode results are ignored until then and the final chunk sets them again.
+    """
+    big = state.cache
+    width = chunk.shape[1]
+    take = lambda rows: jax.lax.dynamic_slice_in_dim(rows, slot, 1, axis=0)
+    put = lambda rows, row: jax.lax.dynamic_update_slice_in_dim(rows, row.astype(rows.dtype), slot, axis=0)
+    before_start = jnp.arange(big.valid.shape[1]) < start
+    row = KVCache(keys=tuple(take(k) for k in big.keys), values=tuple(take(v) for v in big.values),
+                  valid=take(big.valid) & before_start[None, :], length=start[None])
+    last = jnp.clip(length - 1 - start, 0, width - 1)
+    logits, row = apply(params, chunk, row, last[None])
+    settings = [x[None] for x in (temperature, top_p, top_k)]
+    token, logprob = sample(logits, request_keys(seed[None], jnp.zeros((1,), jnp.int32)), *settings)
+    cache = KVCache(keys=tuple(put(b, r) for b, r in zip(big.keys, row.keys)),
+                    values=tuple(put(b, r) for b, r in zip(big.values, row.values)),
+                    valid=put(big.valid, row.valid),
+                    length=big.length.at[slot].set(jnp.minimum(start + width, length)))
+    state = SlotState(cache=cache, tokens=state.tokens.at[slot].set(token[0]),
+                      steps=state.steps.at[slot].set(1), seeds=state.seeds.at[slot].set(seed),
+                      temperature=state.temperature.at[slot].set(temperature),
+                      top_p=state.top_p.at[slot].set(top_p), top_k=state.top_k.at[slot].set(top_k),
+                      frequency_penalty=state.frequency_penalty.at[slot].set(frequency_penalty),
+                      presence_penalty=state.presence_penalty.at[slot].set(presence_penalty),
+                      counts=state.counts.at[slot].set(0).at[slot, token[0]].add(1))
+    return constrain(state), token[0], logprob[0]
+
+
 def prefill_buckets(sequence_len: int) -> tuple[int, ...]:
     """Prompt lengths prefill compiles for: 32, 128, 512 ... and sequence_len itself (a few
     compilations; padding at most quadruples a prompt's prefill work)."""
@@ -514,6 +557,8 @@ class Runner:
                               donate_argnums=(1,), **placement)
         self.prefill = jax.jit(functools.partial(prefill_slot, apply, config, model.dtype, constrain),
                                donate_argnums=(1,), **placement)
+        self.prefill_chunk = jax.jit(functools.partial(prefill_chunk, apply, constrain),
+                                     donate_argnums=(1,), **placement)
         self._state: Optional[SlotState] = None
 
     def _sharding(self):

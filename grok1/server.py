@@ -25,6 +25,9 @@ Chat template (Grok-1 is a base model, so chat is plain text it can continue):
 
 and generation also stops at "\nUser:" (the model starting the next turn). The reply is the
 continuation with its leading whitespace removed.
+
+Several processes (`grok1.distributed`): process 0 serves; the others follow its engine's steps
+(`serve` does both, see `Engine.follow`).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from starlette.requests import ClientDisconnect, Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from grok1.distributed import is_main_process
 from grok1.engine import (DEFAULT_MAX_WAITING, DEFAULT_SLOTS, Engine, EngineClosed, EngineError,
                           Job, QueueFull)
 from grok1.sampler import Delta, sampling_settings
@@ -607,8 +611,15 @@ def serve(model: Any, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, slots:
           model_name: str = "grok-1", max_waiting: int = DEFAULT_MAX_WAITING, decode_chunk: int = 1,
           log_level: str = "info", sock: Optional[socket.socket] = None) -> None:
     """Serve `model` on host:port (or the listening `sock`) until SIGTERM or Ctrl-C (blocking).
-    Running requests end with a final event, then the port is freed."""
-    engine = Engine(model, slots=slots, decode_chunk=decode_chunk, max_waiting=max_waiting)
+    Running requests end with a final event, then the port is freed.
+
+    On a cluster (`grok1.distributed`) every process calls this with the same settings: process 0
+    serves HTTP, the others follow its engine's steps (`Engine.follow`) and return when it stops."""
+    engine = Engine(model, slots=slots, decode_chunk=decode_chunk, max_waiting=max_waiting,
+                    lead_followers=True)
+    if not is_main_process():
+        engine.follow()
+        return
     sock = sock or bind(host, port)
     host, port = sock.getsockname()[:2]
     print(f"serving {model_name!r} on http://{_url_host(host)}:{port}/v1 ({engine.slots} slots)",

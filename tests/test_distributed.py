@@ -268,3 +268,31 @@ def test_fresh_seeds_are_process_0s_draw_on_every_process():
                      if line.startswith("SEED "))
     (_, agreed_0), (_, agreed_1) = results
     assert agreed_0 == agreed_1 and len(set(agreed_0)) == 3
+
+
+def test_broadcast_delivers_process_0s_values_in_order_and_leaves_no_keys_behind():
+    worker = ("import sys, json, time\n"
+              "from grok1 import distributed\n"
+              "distributed.initialize()\n"
+              "import jax\n"
+              "stream = distributed.Broadcast('test')\n"
+              "values = [{'step': i, 'ids': list(range(i))} for i in range(3)]\n"
+              "if jax.process_index() == 0:\n"
+              "    for value in values:\n"
+              "        stream.publish(value)\n"
+              "        time.sleep(1)\n"   # the receiver waits for each one
+              "    got = values\n"
+              "else:\n"
+              "    got = [stream.receive() for _ in values]\n"
+              "    client = distributed._store_client()\n"
+              "    left = [k for k, _ in client.key_value_dir_get('grok1/broadcast/test/')]\n"
+              "    assert left == [], left\n"
+              "sys.stdout.write('GOT ' + json.dumps([jax.process_index(), got]) + '\\n')\n"
+              "sys.stdout.flush()\n")
+    proc = launch("--num-processes", "2", "--devices-per-process", "1", "--timeout", "120", "--",
+                  sys.executable, "-c", worker, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted(json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
+                     if line.startswith("GOT "))
+    (_, sent), (_, received) = results
+    assert received == sent and len(sent) == 3

@@ -32,6 +32,7 @@ from grok1.sampler import runner_for, sampling_settings
 from grok1.server import BackgroundServer
 
 from conftest import REPO
+from test_distributed import launched_process
 
 MODEL = "small"
 SLOTS = 4
@@ -181,6 +182,51 @@ def test_newcomers_join_one_per_decode_step_while_others_decode(model):
     while_decoding = calls[calls.index("decode"):]
     assert while_decoding.count("prefill") == 3
     assert "prefill, prefill" not in ", ".join(while_decoding)
+
+
+LONG_PROMPT = "The function returns the value of its argument, or raises an error. " * 12
+
+
+def long_prompt_ids(engine: Engine, settings, length: int = 150) -> list[int]:
+    ids = engine.fit(LONG_PROMPT, settings).token_ids[:length]
+    assert len(ids) == length
+    return ids
+
+
+def test_a_prompt_prefilled_in_chunks_generates_what_it_generates_prefilled_whole(model):
+    settings = sampling_settings(model.config, model.tokenizer, max_new_tokens=20, temperature=0.8,
+                                 seed=5, logprobs=True)
+    results = {}
+    for chunk in (32, model.config.sequence_len):   # 150 tokens: 5 chunks, or one prefill
+        with Engine(model, slots=2, prefill_chunk=chunk) as engine:
+            deltas = list(engine.stream(long_prompt_ids(engine, settings), settings))
+        results[chunk] = ([t for d in deltas for t in d.token_ids], "".join(d.text for d in deltas),
+                          [p for d in deltas for p in d.logprobs or []])
+    (chunked_ids, chunked_text, chunked_logprobs), (whole_ids, whole_text, whole_logprobs) = results.values()
+    assert chunked_ids == whole_ids and chunked_text == whole_text and len(chunked_ids) > 10
+    # Not bitwise: grok1.load's CPU default computes the experts of long prompts in bfloat16.
+    assert max(abs(a - b) for a, b in zip(chunked_logprobs, whole_logprobs)) < 1e-2
+
+
+def test_a_running_request_decodes_between_the_chunks_of_a_newcomers_prompt(model):
+    runner = runner_for(model, SLOTS)
+    calls, prefill_chunk, decode = [], runner.prefill_chunk, runner.decode
+    runner.prefill_chunk = lambda *args: calls.append("chunk") or prefill_chunk(*args)
+    runner.decode = lambda *args: calls.append("decode") or decode(*args)
+    try:
+        with Engine(model, slots=SLOTS, prefill_chunk=32) as engine:
+            settings = sampling_settings(model.config, model.tokenizer, max_new_tokens=200, seed=16)
+            long = engine.stream(engine.fit(PROMPT, settings).token_ids, settings)
+            next(long)
+            newcomer = sampling_settings(model.config, model.tokenizer, max_new_tokens=3, seed=1)
+            deltas = list(engine.stream(long_prompt_ids(engine, newcomer), newcomer))
+            long.close()
+    finally:
+        runner.prefill_chunk, runner.decode = prefill_chunk, decode
+    assert deltas[-1].finish_reason == "length"
+    chunks = [i for i, call in enumerate(calls) if call == "chunk"]
+    assert len(chunks) == 5                              # ceil(150 / 32)
+    assert all("decode" in calls[a + 1:b] for a, b in zip(chunks, chunks[1:]))
 
 
 def test_same_seed_and_settings_through_the_server_equal_generate_alone(client, model):
@@ -365,3 +411,50 @@ def test_run_py_refuses_a_port_in_use_in_one_line_before_loading_the_model():
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"run.py: error: --serve: cannot listen on 127.0.0.1:{port} (Address already in use)"]
+
+
+# ---- several processes ------------------------------------------------------------------------
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds the launched processes in /proc")
+def test_two_processes_of_four_devices_serve_what_one_process_generates(model):
+    # Process 0 serves; process 1 follows its engine's steps over a 1x8 mesh spanning both.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "grok1.distributed", "--num-processes", "2", "--devices-per-process", "4",
+         "--timeout", "170", "--", sys.executable, "run.py", "--serve", "--port", "0", "--mesh", "1x8",
+         "--quiet"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**env, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = launcher.stdout.readline()
+        assert "serving" in line, launcher.stderr.read()[-3000:] if launcher.poll() is not None else line
+        url = re.search(r"(http://\S+)/v1", line).group(1)
+        cases = [dict(prompt=PROMPT, max_tokens=20, seed=31, temperature=0.8),
+                 dict(prompt="Once upon a time", max_tokens=12, seed=32, temperature=1.0),
+                 dict(prompt="import numpy", max_tokens=16, seed=33, temperature=0.0)]
+        texts = [None] * len(cases)
+        with httpx.Client(base_url=url, timeout=120) as c:
+            def ask(i):
+                response = c.post("/v1/completions", json=dict(model="small", **cases[i]))
+                texts[i] = response.json()["choices"][0]["text"]
+
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(cases))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            with c.stream("POST", "/v1/completions", json=dict(model="small", stream=True, **cases[0])) as r:
+                streamed = "".join(json.loads(line[6:])["choices"][0]["text"] for line in r.iter_lines()
+                                   if line.startswith("data: {"))
+            assert wait_until_idle(c)["grok1_requests_running"] == 0
+        for case, text in zip(cases, texts):
+            case = dict(case)
+            prompt, case["max_new_tokens"] = case.pop("prompt"), case.pop("max_tokens")
+            assert text == model.generate([prompt], slots=SLOTS, **case)[0].text
+        assert streamed == texts[0]
+        os.kill(launched_process(launcher, 1), signal.SIGKILL)   # a failed follower ends the server
+        assert launcher.wait(30) != 0
+        assert "process 1 was killed by signal 9" in launcher.stderr.read()
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()

@@ -1,7 +1,7 @@
 """A long-lived generation engine: requests join and leave the runner's slots at any step.
 
-`sampler.Runner.run` batches the prompts of one call. The Engine keeps one Runner busy for the
-life of a server instead: one thread owns the runner and the device, requests are submitted from
+The Engine keeps one `sampler.Runner` (the jitted steps over one KV cache) busy for the life of
+a server, and of a model's `generate` / `stream` calls: one thread owns the runner and the device, requests are submitted from
 any thread (or an event loop, through a callback), join a free slot before the next decode call,
 receive their Deltas as soon as the host reads them, and leave when they finish or are cancelled;
 their slot is prefilled with the next waiting request on the following step.
@@ -12,7 +12,8 @@ than `prefill_chunk` tokens in chunks of that size across steps (`sampler.prefil
 while other requests decode only one chunk (or one short prompt) is prefilled per step, so a
 newcomer holds the running requests up by one chunk's prefill at a time, however long its
 prompt; one decode call (`decode_chunk` tokens) advances every slot whose prompt is all in; then
-the results of the previous call are read while the device runs this one, as in `Runner.run`.
+the results of the previous call are read while the device runs this one, so the host's
+bookkeeping stays off the device's critical path.
 Sampling is the Runner's: a request's tokens depend on its prompt, settings and seed only, not on
 its slot or its neighbours (nor on whether its prompt went in chunks: the same tokens, logits
 equal up to rounding).
@@ -300,7 +301,7 @@ class Engine:
 
     def run(self, requests: Sequence[tuple[list[int], SamplingSettings]]
             ) -> Iterator[tuple[int, Delta, Request]]:
-        """A blocking client with `Runner.run`'s interface: generate every (prompt ids, settings)
+        """A blocking client: generate every (prompt ids, settings)
         request, yielding (request index, delta, progress) as tokens arrive, in order within each
         request. Requests are queued whatever the bound; closing the iterator cancels them."""
         results: queue.SimpleQueue = queue.SimpleQueue()

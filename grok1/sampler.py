@@ -13,7 +13,6 @@ on its neighbours. A request without a seed gets a fresh one from `draw_fresh_se
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import math
@@ -27,7 +26,6 @@ import numpy as np
 from grok1.config import ModelConfig
 from grok1.model import KVCache, transformed
 from grok1.rows import on_mesh
-from grok1.sharding import to_host
 from grok1.tokenizer import IncrementalDecoder
 
 MAX_SEED = 2 ** 32
@@ -529,10 +527,10 @@ class Request:
 class Runner:
     """Continuous batching over `slots` cache rows for one model.
 
-    `decode_chunk` tokens are decoded per jitted call (a lax.scan); the host processes the tokens
-    of call k while call k+1 runs, so its bookkeeping stays off the device's critical path. The
-    cache is allocated once and reused by later `run` calls (one `run` at a time); compilation
-    happens once for the decode step and once per prefill bucket.
+    The jitted steps over one cache of `slots` rows: `decode` (`decode_chunk` tokens per call, a
+    lax.scan), `prefill` (one prompt into one slot, padded to a bucket) and `prefill_chunk`.
+    Compilation happens once for the decode step and once per prefill bucket. The scheduling is
+    grok1/engine.py's; `_state` holds the cache between the calls of the engine that owns it.
     """
 
     def __init__(self, model: Any, slots: int, buckets: Optional[Sequence[int]] = None,
@@ -583,59 +581,6 @@ class Runner:
         make = functools.partial(empty_state, self.model.config, self.model.dtype, self.slots)
         sharding = self._state_sharding or jax.tree_util.tree_leaves(self.model.params)[0].sharding
         return jax.jit(make, out_shardings=sharding)()
-
-    def run(self, requests: Sequence[tuple[list[int], SamplingSettings]]
-            ) -> Iterator[tuple[int, Delta, "Request"]]:
-        """Generate every (prompt ids, settings) request; yield (request index, delta, progress)
-        as tokens arrive, in order within each request."""
-        config, tokenizer = self.model.config, self.model.tokenizer
-        waiting = collections.deque(enumerate(requests))
-        slot_of: list[Optional[tuple[int, Request]]] = [None] * self.slots
-        in_flight = collections.deque()   # device results not yet read: (kind, slots snapshot, arrays)
-        if self._state is None:
-            self._state = self._fresh_state()
-        while waiting or in_flight or any(s is not None for s in slot_of):
-            for slot in range(self.slots):
-                if slot_of[slot] is None and waiting:
-                    index, (prompt, settings) = waiting.popleft()
-                    request = Request(prompt, settings, config, tokenizer)
-                    slot_of[slot] = (index, request)
-                    self._state, token, logprob = self._prefill(slot, prompt, settings)
-                    in_flight.append(("prefill", {slot: (index, request)}, (token, logprob)))
-            dispatched = False
-            if any(s is not None for s in slot_of):
-                self._state, tokens, logprobs = self.decode(self.model.params, self._state)
-                in_flight.append(("decode", {s: r for s, r in enumerate(slot_of) if r is not None},
-                                  (tokens, logprobs)))
-                dispatched = True
-            # Read everything except the call just dispatched, which the device is still running.
-            while len(in_flight) > (1 if dispatched else 0):
-                kind, snapshot, arrays = in_flight.popleft()
-                tokens, logprobs = (to_host(a) for a in arrays)
-                if kind == "prefill":
-                    tokens, logprobs = tokens.reshape(1, 1), logprobs.reshape(1, 1)
-                    columns = {slot: 0 for slot in snapshot}
-                else:
-                    columns = {slot: slot for slot in snapshot}
-                for step in range(tokens.shape[0]):
-                    for slot, (index, request) in snapshot.items():
-                        if request.finish_reason is not None:
-                            continue
-                        delta = request.add(int(tokens[step, columns[slot]]),
-                                            float(logprobs[step, columns[slot]]))
-                        yield index, delta, request
-                        if request.finish_reason is not None and slot_of[slot] is not None \
-                                and slot_of[slot][1] is request:
-                            slot_of[slot] = None
-
-    def _prefill(self, slot: int, prompt: list[int], settings: SamplingSettings):
-        bucket = next(b for b in self.buckets if b >= len(prompt))
-        padded = np.full((1, bucket), self.model.config.pad_token, np.int32)
-        padded[0, :len(prompt)] = prompt
-        return self.prefill(self.model.params, self._state, padded, np.int32(len(prompt)),
-                            np.int32(slot), np.uint32(settings.seed), np.float32(settings.temperature),
-                            np.float32(settings.top_p), np.int32(settings.top_k),
-                            np.float32(settings.frequency_penalty), np.float32(settings.presence_penalty))
 
 
 # ---- the Model-level API ----------------------------------------------------------------------

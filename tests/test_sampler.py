@@ -15,7 +15,8 @@ import pytest
 
 import grok1
 from grok1 import sampler
-from grok1.sampler import Request, Runner, runner_for, sampling_settings
+from grok1.engine import Engine, engine_for
+from grok1.sampler import Request, runner_for, sampling_settings
 from grok1.tokenizer import REPLACEMENT_CHAR, IncrementalDecoder, Tokenizer
 
 from conftest import GOLDEN, Golden, run_with_devices
@@ -95,9 +96,8 @@ def test_ten_requests_through_four_slots_all_finish_each_equal_to_its_solo_run(m
     prompts = prompts_of_lengths(*range(1, 30, 3))
     settings = [sampling_settings(model.config, max_new_tokens=3 + 2 * i, temperature=0.8, seed=i)
                 for i in range(len(prompts))]
-    runner = runner_for(model, SLOTS)
     finished = {}
-    for index, delta, request in runner.run(list(zip(prompts, settings))):
+    for index, delta, request in engine_for(model, SLOTS).run(list(zip(prompts, settings))):
         if delta.finish_reason is not None:
             finished[index] = request.completion()
     assert sorted(finished) == list(range(10))
@@ -296,9 +296,10 @@ def test_multi_token_decode_chunks_give_the_same_tokens(model):
     settings = [sampling_settings(model.config, max_new_tokens=5 + 3 * i, temperature=1.0, seed=i)
                 for i in range(3)]
     chunked = {}
-    for index, delta, request in Runner(model, SLOTS, decode_chunk=4).run(list(zip(prompts, settings))):
-        if delta.finish_reason is not None:
-            chunked[index] = request.completion().token_ids
+    with Engine(model, SLOTS, decode_chunk=4) as engine:
+        for index, delta, request in engine.run(list(zip(prompts, settings))):
+            if delta.finish_reason is not None:
+                chunked[index] = request.completion().token_ids
     for i, prompt in enumerate(prompts):
         assert chunked[i] == alone(model, prompt, max_new_tokens=5 + 3 * i, temperature=1.0, seed=i).token_ids
 

@@ -156,6 +156,10 @@ FLAG_MODES: dict[str, tuple[str, ...]] = {
     "context": ("plan",),
     "plot": ("trace",),
     "json": ("plan", "describe", "generate"),
+    "cpu_devices": ("plan", "trace", "interactive", "serve", "generate"),
+    # The plan compiles afresh on purpose: it reports compile times.
+    "compilation_cache": ("trace", "interactive", "serve", "generate"),
+    "no_compilation_cache": ("trace", "interactive", "serve", "generate"),
 }
 
 

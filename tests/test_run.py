@@ -211,6 +211,8 @@ def test_empty_prompt_is_a_one_line_error(main, mode):
     (["--trace", "--json"], "--json has no effect with --trace"),
     (["--interactive", "--no-stream"], "--no-stream has no effect with --interactive"),
     (["--plot", "x.png"], "--plot has no effect with generation; it goes with --trace"),
+    (["--describe", "--cpu-devices", "8"], "--cpu-devices has no effect with --describe"),
+    (["--plan", "--mesh", "1x1", "--compilation-cache", "x"], "--compilation-cache has no effect with --plan"),
     (["--describe", "--preset", "grok-1", "--checkpoint", "x"], "--checkpoint has no effect with --describe --preset")])
 def test_flags_that_would_be_ignored_are_refused(main, argv, fragment):
     code, _, err = main(*argv)

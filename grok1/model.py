@@ -31,6 +31,7 @@ ROPE_BASE = 10000.0
 ATTN_LOGIT_CAP = 30.0
 MASKED_LOGIT = -1e30
 ATTENTION_KEY_BLOCK = 1024  # prompts attend to more keys than this in blocks of it (bounded memory)
+MOE_TOKEN_CHUNK = 1024      # longer prompts run their experts this many positions at a time
 
 
 # ---- KV cache ---------------------------------------------------------------------------------
@@ -270,20 +271,39 @@ class MoELayer(hk.Module):
             out = expert_kernels.per_expert_moe(x.reshape(B * T, d).astype(self.dtype), gates.reshape(B * T, k),
                                  experts.reshape(B * T, k), (w_gate, w_up, w_down), self.dtype)
             return out.reshape(B, T, d)
-        # Sort the B*T*k (token, expert) pairs by expert so each expert sees one contiguous group.
-        experts = experts.reshape(B * T, k)
-        order, group_sizes = expert_kernels.sort_pairs_by_expert(experts, E)
-        group_sizes = group_sizes.astype(jnp.int32)
-        sorted_experts = experts.reshape(-1)[order]
-        xs = x.reshape(B * T, d).astype(self.dtype)[order // k]         # [B*T*k, d]
+        def chosen_experts(x, gates, experts):  # [B, t, ...] -> [B, t, d]
+            # Sort the B*t*k (token, expert) pairs by expert so each expert sees one contiguous group.
+            B, t, _ = x.shape
+            experts = experts.reshape(B * t, k)
+            order, group_sizes = expert_kernels.sort_pairs_by_expert(experts, E)
+            group_sizes = group_sizes.astype(jnp.int32)
+            sorted_experts = experts.reshape(-1)[order]
+            xs = x.reshape(B * t, d).astype(self.dtype)[order // k]     # [B*t*k, d]
 
-        matmul_grouped = expert_kernels.grouped_matmul  # float32 results
-        h = jax.nn.gelu(matmul_grouped(xs, w_gate, group_sizes, sorted_experts, self.dtype))
-        h = h * matmul_grouped(xs, w_up, group_sizes, sorted_experts, self.dtype)
-        y = matmul_grouped(h.astype(self.dtype), w_down, group_sizes, sorted_experts, self.dtype)
+            matmul_grouped = expert_kernels.grouped_matmul  # float32 results
+            h = jax.nn.gelu(matmul_grouped(xs, w_gate, group_sizes, sorted_experts, self.dtype))
+            h = h * matmul_grouped(xs, w_up, group_sizes, sorted_experts, self.dtype)
+            y = matmul_grouped(h.astype(self.dtype), w_down, group_sizes, sorted_experts, self.dtype)
+            return expert_kernels.combine_pairs(y, gates.reshape(B * t, k), order, k).reshape(B, t, d)
 
-        out = expert_kernels.combine_pairs(y, gates.reshape(B * T, k), order, k)
-        return out.reshape(B, T, d)
+        if T > MOE_TOKEN_CHUNK:  # long prompt: each token's experts are its own, so chunks are exact
+            return in_token_chunks(chosen_experts, (x, gates, experts), MOE_TOKEN_CHUNK)
+        return chosen_experts(x, gates, experts)
+
+
+def in_token_chunks(fn, inputs: tuple[jax.Array, ...], chunk: int) -> jax.Array:
+    """fn over the [B, T, ...] `inputs` `chunk` positions at a time (T padded up to whole chunks
+    with zeros, their results dropped): the temporaries of one chunk are live, not of all T."""
+    B, T = inputs[0].shape[:2]
+    num_chunks = -(-T // chunk)
+
+    def chunks(a: jax.Array) -> jax.Array:  # [B, T, ...] -> [num_chunks, B, chunk, ...]
+        a = jnp.pad(a, [(0, num_chunks * chunk - T if i == 1 else 0) for i in range(a.ndim)])
+        return jnp.moveaxis(a.reshape((B, num_chunks, chunk) + a.shape[2:]), 1, 0)
+
+    out = jax.lax.map(lambda parts: fn(*parts), tuple(chunks(a) for a in inputs))
+    out = jnp.moveaxis(out, 0, 1)
+    return out.reshape((B, num_chunks * chunk) + out.shape[3:])[:, :T]
 
 
 class ExpertWeight(hk.Module):

@@ -1,4 +1,6 @@
-"""Attention over keys in blocks (long prompts, bounded memory) computes what the plain path does."""
+"""Long prompts in bounded memory: attention over keys in blocks and experts over positions in
+chunks compute what the plain paths do, and the compiled prefill holds several times fewer
+temporaries."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import pytest
 
 from grok1 import model as grok_model
 from grok1.config import ModelConfig
-from grok1.model import KVCache, MultiHeadAttention, attention_context, attention_in_key_blocks
+from grok1.model import (KVCache, MoELayer, MultiHeadAttention, attention_context, attention_in_key_blocks,
+                         transformed)
 
 CONFIG = ModelConfig(vocab_size=64, emb_size=32, num_layers=1, num_q_heads=4, num_kv_heads=2,
                      key_size=8, widening_factor=2, sequence_len=24, embedding_multiplier_scale=1.0,
@@ -55,6 +58,18 @@ def test_blocked_attention_averages_all_values_where_a_query_sees_no_key_like_pl
     assert np.isfinite(np.asarray(blocked)).all()
 
 
+def traced_with(fn, *args, **sizes):
+    """jit(fn)(*args) traced while grok1.model's block and chunk sizes are set to `sizes`."""
+    saved = {name: getattr(grok_model, name) for name in sizes}
+    for name, size in sizes.items():
+        setattr(grok_model, name, size)
+    try:
+        return np.asarray(jax.jit(fn)(*args))
+    finally:
+        for name, size in saved.items():
+            setattr(grok_model, name, size)
+
+
 def attention_step(block: int, tokens, cache, x):
     """MultiHeadAttention on x with ATTENTION_KEY_BLOCK set to `block` while it traces."""
     def attend(x):
@@ -62,11 +77,7 @@ def attention_step(block: int, tokens, cache, x):
         return MultiHeadAttention(CONFIG, jnp.float32)(x, ctx, 0)[0]
     fn = hk.without_apply_rng(hk.transform(attend))
     params = fn.init(jax.random.PRNGKey(0), x)
-    saved, grok_model.ATTENTION_KEY_BLOCK = grok_model.ATTENTION_KEY_BLOCK, block
-    try:
-        return np.asarray(jax.jit(fn.apply)(params, x))
-    finally:
-        grok_model.ATTENTION_KEY_BLOCK = saved
+    return traced_with(fn.apply, params, x, ATTENTION_KEY_BLOCK=block)
 
 
 @pytest.mark.parametrize("block", [3, 8])
@@ -83,3 +94,57 @@ def test_attention_module_takes_the_blocked_path_past_the_block_with_unchanged_o
     plain = attention_step(S, tokens, cache, x)                    # S keys: not more than a block
     blocked = attention_step(block, tokens, cache, x)
     np.testing.assert_allclose(blocked, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 5])
+def test_experts_run_in_position_chunks_past_the_chunk_with_unchanged_output(chunk):
+    rng = np.random.default_rng(2)
+    B, T = 2, 12
+    x = jnp.asarray(rng.normal(size=(B, T, CONFIG.emb_size)), jnp.float32)
+    probs = jax.nn.softmax(jnp.asarray(rng.normal(size=(B, T, CONFIG.num_experts)), jnp.float32))
+    fn = hk.without_apply_rng(hk.transform(lambda x, p: MoELayer(CONFIG, jnp.float32)(x, p)))
+    params = fn.init(jax.random.PRNGKey(0), x, probs)
+    whole = traced_with(fn.apply, params, x, probs, MOE_TOKEN_CHUNK=T)
+    chunked = traced_with(fn.apply, params, x, probs, MOE_TOKEN_CHUNK=chunk)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_padded_prompt_into_a_cache_gives_the_same_logits_in_blocks_and_chunks(dtype):
+    config = CONFIG.replace(num_layers=2)
+    rng = np.random.default_rng(4)
+    B, T = 2, 10
+    tokens = jnp.asarray(rng.integers(1, config.vocab_size, (B, T)), jnp.int32).at[1, 7:].set(0)
+    fn = transformed(config, dtype)
+    params = fn.init(jax.random.PRNGKey(1), tokens)
+    first, cache = jax.jit(fn.apply)(params, tokens[:, :3], KVCache.zeros(config, B, dtype=dtype))
+    apply = lambda p, t, c: fn.apply(p, t, c)[0]                       # noqa: E731
+    plain = traced_with(apply, params, tokens[:, 3:], cache)
+    small = traced_with(apply, params, tokens[:, 3:], cache, ATTENTION_KEY_BLOCK=5, MOE_TOKEN_CHUNK=3)
+    assert np.isfinite(plain).all()
+    np.testing.assert_allclose(small, plain, rtol=1e-4, atol=1e-4)
+
+
+def prefill_temporaries(config: ModelConfig, T: int, **sizes) -> int:
+    """Bytes of temporaries XLA:CPU allocates for one [1, T] prompt into a T-position cache."""
+    fn = transformed(config, jnp.float32)
+    tokens = jax.ShapeDtypeStruct((1, T), jnp.int32)
+    params = jax.eval_shape(fn.init, jax.random.PRNGKey(0), tokens)
+    cache = jax.eval_shape(lambda: KVCache.zeros(config, 1, T, jnp.float32))
+    saved = {name: getattr(grok_model, name) for name in sizes}
+    for name, size in sizes.items():
+        setattr(grok_model, name, size)
+    try:
+        step = jax.jit(lambda p, t, c: fn.apply(p, t, c, jnp.zeros((1,), jnp.int32)))
+        return step.lower(params, tokens, cache).compile().memory_analysis().temp_size_in_bytes
+    finally:
+        for name, size in saved.items():
+            setattr(grok_model, name, size)
+
+
+def test_compiled_prefill_of_4096_positions_holds_a_quarter_of_the_plain_temporaries():
+    config = CONFIG.replace(emb_size=64, num_q_heads=8, sequence_len=4096)
+    plain = prefill_temporaries(config, 4096, ATTENTION_KEY_BLOCK=4096, MOE_TOKEN_CHUNK=4096)
+    bounded = prefill_temporaries(config, 4096)
+    assert plain >= 8 * 4096 * 4096 * 4, "the plain prefill holds all [H, T, S] float32 logits"
+    assert bounded <= plain / 4, f"{bounded} bytes in blocks vs {plain} plain"

@@ -31,7 +31,7 @@ ROPE_BASE = 10000.0
 ATTN_LOGIT_CAP = 30.0
 MASKED_LOGIT = -1e30
 ATTENTION_KEY_BLOCK = 1024  # prompts attend to more keys than this in blocks of it (bounded memory)
-MOE_TOKEN_CHUNK = 1024      # longer prompts run their experts this many positions at a time
+MOE_TOKEN_CHUNK = 1024      # longer prompts run their experts about this many tokens at a time
 
 
 # ---- KV cache ---------------------------------------------------------------------------------
@@ -286,8 +286,9 @@ class MoELayer(hk.Module):
             y = matmul_grouped(h.astype(self.dtype), w_down, group_sizes, sorted_experts, self.dtype)
             return expert_kernels.combine_pairs(y, gates.reshape(B * t, k), order, k).reshape(B, t, d)
 
-        if T > MOE_TOKEN_CHUNK:  # long prompt: each token's experts are its own, so chunks are exact
-            return in_token_chunks(chosen_experts, (x, gates, experts), MOE_TOKEN_CHUNK)
+        positions = max(1, MOE_TOKEN_CHUNK // B)  # per chunk: about MOE_TOKEN_CHUNK tokens of B rows
+        if T > positions:  # long prompt: each token's experts are its own, so chunks are exact
+            return in_token_chunks(chosen_experts, (x, gates, experts), positions)
         return chosen_experts(x, gates, experts)
 
 

@@ -14,7 +14,7 @@ Module and parameter names are the official checkpoint's (`transformer/decoder_l
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import haiku as hk
 import jax
@@ -292,7 +292,7 @@ class MoELayer(hk.Module):
         return chosen_experts(x, gates, experts)
 
 
-def in_token_chunks(fn, inputs: tuple[jax.Array, ...], chunk: int) -> jax.Array:
+def in_token_chunks(fn: Callable[..., jax.Array], inputs: tuple[jax.Array, ...], chunk: int) -> jax.Array:
     """fn over the [B, T, ...] `inputs` `chunk` positions at a time (T padded up to whole chunks
     with zeros, their results dropped): the temporaries of one chunk are live, not of all T."""
     B, T = inputs[0].shape[:2]

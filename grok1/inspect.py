@@ -9,6 +9,7 @@ the device (only per-layer statistics, router probabilities and the final logits
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grok1 import model as model_lib
 from grok1.config import ModelConfig
 from grok1.model import (DecoderLayer, LanguageModel, MultiHeadAttention, Router, attention_context,
                          cap_attention_logits, forward, param_shapes)
@@ -337,13 +339,25 @@ def _logit_stats(logits: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
             "capped_fraction": jnp.sum(changed & visible) / count}
 
 
+@contextlib.contextmanager
+def _plain_attention(keys: int):
+    """While tracing: attention over `keys` keys takes the plain path, whose `attention_logits`
+    (all [T, S] of them) the trace summarises, not the blocked one of long prompts."""
+    saved = model_lib.ATTENTION_KEY_BLOCK
+    model_lib.ATTENTION_KEY_BLOCK = max(saved, keys)
+    try:
+        yield
+    finally:
+        model_lib.ATTENTION_KEY_BLOCK = saved
+
+
 @functools.lru_cache(maxsize=8)
 def _traced_apply(config: ModelConfig, dtype):
     """jit of the model's forward pass that also returns per-layer summaries."""
 
     def traced(tokens: jax.Array):
         records: dict[str, Any] = {}
-        with hk.experimental.intercept_methods(_interceptor(records)):
+        with hk.experimental.intercept_methods(_interceptor(records)), _plain_attention(tokens.shape[1]):
             logits, _ = forward(config, dtype, tokens)
         missing = [name for name in ("router_probs", "attention_logits", "residual")
                    if f"{name}/0" not in records]

@@ -14,7 +14,7 @@ Module and parameter names are the official checkpoint's (`transformer/decoder_l
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import haiku as hk
 import jax
@@ -30,6 +30,8 @@ RMS_NORM_EPS = 1e-5
 ROPE_BASE = 10000.0
 ATTN_LOGIT_CAP = 30.0
 MASKED_LOGIT = -1e30
+ATTENTION_KEY_BLOCK = 1024  # prompts attend to more keys than this in blocks of it (bounded memory)
+MOE_TOKEN_CHUNK = 1024      # longer prompts run their experts about this many tokens at a time
 
 
 # ---- KV cache ---------------------------------------------------------------------------------
@@ -168,11 +170,16 @@ class MultiHeadAttention(hk.Module):
         q = q.reshape(B, T, N, c.q_per_kv, K)                               # [B, T, N, G, K]
         # Attention runs in float32 on the (possibly bfloat16-cached) keys and values: the
         # official model's softmax weights and weighted sum were never rounded (docs/ARCHITECTURE.md).
-        logits = self.attention_logits(q, k.astype(jnp.float32))           # [B, N, G, T, S]
-        logits = cap_attention_logits(logits)
-        logits = jnp.where(ctx.mask[:, None, None, :, :], logits, MASKED_LOGIT)
-        weights = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bngts,bsnk->btngk", weights, v.astype(jnp.float32))
+        k, v = k.astype(jnp.float32), v.astype(jnp.float32)
+        if T > 1 and k.shape[1] > ATTENTION_KEY_BLOCK:  # long prompt: never hold all [T, S] logits
+            out = attention_in_key_blocks(q, k, v, ctx.mask, c.attn_output_multiplier,
+                                          ATTENTION_KEY_BLOCK)
+        else:
+            logits = self.attention_logits(q, k)                           # [B, N, G, T, S]
+            logits = cap_attention_logits(logits)
+            logits = jnp.where(ctx.mask[:, None, None, :, :], logits, MASKED_LOGIT)
+            weights = jax.nn.softmax(logits, axis=-1)
+            out = jnp.einsum("bngts,bsnk->btngk", weights, v)
         out = out.reshape(B, T, H * K)
         return Linear(c.emb_size, self.dtype, name="linear")(out), new_kv
 
@@ -180,6 +187,50 @@ class MultiHeadAttention(hk.Module):
         """(q . k) * attn_output_multiplier in float32, before capping and masking."""
         logits = jnp.einsum("btngk,bsnk->bngts", q, k, preferred_element_type=jnp.float32)
         return logits * self.config.attn_output_multiplier
+
+
+def attention_in_key_blocks(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                            multiplier: float, block: int) -> jax.Array:
+    """The attention above, `block` keys at a time: softmax(masked(cap(q . k * multiplier))) @ v.
+
+    q [B, T, N, G, K], k and v [B, S, N, K] float32, mask [B, T, S]; returns [B, T, N, G, K].
+    Only [B, N, G, T, block] logits are live at once: a running max and sum of exp(logits - max)
+    (online softmax, float32) rescale the values accumulated so far. Keys past S (S rounded up to
+    whole blocks) get -inf and weigh exactly nothing; masked keys get MASKED_LOGIT as in the plain
+    path, so a row that sees no key still averages all S values exactly as it does there.
+    """
+    B, T, N, G, K = q.shape
+    S = k.shape[1]
+    num_blocks = -(-S // block)
+    padded = num_blocks * block
+
+    def blocks(x: jax.Array, axis: int) -> jax.Array:  # [..., S, ...] -> [num_blocks, ..., block, ...]
+        x = jnp.pad(x, [(0, padded - S if a == axis else 0) for a in range(x.ndim)])
+        x = x.reshape(x.shape[:axis] + (num_blocks, block) + x.shape[axis + 1:])
+        return jnp.moveaxis(x, axis, 0)
+
+    in_range = (jnp.arange(padded) < S).reshape(num_blocks, block)
+
+    def add_block(carry, key_block):
+        running_max, running_sum, weighted_values = carry
+        k_block, v_block, mask_block, in_range_block = key_block
+        logits = jnp.einsum("btngk,bsnk->bngts", q, k_block) * multiplier       # [B, N, G, T, block]
+        logits = cap_attention_logits(logits)
+        logits = jnp.where(mask_block[:, None, None, :, :], logits, MASKED_LOGIT)
+        logits = jnp.where(in_range_block, logits, -jnp.inf)
+        new_max = jnp.maximum(running_max, logits.max(axis=-1))                # [B, N, G, T]
+        rescale = jnp.exp(running_max - new_max)
+        weights = jnp.exp(logits - new_max[..., None])
+        running_sum = running_sum * rescale + weights.sum(axis=-1)
+        weighted_values = (weighted_values * rescale[..., None]
+                           + jnp.einsum("bngts,bsnk->bngtk", weights, v_block))
+        return (new_max, running_sum, weighted_values), None
+
+    start = (jnp.full((B, N, G, T), -jnp.inf, jnp.float32), jnp.zeros((B, N, G, T), jnp.float32),
+             jnp.zeros((B, N, G, T, K), jnp.float32))
+    (_, total, weighted_values), _ = jax.lax.scan(
+        add_block, start, (blocks(k, 1), blocks(v, 1), blocks(mask, 2), in_range))
+    return jnp.moveaxis(weighted_values / total[..., None], 3, 1)              # [B, T, N, G, K]
 
 
 # ---- mixture of experts -----------------------------------------------------------------------
@@ -220,20 +271,40 @@ class MoELayer(hk.Module):
             out = expert_kernels.per_expert_moe(x.reshape(B * T, d).astype(self.dtype), gates.reshape(B * T, k),
                                  experts.reshape(B * T, k), (w_gate, w_up, w_down), self.dtype)
             return out.reshape(B, T, d)
-        # Sort the B*T*k (token, expert) pairs by expert so each expert sees one contiguous group.
-        experts = experts.reshape(B * T, k)
-        order, group_sizes = expert_kernels.sort_pairs_by_expert(experts, E)
-        group_sizes = group_sizes.astype(jnp.int32)
-        sorted_experts = experts.reshape(-1)[order]
-        xs = x.reshape(B * T, d).astype(self.dtype)[order // k]         # [B*T*k, d]
+        def chosen_experts(x, gates, experts):  # [B, t, ...] -> [B, t, d]
+            # Sort the B*t*k (token, expert) pairs by expert so each expert sees one contiguous group.
+            B, t, _ = x.shape
+            experts = experts.reshape(B * t, k)
+            order, group_sizes = expert_kernels.sort_pairs_by_expert(experts, E)
+            group_sizes = group_sizes.astype(jnp.int32)
+            sorted_experts = experts.reshape(-1)[order]
+            xs = x.reshape(B * t, d).astype(self.dtype)[order // k]     # [B*t*k, d]
 
-        matmul_grouped = expert_kernels.grouped_matmul  # float32 results
-        h = jax.nn.gelu(matmul_grouped(xs, w_gate, group_sizes, sorted_experts, self.dtype))
-        h = h * matmul_grouped(xs, w_up, group_sizes, sorted_experts, self.dtype)
-        y = matmul_grouped(h.astype(self.dtype), w_down, group_sizes, sorted_experts, self.dtype)
+            matmul_grouped = expert_kernels.grouped_matmul  # float32 results
+            h = jax.nn.gelu(matmul_grouped(xs, w_gate, group_sizes, sorted_experts, self.dtype))
+            h = h * matmul_grouped(xs, w_up, group_sizes, sorted_experts, self.dtype)
+            y = matmul_grouped(h.astype(self.dtype), w_down, group_sizes, sorted_experts, self.dtype)
+            return expert_kernels.combine_pairs(y, gates.reshape(B * t, k), order, k).reshape(B, t, d)
 
-        out = expert_kernels.combine_pairs(y, gates.reshape(B * T, k), order, k)
-        return out.reshape(B, T, d)
+        positions = max(1, MOE_TOKEN_CHUNK // B)  # per chunk: about MOE_TOKEN_CHUNK tokens of B rows
+        if T > positions:  # long prompt: each token's experts are its own, so chunks are exact
+            return in_token_chunks(chosen_experts, (x, gates, experts), positions)
+        return chosen_experts(x, gates, experts)
+
+
+def in_token_chunks(fn: Callable[..., jax.Array], inputs: tuple[jax.Array, ...], chunk: int) -> jax.Array:
+    """fn over the [B, T, ...] `inputs` `chunk` positions at a time (T padded up to whole chunks
+    with zeros, their results dropped): the temporaries of one chunk are live, not of all T."""
+    B, T = inputs[0].shape[:2]
+    num_chunks = -(-T // chunk)
+
+    def chunks(a: jax.Array) -> jax.Array:  # [B, T, ...] -> [num_chunks, B, chunk, ...]
+        a = jnp.pad(a, [(0, num_chunks * chunk - T if i == 1 else 0) for i in range(a.ndim)])
+        return jnp.moveaxis(a.reshape((B, num_chunks, chunk) + a.shape[2:]), 1, 0)
+
+    out = jax.lax.map(lambda parts: fn(*parts), tuple(chunks(a) for a in inputs))
+    out = jnp.moveaxis(out, 0, 1)
+    return out.reshape((B, num_chunks * chunk) + out.shape[3:])[:, :T]
 
 
 class ExpertWeight(hk.Module):

@@ -250,6 +250,16 @@ def test_large_attention_weights_are_reported_capped(random_params):
         assert layer.logit_max_abs_before_cap > 30 >= layer.logit_max_abs_after_cap
 
 
+def test_prompts_longer_than_an_attention_key_block_are_traced_in_full(random_params, monkeypatch):
+    import grok1.model
+    monkeypatch.setattr(grok1.model, "ATTENTION_KEY_BLOCK", 4)   # 13 tokens: a long prompt
+    # A length no other test traces, so the trace is compiled afresh under the small block.
+    trace = _with_attention_gain(random_params, 20.0).trace(np.arange(1, 14)[None])
+    assert grok1.model.ATTENTION_KEY_BLOCK == 4
+    for layer in trace.layers:
+        assert layer.logit_max_abs_before_cap > 30 >= layer.logit_max_abs_after_cap
+
+
 def test_small_attention_weights_are_not_capped(random_params):
     trace = _with_attention_gain(random_params, 0.1).trace(np.arange(1, 17)[None])
     for layer in trace.layers:

@@ -181,38 +181,30 @@ def share_from_main(value: Any) -> Any:
     after 30 s), and if process 0 dies the coordinator ends them.
     """
     import jax
-    global _shared_count
+    global _main_values
     if jax.process_count() == 1:
         return value
-    import json
-    from jax._src import distributed as jax_distributed  # the store has no public API yet
-
-    client = jax_distributed.global_state.client
-    key = f"grok1/share_from_main/{_shared_count}"
-    _shared_count += 1
+    if _main_values is None:
+        _main_values = Broadcast("share_from_main")
     if is_main_process():
-        client.key_value_set(key, json.dumps(value))
+        _main_values.publish(value)
         return value
-    while True:
-        try:
-            return json.loads(client.blocking_key_value_get(key, _SHARE_WAIT_MS))
-        except jax.errors.JaxRuntimeError as e:
-            if "DEADLINE_EXCEEDED" not in str(e):
-                raise
+    return _main_values.receive()
 
 
-_shared_count = 0                    # share_from_main calls so far: the same on every process
+_main_values: Optional["Broadcast"] = None  # share_from_main's stream, made after initialize()
 _SHARE_WAIT_MS = 3_600_000           # one wait; it is renewed until process 0 answers or dies
 
 
 class Broadcast:
     """A stream of values from process 0 to every other process, one per `publish`, received in
-    order: how a server's engine on process 0 tells the other processes each step's schedule.
+    order: how a server's engine on process 0 tells the other processes each step's schedule, and
+    what `share_from_main` sends.
 
-    Like `share_from_main` it goes through the coordinator's key-value store, and a receiver
-    blocks (without spinning) until the next value comes, however long process 0 stays idle; but
-    each value goes to one key per receiving process, which that process deletes once read, so a
-    long-lived stream leaves nothing behind in the store. Process 0 never waits for the others.
+    It goes through the coordinator's key-value store, and a receiver blocks (without spinning)
+    until the next value comes, however long process 0 stays idle; each value goes to one key per
+    receiving process, which that process deletes once read, so a long-lived stream leaves nothing
+    behind in the store. Process 0 never waits for the others.
     """
 
     def __init__(self, name: str):

@@ -369,6 +369,20 @@ def decode_steps(apply, constrain, num_steps: int, params: dict, state: SlotStat
     return state, tokens, logprobs
 
 
+def slot_started(state: SlotState, cache: KVCache, slot: jax.Array, first_token: jax.Array,
+                 seed: jax.Array, temperature: jax.Array, top_p: jax.Array, top_k: jax.Array,
+                 frequency_penalty: jax.Array, presence_penalty: jax.Array) -> SlotState:
+    """`state` with `cache` and row `slot` set to a request that has just sampled `first_token`
+    from its prompt: its settings, step 1, and that token alone in its counts."""
+    return SlotState(cache=cache, tokens=state.tokens.at[slot].set(first_token),
+                     steps=state.steps.at[slot].set(1), seeds=state.seeds.at[slot].set(seed),
+                     temperature=state.temperature.at[slot].set(temperature),
+                     top_p=state.top_p.at[slot].set(top_p), top_k=state.top_k.at[slot].set(top_k),
+                     frequency_penalty=state.frequency_penalty.at[slot].set(frequency_penalty),
+                     presence_penalty=state.presence_penalty.at[slot].set(presence_penalty),
+                     counts=state.counts.at[slot].set(0).at[slot, first_token].add(1))
+
+
 def prefill_slot(apply, config: ModelConfig, dtype, constrain, params: dict, state: SlotState,
                  prompt: jax.Array, length: jax.Array, slot: jax.Array, seed: jax.Array,
                  temperature: jax.Array, top_p: jax.Array, top_k: jax.Array,
@@ -387,13 +401,8 @@ def prefill_slot(apply, config: ModelConfig, dtype, constrain, params: dict, sta
     cache = KVCache(keys=tuple(put(b, s) for b, s in zip(big.keys, small.keys)),
                     values=tuple(put(b, s) for b, s in zip(big.values, small.values)),
                     valid=put(big.valid, valid_row), length=big.length.at[slot].set(length))
-    state = SlotState(cache=cache, tokens=state.tokens.at[slot].set(token[0]),
-                      steps=state.steps.at[slot].set(1), seeds=state.seeds.at[slot].set(seed),
-                      temperature=state.temperature.at[slot].set(temperature),
-                      top_p=state.top_p.at[slot].set(top_p), top_k=state.top_k.at[slot].set(top_k),
-                      frequency_penalty=state.frequency_penalty.at[slot].set(frequency_penalty),
-                      presence_penalty=state.presence_penalty.at[slot].set(presence_penalty),
-                      counts=state.counts.at[slot].set(0).at[slot, token[0]].add(1))
+    state = slot_started(state, cache, slot, token[0], seed, temperature, top_p, top_k,
+                         frequency_penalty, presence_penalty)
     return constrain(state), token[0], logprob[0]
 
 
@@ -427,13 +436,8 @@ def prefill_chunk(apply, constrain, params: dict, state: SlotState, chunk: jax.A
                     values=tuple(put(b, r) for b, r in zip(big.values, row.values)),
                     valid=put(big.valid, row.valid),
                     length=big.length.at[slot].set(jnp.minimum(start + width, length)))
-    state = SlotState(cache=cache, tokens=state.tokens.at[slot].set(token[0]),
-                      steps=state.steps.at[slot].set(1), seeds=state.seeds.at[slot].set(seed),
-                      temperature=state.temperature.at[slot].set(temperature),
-                      top_p=state.top_p.at[slot].set(top_p), top_k=state.top_k.at[slot].set(top_k),
-                      frequency_penalty=state.frequency_penalty.at[slot].set(frequency_penalty),
-                      presence_penalty=state.presence_penalty.at[slot].set(presence_penalty),
-                      counts=state.counts.at[slot].set(0).at[slot, token[0]].add(1))
+    state = slot_started(state, cache, slot, token[0], seed, temperature, top_p, top_k,
+                         frequency_penalty, presence_penalty)
     return constrain(state), token[0], logprob[0]
 
 

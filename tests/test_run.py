@@ -45,11 +45,18 @@ def greedy() -> str:
 
 # ---- out of the box ---------------------------------------------------------------------------
 
-def test_no_arguments_streams_english_words_and_reports_tokens_per_second():
+def test_no_arguments_streams_a_continuation_and_says_how_fast_and_why_it_ended():
+    # Unseeded, so the text differs run to run (and may end at EOS after a few tokens).
     result = run()
     assert result.returncode == 0, result.stderr
-    words = re.findall(r"[A-Za-z]+", result.stdout)
-    assert len(words) >= 20
+    assert result.stdout.startswith("The function returns")
+    assert re.search(r"\[(\d+ tokens in [\d.]+ s: first after [\d.]+ s.*; ended at |no tokens: )", result.stderr)
+
+
+def test_default_sampling_with_a_seed_streams_english_words_and_reports_tokens_per_second():
+    result = run("--seed", "2")
+    assert result.returncode == 0, result.stderr
+    assert len(re.findall(r"[A-Za-z]+", result.stdout)) >= 20
     assert re.search(r"\d+ tokens in [\d.]+ s: first after [\d.]+ s .*, then [\d.]+ tokens/s", result.stderr)
 
 

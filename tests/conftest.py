@@ -90,3 +90,16 @@ def run_with_devices(code: str, devices: int = 8, timeout: float = 600) -> str:
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout
+
+
+def random_params(config, seed: int = 0) -> dict:
+    """Float params of a config's shapes for writing test checkpoints: bf16 embeddings/norms, f32
+    router and linear weights."""
+    import ml_dtypes
+    from grok1 import checkpoint
+    rng = np.random.default_rng(seed)
+    params: dict = {}
+    for spec in checkpoint.tensor_specs(config):
+        dtype = np.float32 if spec.quantized or spec.module.endswith("router") else ml_dtypes.bfloat16
+        params.setdefault(spec.module, {})[spec.param] = rng.normal(size=spec.shape).astype(dtype)
+    return params

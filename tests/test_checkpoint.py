@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from conftest import run_with_devices
+from conftest import random_params, run_with_devices
 from grok1 import checkpoint
 from grok1.checkpoint import CheckpointError
 from grok1.config import ModelConfig
@@ -23,16 +23,6 @@ from grok1.quant import QuantizedWeight8bit
 TINY = ModelConfig(vocab_size=64, emb_size=32, num_layers=2, num_q_heads=4, num_kv_heads=2,
                    key_size=8, widening_factor=2, num_experts=4, num_selected_experts=2,
                    sequence_len=16, embedding_multiplier_scale=1.0, attn_output_multiplier=0.25)
-
-
-def random_params(config: ModelConfig, seed: int = 0) -> dict:
-    """Float params of the right shapes: bf16 embeddings/norms, f32 router and linear weights."""
-    rng = np.random.default_rng(seed)
-    params: dict = {}
-    for spec in checkpoint.tensor_specs(config):
-        dtype = np.float32 if spec.quantized or spec.module.endswith("router") else ml_dtypes.bfloat16
-        params.setdefault(spec.module, {})[spec.param] = rng.normal(size=spec.shape).astype(dtype)
-    return params
 
 
 @pytest.fixture(scope="module")

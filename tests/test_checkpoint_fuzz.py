@@ -30,6 +30,8 @@ from grok1.checkpoint import CheckpointError, TensorSpec
 from grok1.config import ModelConfig
 from grok1.quant import QuantizedWeight8bit
 
+from conftest import random_params
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SMALL = REPO / "checkpoints" / "small"
 ONE_LAYER = ModelConfig(vocab_size=64, emb_size=32, num_layers=1, num_q_heads=4, num_kv_heads=2,
@@ -115,15 +117,6 @@ def outcome(target: Target, path: str) -> str:
 
 def arrays(value) -> list[np.ndarray]:
     return [value.weight, value.scales] if isinstance(value, QuantizedWeight8bit) else [value]
-
-
-def random_params(config: ModelConfig, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    params: dict = {}
-    for spec in checkpoint.tensor_specs(config):
-        dtype = np.float32 if spec.quantized or spec.module.endswith("router") else ml_dtypes.bfloat16
-        params.setdefault(spec.module, {})[spec.param] = rng.normal(size=spec.shape).astype(dtype)
-    return params
 
 
 def checkpoint_targets(path: str, config: ModelConfig) -> list[Target]:

@@ -253,6 +253,16 @@ def test_interactive_run_py_answers_on_process_0_and_a_killed_process_ends_the_r
             launcher.kill()
 
 
+def two_processes_report(worker: str, tag: str) -> list:
+    """Run `worker` (Python source) as 2 processes of one device each; the JSON each printed
+    after `tag`, sorted (so by process index when that comes first)."""
+    proc = launch("--num-processes", "2", "--devices-per-process", "1", "--timeout", "120", "--",
+                  sys.executable, "-c", worker, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return sorted(json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
+                  if line.startswith(tag + " "))
+
+
 def test_fresh_seeds_are_process_0s_draw_on_every_process():
     worker = ("import sys, json\n"
               "from grok1 import distributed, sampler\n"
@@ -261,12 +271,7 @@ def test_fresh_seeds_are_process_0s_draw_on_every_process():
               "agreed = sampler.draw_fresh_seeds(3)\n"
               "sys.stdout.write('SEED ' + json.dumps([jax.process_index(), agreed]) + '\\n')\n"
               "sys.stdout.flush()\n")
-    proc = launch("--num-processes", "2", "--devices-per-process", "1", "--timeout", "120", "--",
-                  sys.executable, "-c", worker, timeout=150)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = sorted(json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
-                     if line.startswith("SEED "))
-    (_, agreed_0), (_, agreed_1) = results
+    (_, agreed_0), (_, agreed_1) = two_processes_report(worker, "SEED")
     assert agreed_0 == agreed_1 and len(set(agreed_0)) == 3
 
 
@@ -289,10 +294,5 @@ def test_broadcast_delivers_process_0s_values_in_order_and_leaves_no_keys_behind
               "    assert left == [], left\n"
               "sys.stdout.write('GOT ' + json.dumps([jax.process_index(), got]) + '\\n')\n"
               "sys.stdout.flush()\n")
-    proc = launch("--num-processes", "2", "--devices-per-process", "1", "--timeout", "120", "--",
-                  sys.executable, "-c", worker, timeout=150)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = sorted(json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
-                     if line.startswith("GOT "))
-    (_, sent), (_, received) = results
+    (_, sent), (_, received) = two_processes_report(worker, "GOT")
     assert received == sent and len(sent) == 3

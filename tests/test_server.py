@@ -10,6 +10,7 @@ Prompts stay under 32 tokens so one prefill bucket is compiled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import queue
@@ -160,25 +161,33 @@ def test_a_short_request_sent_during_a_long_one_completes_first(client, http):
     assert order[1][1] > 100, "the long request must really be long"
 
 
-def test_newcomers_join_one_per_decode_step_while_others_decode(model):
-    runner = runner_for(model, SLOTS)
-    calls, prefill, decode = [], runner.prefill, runner.decode
-    runner.prefill = lambda *args: calls.append("prefill") or prefill(*args)
-    runner.decode = lambda *args: calls.append("decode") or decode(*args)
+@contextlib.contextmanager
+def recorded_calls(runner, *names: str):
+    """The names of `runner`'s jitted steps among `names`, in the order they are called inside
+    the block (the steps themselves run as usual and are put back after it)."""
+    calls, steps = [], {name: getattr(runner, name) for name in names}
+    for name, step in steps.items():
+        setattr(runner, name, lambda *args, name=name, step=step: calls.append(name) or step(*args))
     try:
-        with Engine(model, slots=SLOTS) as engine:
-            settings = sampling_settings(model.config, model.tokenizer, max_new_tokens=200, seed=16)
-            ids = engine.fit(PROMPT, settings).token_ids
-            long = engine.stream(ids, settings)
-            next(long)
-            finished = queue.SimpleQueue()
-            short = [sampling_settings(model.config, model.tokenizer, max_new_tokens=3, seed=s) for s in (1, 2, 3)]
-            engine.submit([(ids, s, lambda d: d.finish_reason and finished.put(d)) for s in short])
-            for _ in short:
-                finished.get(timeout=60)
-            long.close()
+        yield calls
     finally:
-        runner.prefill, runner.decode = prefill, decode
+        for name, step in steps.items():
+            setattr(runner, name, step)
+
+
+def test_newcomers_join_one_per_decode_step_while_others_decode(model):
+    with recorded_calls(runner_for(model, SLOTS), "prefill", "decode") as calls, \
+            Engine(model, slots=SLOTS) as engine:
+        settings = sampling_settings(model.config, model.tokenizer, max_new_tokens=200, seed=16)
+        ids = engine.fit(PROMPT, settings).token_ids
+        long = engine.stream(ids, settings)
+        next(long)
+        finished = queue.SimpleQueue()
+        short = [sampling_settings(model.config, model.tokenizer, max_new_tokens=3, seed=s) for s in (1, 2, 3)]
+        engine.submit([(ids, s, lambda d: d.finish_reason and finished.put(d)) for s in short])
+        for _ in short:
+            finished.get(timeout=60)
+        long.close()
     while_decoding = calls[calls.index("decode"):]
     assert while_decoding.count("prefill") == 3
     assert "prefill, prefill" not in ", ".join(while_decoding)
@@ -209,22 +218,16 @@ def test_a_prompt_prefilled_in_chunks_generates_what_it_generates_prefilled_whol
 
 
 def test_a_running_request_decodes_between_the_chunks_of_a_newcomers_prompt(model):
-    runner = runner_for(model, SLOTS)
-    calls, prefill_chunk, decode = [], runner.prefill_chunk, runner.decode
-    runner.prefill_chunk = lambda *args: calls.append("chunk") or prefill_chunk(*args)
-    runner.decode = lambda *args: calls.append("decode") or decode(*args)
-    try:
-        with Engine(model, slots=SLOTS, prefill_chunk=32) as engine:
-            settings = sampling_settings(model.config, model.tokenizer, max_new_tokens=200, seed=16)
-            long = engine.stream(engine.fit(PROMPT, settings).token_ids, settings)
-            next(long)
-            newcomer = sampling_settings(model.config, model.tokenizer, max_new_tokens=3, seed=1)
-            deltas = list(engine.stream(long_prompt_ids(engine, newcomer), newcomer))
-            long.close()
-    finally:
-        runner.prefill_chunk, runner.decode = prefill_chunk, decode
+    with recorded_calls(runner_for(model, SLOTS), "prefill_chunk", "decode") as calls, \
+            Engine(model, slots=SLOTS, prefill_chunk=32) as engine:
+        settings = sampling_settings(model.config, model.tokenizer, max_new_tokens=200, seed=16)
+        long = engine.stream(engine.fit(PROMPT, settings).token_ids, settings)
+        next(long)
+        newcomer = sampling_settings(model.config, model.tokenizer, max_new_tokens=3, seed=1)
+        deltas = list(engine.stream(long_prompt_ids(engine, newcomer), newcomer))
+        long.close()
     assert deltas[-1].finish_reason == "length"
-    chunks = [i for i, call in enumerate(calls) if call == "chunk"]
+    chunks = [i for i, call in enumerate(calls) if call == "prefill_chunk"]
     assert len(chunks) == 5                              # ceil(150 / 32)
     assert all("decode" in calls[a + 1:b] for a, b in zip(chunks, chunks[1:]))
 

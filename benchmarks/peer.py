@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Mapping
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(REPO, "benchmarks", ".cache")
@@ -60,7 +61,7 @@ class Paths:
     models: str
 
     @classmethod
-    def from_env(cls, tool: str, env: dict) -> "Paths":
+    def from_env(cls, tool: str, env: Mapping[str, str]) -> "Paths":
         work = env.get("LLAMA_PEER_DIR") or "/tmp/llama-peer"   # the tool's own default
         build = env.get("LLAMA_PEER_BUILD") or os.path.join(work, "build")
         return cls(tool=tool, build=build, models=os.path.join(work, "models", CHECKPOINT))
@@ -300,8 +301,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    env = dict(os.environ)
-    paths = Paths.from_env(os.path.abspath(args.tool), env)
+    paths = Paths.from_env(os.path.abspath(args.tool), os.environ)
     why_not = missing_prerequisite(paths, args.tokenizer)
     if why_not:
         print(f"peer.py: skipped: {why_not}")
@@ -315,7 +315,7 @@ def main(argv=None) -> int:
 
     # The tool's convert step: remade only when the checkpoint, tokenizer or converter changed.
     convert = subprocess.run(["bash", os.path.join(paths.tool, "llama_peer.sh"), checkpoint,
-                              args.tokenizer, "convert"], cwd=REPO, env=env)
+                              args.tokenizer, "convert"], cwd=REPO)
     if convert.returncode != 0:
         sys.exit(f"peer.py: the llama-peer convert step failed (exit {convert.returncode})")
 

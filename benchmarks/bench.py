@@ -157,13 +157,12 @@ def decode_bytes(config, params: dict, batch: int, cache_len: int, cache_itemsiz
     """Bytes one decode step reads: every non-expert weight (embedding table included, as the
     output projection), the experts the batch's tokens choose (expected count), the KV cache."""
     import jax
-    from grok1.layout import ExpertWeights, is_expert_stack
+    from grok1.layout import is_expert_stack
 
     leaf_bytes = lambda tree: sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(tree))
     dense = experts = 0
     for module, values in params.items():
-        # Decoding reads an expert's [out, in] arrays, never its prefill copy.
-        size = leaf_bytes([v.transposed if isinstance(v, ExpertWeights) else v for v in values.values()])
+        size = leaf_bytes(list(values.values()))
         if is_expert_stack(module):
             experts += size
         else:
@@ -251,7 +250,7 @@ def run(args: argparse.Namespace) -> dict:
     path = bench_checkpoint(config, name)
 
     start = time.perf_counter()
-    model = grok1.load(path, dtype=args.dtype)
+    model = grok1.load(path, dtype=args.dtype, weights=args.weights)
     load_seconds = time.perf_counter() - start
     compute = jnp.dtype(model.dtype)
     r = args.repeat
@@ -290,7 +289,7 @@ def run(args: argparse.Namespace) -> dict:
                          "mbu": nbytes / step / limits["read_bandwidth"]["best"]}
 
     return {
-        "preset": name, "config": config.to_dict(), "compute_dtype": compute.name,
+        "preset": name, "config": config.to_dict(), "compute_dtype": compute.name, "weights": args.weights,
         "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",
         "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -334,6 +333,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preset", default="bench-1b", help="grok1.PRESETS name (default bench-1b)")
     parser.add_argument("--layers", type=int, default=0, help="override num_layers (0: the preset's)")
     parser.add_argument("--dtype", default=None, help="compute dtype (default: grok1.load's)")
+    parser.add_argument("--weights", default="stored", choices=("stored", "float32"),
+                        help="grok1.load's weights: as stored (default) or dequantised to float32")
     parser.add_argument("--prefill", type=int, nargs="*", default=[128, 512])
     parser.add_argument("--batch", type=int, nargs="*", default=[1, 8, 32])
     parser.add_argument("--first-token", type=int, nargs="*", default=[128])

@@ -1,11 +1,12 @@
-"""How the chosen experts are computed, for each parameter layout (the routing is in model.py).
+"""How the chosen experts are computed (the routing itself is in model.py).
 
-- The official layout (experts stacked [E, in, out], int8 or float): token copies sorted by
-  expert go through `grouped_matmul` (`jax.lax.ragged_dot`), the accelerator path.
-- The CPU layout of grok1/layout.py (`ExpertWeights`, one float [out, in] array per expert,
-  and optionally a bfloat16 [in, out] copy for prefill): `per_expert_moe` reaches each expert's
-  own arrays (by branch or in per-expert code), so no weight is copied; the constants below
-  were measured on a 2-core CPU with bench-1b (BENCHMARKS.md).
+- The compute layout (grok1/layout.py: each expert stack a LinearWeight [E, out, in], int8 as
+  stored): a few tokens (a decode step) run each (token, expert) pair on its own, the expert's
+  matrices picked by index, so only the chosen experts are read or computed, on one device and
+  on a mesh alike; many tokens (a prompt) are grouped by expert, each expert running once on a
+  window of its rows (`grouped_experts`).
+- The official tree (training, `init`: experts stacked [E, in, out]): token copies sorted by
+  expert go through `grouped_matmul` (`jax.lax.ragged_dot`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from grok1.layout import ExpertWeights
+from grok1.kernels import linear, one_row_products
+from grok1.layout import LinearWeight
 from grok1.quant import QuantizedWeight8bit, Weight
-
 
 def grouped_matmul(xs: jax.Array, w: Weight, group_sizes: jax.Array, row_expert: jax.Array,
                    dtype) -> jax.Array:
@@ -60,14 +61,11 @@ def combine_pairs(y: jax.Array, gates: jax.Array, order: jax.Array, k: int) -> j
     return jnp.zeros((gates.shape[0], y.shape[-1]), y.dtype).at[order // k].add(y)
 
 
-# Up to this many tokens (decoding), every chosen expert runs on all of them; more are grouped by
-# expert, each expert reading a window of CAPACITY_FACTOR x its expected rows (a multiple of 16).
-DENSE_MOE_TOKENS = 16
+# Up to this many (token, expert) pairs (a decode step of up to 16 rows, top-2), each pair runs
+# on its own; more are grouped by expert, each expert reading a window of CAPACITY_FACTOR x its
+# expected rows (a multiple of 16).
+PAIRS_UP_TO = 32
 CAPACITY_FACTOR = 1.25
-# The bfloat16 prefill copy wins from this many rows per expert window (one bench-1b MoE layer
-# against float32 [out, in]: 16 rows 1.5x slower, 32 rows 1.0-1.1x slower, 48 rows 1.9x faster,
-# 64-80 rows 1.3-1.6x faster).
-MIN_PREFILL_COPY_ROWS = 48
 
 
 def group_capacity(tokens: int, num_experts: int, k: int) -> int:
@@ -77,90 +75,94 @@ def group_capacity(tokens: int, num_experts: int, k: int) -> int:
     return min(tokens, -(-math.ceil(CAPACITY_FACTOR * expected) // 16) * 16)
 
 
-# Output panels of the CPU dots below: XLA runs a dot with a leading panel axis as separate
-# smaller dots, measured 1.5-2x faster than one dot for 1-32 rows on 2 cores.
-EXPERT_PANELS = 2
-UNEMBED_PANELS = 8
+def moe(x: jax.Array, gates: jax.Array, experts: jax.Array,
+        weights: tuple[Weight | LinearWeight, Weight | LinearWeight, Weight | LinearWeight],
+        dtype) -> jax.Array:
+    """The MoE sum for tokens x [N, d] with their top-k `gates` and `experts` [N, k]: each chosen
+    expert's (gelu(x @ linear) * (x @ linear_v)) @ linear_1 weighted by its gate as is, summed in
+    float32 (the official model adds its experts' outputs before rounding). `weights` are the
+    stacked (linear, linear_v, linear_1) of all experts, in either layout."""
+    if not isinstance(weights[0], LinearWeight):
+        return sorted_ragged(x, gates, experts, weights, dtype)
+    N, k = experts.shape
+    E = weights[0].values.shape[0]
+    ffn = lambda rows, e: expert_ffn(rows, *(w[e] for w in weights), dtype=dtype)  # noqa: E731
+    if N * k <= PAIRS_UP_TO:
+        if one_row_products(weights[0].dtype, N):
+            return chosen_pairs(x, gates, experts, weights, dtype)
+        return chosen_experts_dense(x, gates, experts, ffn, E)
+    return grouped_experts(x, gates, experts, ffn, E, group_capacity(N, E, k))
 
 
-def panel_dot(x: jax.Array, w_t: jax.Array, panels: int, out_dtype=None) -> jax.Array:
-    """x [n, in] @ w_t.T for a weight stored [out, in], as `panels` dots over slices of `out`;
-    the result in `out_dtype` (default x's)."""
-    out_size, in_size = w_t.shape
-    out_dtype = out_dtype or x.dtype
-    acc = jnp.float32  # bfloat16 dots accumulating in float32 run on the fast CPU kernels
-    if x.shape[0] == 1 and x.dtype == jnp.bfloat16:  # one bfloat16 row: the form XLA ran fastest
-        if out_size >= in_size:
-            return jnp.dot(x, w_t.T, preferred_element_type=acc).astype(out_dtype)
-        panels = 1
-    if out_size % panels:
-        panels = 1
-    y = jnp.einsum("ni,poi->pno", x, w_t.reshape(panels, out_size // panels, in_size),
-                   preferred_element_type=acc).astype(out_dtype)
-    return jnp.transpose(y, (1, 0, 2)).reshape(x.shape[0], out_size)
+def expert_ffn(x: jax.Array, w_gate: LinearWeight, w_up: LinearWeight, w_down: LinearWeight,
+               dtype) -> jax.Array:
+    """One expert on rows x [n, d]: (gelu(x @ linear) * (x @ linear_v)) @ linear_1, products as
+    kernels.linear computes them (operands in `dtype`, float32 results)."""
+    h = jax.nn.gelu(linear(x, w_gate, dtype)) * linear(x, w_up, dtype)
+    return linear(h, w_down, dtype)
 
 
-def expert_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, dtype) -> jax.Array:
-    """One expert on rows x [n, d], its weights transposed as [out, in] (ExpertWeights):
-    (gelu(x @ linear) * (x @ linear_v)) @ linear_1, matmul operands in `dtype`, the rest and the
-    result in float32 (docs/ARCHITECTURE.md, "Where the model rounds to bfloat16")."""
-    dot = lambda a, w_t: panel_dot(a.astype(dtype), w_t, EXPERT_PANELS, jnp.float32)
-    h = jax.nn.gelu(dot(x, w_gate)) * dot(x, w_up)
-    return dot(h, w_down)
+def chosen_pairs(x: jax.Array, gates: jax.Array, experts: jax.Array,
+                 weights: tuple[LinearWeight, LinearWeight, LinearWeight], dtype) -> jax.Array:
+    """Each token's k experts one by one, the expert's matrices selected by its traced index:
+    for the few rows of a decode step, a matrix-vector product per pair reads just the chosen
+    experts' int8 weights (no expert is computed for rows that did not choose it)."""
+    N, k = experts.shape
+    rows = []
+    for t in range(N):
+        row = x[t:t + 1]
+        total = jnp.zeros((1, x.shape[-1]), jnp.float32)
+        for j in range(k):
+            e = experts[t, j]
+            total = total + expert_ffn(row, *(w[e] for w in weights), dtype=dtype) * gates[t, j]
+        rows.append(total)
+    return jnp.concatenate(rows)
 
 
-def prefill_expert_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
-    """One expert on many rows x [n, d] with its prefill copy (weights [in, out], their dtype
-    the matmul dtype, products accumulated in float32); the result in float32."""
-    dtype = w_gate.dtype
-    dot = lambda a, w: jnp.dot(a.astype(dtype), w, preferred_element_type=jnp.float32)
-    h = jax.nn.gelu(dot(x, w_gate)) * dot(x, w_up)
-    return dot(h, w_down)
-
-
-def per_expert_moe(x: jax.Array, gates: jax.Array, experts: jax.Array,
-                   weights: tuple[ExpertWeights, ExpertWeights, ExpertWeights], dtype) -> jax.Array:
-    """The MoE sum over ExpertWeights (one array per expert) for tokens x [N, d] with their top-k
-    `gates` and `experts` [N, k]; no weight is ever copied. Tokens enough to give each expert
-    MIN_PREFILL_COPY_ROWS rows use the experts' prefill copy when the layout kept one. The sum
-    is float32 (the official model adds its experts' outputs before rounding)."""
-    per_expert = list(zip(*(w.transposed for w in weights)))        # E x (gate, up, down)
-    if x.shape[0] <= DENSE_MOE_TOKENS:
-        return chosen_experts_dense(x, gates, experts, per_expert, dtype)
-    capacity = group_capacity(x.shape[0], len(per_expert), experts.shape[1])
-    if weights[0].for_prefill is not None and capacity >= MIN_PREFILL_COPY_ROWS:
-        prefill_copy = list(zip(*(w.for_prefill for w in weights)))
-        return grouped_experts(x, gates, experts, prefill_copy, prefill_expert_ffn, capacity)
-    return grouped_experts(x, gates, experts, per_expert,
-                           lambda rows, *w: expert_ffn(rows, *w, dtype), capacity)
-
-
-def chosen_experts_dense(x, gates, experts, per_expert, dtype) -> jax.Array:
+def chosen_experts_dense(x: jax.Array, gates: jax.Array, experts: jax.Array,
+                         ffn: Callable[[jax.Array, int], jax.Array], num_experts: int) -> jax.Array:
     """Every expert that some token chose runs on all N rows (`lax.cond` skips the others), its
-    output weighted by each row's gate for it (0 where the row did not choose it). For the few
-    rows of a decode step, reading an expert's weights costs far more than the extra rows."""
+    output weighted by each row's gate for it (0 where the row did not choose it): for a few
+    rows and weights multiplied by all rows at once (float32), reading an expert costs far more
+    than the extra rows."""
     out = jnp.zeros(x.shape, jnp.float32)
-    for e, w in enumerate(per_expert):
+    for e in range(num_experts):
         chosen = experts == e                                               # [N, k]
         gate = jnp.sum(jnp.where(chosen, gates, 0.0), axis=-1).astype(jnp.float32)
         out = out + jax.lax.cond(
-            jnp.any(chosen), lambda x, g, w=w: expert_ffn(x, *w, dtype) * g[:, None],
+            jnp.any(chosen), lambda x, g, e=e: ffn(x, e) * g[:, None],
             lambda x, g: jnp.zeros(x.shape, jnp.float32), x, gate)
     return out
 
 
-def grouped_experts(x, gates, experts, per_expert, ffn: Callable[..., jax.Array],
+def sorted_ragged(x: jax.Array, gates: jax.Array, experts: jax.Array,
+                  weights: tuple[Weight, Weight, Weight], dtype) -> jax.Array:
+    """The official tree's experts: the N*k (token, expert) pairs sorted by expert, so each
+    expert sees one contiguous group of rows for `grouped_matmul`."""
+    N, k = experts.shape
+    w_gate, w_up, w_down = weights
+    order, group_sizes = sort_pairs_by_expert(experts, w_gate.shape[0])
+    group_sizes = group_sizes.astype(jnp.int32)
+    sorted_experts = experts.reshape(-1)[order]
+    xs = x.astype(dtype)[order // k]                                        # [N*k, d]
+    h = jax.nn.gelu(grouped_matmul(xs, w_gate, group_sizes, sorted_experts, dtype))
+    h = h * grouped_matmul(xs, w_up, group_sizes, sorted_experts, dtype)
+    y = grouped_matmul(h.astype(dtype), w_down, group_sizes, sorted_experts, dtype)
+    return combine_pairs(y, gates, order, k)
+
+
+def grouped_experts(x: jax.Array, gates: jax.Array, experts: jax.Array,
+                    ffn: Callable[[jax.Array, int], jax.Array], num_experts: int,
                     capacity: int) -> jax.Array:
-    """Sparse top-k for many rows: the (row, expert) pairs sorted by expert, then each expert runs
-    `ffn(rows, *its matrices)` on a window of `capacity` rows at the start of its group. The
-    window is sized to hold a whole group under balanced routing, so normally that is all: E
-    straight-line matmuls, which XLA's CPU runtime runs far faster than tiles in a loop of
-    `lax.switch` (one bench-1b MoE layer on 512 tokens with the bfloat16 copy: 108-135 ms
-    against 192-215 ms). Groups longer than `capacity` continue in further rounds, so no token
+    """Sparse top-k for many rows: the (row, expert) pairs sorted by expert, then each expert e
+    runs `ffn(rows, e)` on a window of `capacity` rows at the start of its group. The window is
+    sized to hold a whole group under balanced routing, so normally that is all: E straight-line
+    matmuls, which XLA's CPU runtime runs far faster than tiles in a loop of `lax.switch` (one
+    bench-1b MoE layer on 512 tokens: 108-135 ms against 192-215 ms). Groups longer than `capacity` continue in further rounds, so no token
     is ever dropped. Rows of a window past its group belong to the next expert and are masked
     out."""
     N, d = x.shape
-    k, E = experts.shape[1], len(per_expert)
+    k, E = experts.shape[1], num_experts
     order, sizes = sort_pairs_by_expert(experts, E)
     starts = jnp.cumsum(sizes) - sizes
     xs = jnp.zeros((N * k + capacity, d), x.dtype).at[:N * k].set(x[order // k])
@@ -169,7 +171,7 @@ def grouped_experts(x, gates, experts, per_expert, ffn: Callable[..., jax.Array]
         start = starts[e] + offset
         rows = jax.lax.dynamic_slice_in_dim(xs, start, capacity)
         inside = (jnp.arange(capacity) < sizes[e] - offset)[:, None]
-        y = jnp.where(inside, ffn(rows, *per_expert[e]), 0).astype(ys.dtype)
+        y = jnp.where(inside, ffn(rows, e), 0).astype(ys.dtype)
         window = jax.lax.dynamic_slice_in_dim(ys, start, capacity)
         return jax.lax.dynamic_update_slice_in_dim(ys, window + y, start, 0)
 

@@ -1,32 +1,24 @@
-"""Parameter layouts chosen at load time for the platform that computes with them.
+"""The compute layout: how loaded weights sit in memory, one layout for every device and mesh.
 
-Checkpoints always hold the official tree (int8 `QuantizedWeight8bit` linear weights, experts
-stacked as [E, in, out]). On accelerators that tree is used as is: the int8 -> float convert fuses
-into the matmul. XLA on CPU does not fuse it (a convert feeding a dot moves a few GB/s of int8,
-a plain float32 matrix-vector product several times more), and slicing one expert out of a
-stacked array copies it. So on CPU, when memory allows, `prepare_params` dequantises every linear
-weight once into float32 and splits each expert stack into `ExpertWeights`, one array per expert,
-which the MoE layer selects (by branch, or in code unrolled per expert) without copying.
-float32 whatever the compute dtype: int8 x a bfloat16 scale is exact in float32, so the layout
-holds the checkpoint's weights exactly (`to_official` gives the int8 back), and a bfloat16 model
-rounds only its activations, as the official bfloat16 run of the golden sets does (XLA removed its
-weight's float32 -> bfloat16 -> float32 round trip; docs/ARCHITECTURE.md, "Where the model rounds
-to bfloat16"). Results are those of the official tree up to float rounding (dequantising before
-or after the dot only reorders one multiply).
+Checkpoints hold the official tree: linear weights [..., in, out], int8 `QuantizedWeight8bit` with
+block scales in the release (experts stacked as [E, in, out]). `to_compute_layout` keeps every
+tensor in its stored dtype (int8 stays int8, bfloat16 stays bfloat16: resident at the
+checkpoint's size) and only transposes each linear weight into a `LinearWeight` [..., out, in]:
+XLA's matrix-vector product (a decode step) streams a weight contracted on its last axis at memory
+bandwidth, with the int8 -> float convert fused into it, while the stored [in, out] form runs
+about 30x slower on CPU (benchmarks/products.py). The transpose runs per tensor on the devices
+that hold it, shard by shard (the partition table in sharding.py describes the stored axes; a
+LinearWeight's shards are that table's, transposed), so no full-size float copy ever exists.
+The embedding table [V, d] is already [out, in] for the output projection and stays as stored;
+the router is tiny and float32.
 
-XLA's CPU matmuls want opposite layouts for few and many rows: a decode step's matrix-vector
-product reads a weight stored [out, in] fastest, while bfloat16 matmuls over the hundreds of rows
-of a prompt run 2-4x faster than float32 ones, but only on a weight stored [in, out] (a
-transposed operand is copied first). So experts can keep a second copy, bfloat16 [in, out], for
-prefill (`prefill_dtype`): it computes the experts of prompts long enough to give each expert
-`experts.MIN_PREFILL_COPY_ROWS` rows (from about 110 tokens with 8 experts, top-2) as the official
-bfloat16 model does, and costs half the float32 layout's expert bytes again.
+`to_official` gives the stored tree back (exactly: it only transposes again), which `Model.save`
+writes. How rows are multiplied by a LinearWeight is grok1/kernels.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Optional
 
@@ -36,168 +28,221 @@ import numpy as np
 
 from grok1.quant import QuantizedWeight8bit
 
-# Keep the float layout only while it leaves this share of the host's available memory free.
-MAX_MEMORY_SHARE = 0.6
-# The float layout's dtype (see the module docstring).
-WEIGHT_DTYPE = jnp.float32
+
+# The input axis of a weight is cut into chunks of at most this many elements: XLA:CPU's fused
+# int8/bfloat16 matrix-vector product runs at bandwidth only up to about this contraction length
+# (1024: 11-15 G params/s; 4096 and more: 0.3, the convert no longer fused; benchmarks/products.py).
+MAX_CHUNK = 1024
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class ExpertWeights:
-    """The [E, in, out] weight of all experts as E separate float arrays, each stored transposed
-    as [out, in]: XLA's CPU dot reads a weight contracted on its last axis fastest for the few
-    rows of a decode step (measured: as fast for one row, 1.5-2x faster for 8 to 32 rows).
-    `for_prefill`, when kept, holds the same experts as [in, out] arrays for matmuls over many
-    rows (see the module docstring)."""
+class LinearWeight:
+    """A weight in the compute layout, for `x @ w` with w [..., in, out] as the checkpoint has it:
+    `values` [..., chunks, out, chunk] in the stored dtype (the input axis cut into `chunks`
+    contiguous pieces, each stored transposed), and for int8 weights the stored block `scales`
+    [..., blocks, out] (input block b of output column o is scaled by scales[..., b, o]); None
+    for float weights. Leading axes (experts) index as usual."""
 
-    transposed: tuple[jax.Array, ...]                   # E x [out, in], WEIGHT_DTYPE
-    for_prefill: Optional[tuple[jax.Array, ...]] = None  # E x [in, out], prefill dtype
+    values: jax.Array
+    scales: Optional[jax.Array] = None
+
+    @property
+    def chunks(self) -> int:
+        return self.values.shape[-3]
+
+    @property
+    def chunk_size(self) -> int:
+        return self.values.shape[-1]
 
     @property
     def shape(self) -> tuple[int, ...]:
-        out_size, in_size = self.transposed[0].shape
-        return (len(self.transposed), in_size, out_size)
+        """The logical [..., in, out] shape."""
+        *lead, chunks, n_out, size = self.values.shape
+        return (*lead, chunks * size, n_out)
 
     @property
     def dtype(self):
-        return self.transposed[0].dtype
+        return self.values.dtype
 
     @property
     def nbytes(self) -> int:
-        return sum(int(w.nbytes) for w in self.transposed + (self.for_prefill or ()))
+        return int(self.values.nbytes) + (0 if self.scales is None else int(self.scales.nbytes))
+
+    def __getitem__(self, index: Any) -> "LinearWeight":
+        """The weight of one expert (or a slice of experts) of a stacked weight."""
+        return LinearWeight(self.values[index], None if self.scales is None else self.scales[index])
+
+    def dequantized_chunk(self, j: int) -> jax.Array:
+        """Chunk j of the weight as float32 [..., out, chunk] (int8 x scale is exact in float32).
+        Inside a product XLA fuses this into the operand instead of materialising it."""
+        values = self.values[..., j, :, :].astype(jnp.float32)
+        if self.scales is None:
+            return values
+        size, n_in = self.chunk_size, self.shape[-2]
+        block = n_in // self.scales.shape[-2]
+        scales = jnp.swapaxes(self.scales.astype(jnp.float32), -1, -2)             # [..., out, blocks]
+        if size <= block:  # the chunk lies inside one scale block
+            b = j * size // block
+            return values * scales[..., b:b + 1]
+        per = size // block  # the chunk spans whole blocks
+        *lead, n_out, _ = values.shape
+        blocks = values.reshape(*lead, n_out, per, block) * scales[..., j * per:(j + 1) * per, None]
+        return blocks.reshape(values.shape)
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "transpose"))
-def _dequantize(weight: jax.Array, scales: jax.Array, dtype, transpose: bool) -> jax.Array:
-    w = QuantizedWeight8bit(weight, scales).dequantize(dtype)
-    return w.T if transpose else w
-
-
-def float_weight(w: Any, dtype, transpose: bool = False) -> jax.Array:
-    """A linear weight [in, out] as one float array of `dtype` (dequantised when int8), laid out
-    as [out, in] when `transpose`."""
-    if isinstance(w, QuantizedWeight8bit):
-        return _dequantize(jnp.asarray(w.weight), jnp.asarray(w.scales), jnp.dtype(dtype), transpose)
-    w = jnp.asarray(w, dtype)
-    return jnp.asarray(w.T.copy() if transpose else w)
-
-
-def float_layout_bytes(params: dict, prefill_dtype=None) -> int:
-    """At most the bytes the float layout of `params` takes (every tensor in WEIGHT_DTYPE, plus
-    the experts' prefill copy in `prefill_dtype` when given)."""
-    leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, QuantizedWeight8bit))
-    total = sum(math.prod(leaf.shape) for leaf in leaves) * jnp.dtype(WEIGHT_DTYPE).itemsize
-    if prefill_dtype is not None:
-        total += sum(math.prod(params[m]["w"].shape) for m in params if is_expert_stack(m)) \
-            * jnp.dtype(prefill_dtype).itemsize
-    return total
-
-
-def fits_in_memory(params: dict, prefill_dtype=None) -> bool:
-    """Whether the float layout fits in MAX_MEMORY_SHARE of the host's available memory."""
-    try:
-        import psutil
-    except ImportError:
-        return False
-    need = float_layout_bytes(params, prefill_dtype)
-    return need <= MAX_MEMORY_SHARE * psutil.virtual_memory().available
-
-
-def prepare_params(params: dict, platform: Optional[str] = None, prefill_dtype=None) -> dict:
-    """The params laid out for fast compute on `platform` (default: the default backend).
-
-    CPU (when it fits in memory): every linear weight dequantised into float32, expert stacks
-    split into ExpertWeights, the embedding table in float32 (it is also the output projection);
-    with `prefill_dtype`, each expert also as an [in, out] array of that dtype for prompts (kept
-    only while both copies fit). Other platforms, or too little memory: `params` unchanged. Each
-    original array is released as soon as its replacement exists, so peak memory stays near the
-    float layout's size.
-    """
-    platform = platform or jax.default_backend()
-    if platform != "cpu" or not fits_in_memory(params):
-        return params
-    if prefill_dtype is not None and not fits_in_memory(params, prefill_dtype):
-        prefill_dtype = None
-    prepared: dict[str, dict[str, Any]] = {}
-    for module in list(params):
-        prepared[module] = {}
-        for name in list(params[module]):
-            value = params[module].pop(name)
-            if name == "w" and is_expert_stack(module):
-                experts = tuple(float_weight(_index(value, e), WEIGHT_DTYPE, transpose=True)
-                                for e in range(value.shape[0]))
-                for_prefill = None if prefill_dtype is None else tuple(
-                    float_weight(_index(value, e), prefill_dtype) for e in range(value.shape[0]))
-                value = ExpertWeights(experts, for_prefill)
-            elif name == "w" and not module.endswith("/router"):
-                value = float_weight(value, WEIGHT_DTYPE)
-            elif name == "embeddings":
-                value = jnp.asarray(value, WEIGHT_DTYPE)
-            prepared[module][name] = value
-    return prepared
-
-
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class StoredForm:
-    """A tensor's dtype in the checkpoint and, for int8 weights, its block scales."""
+class EmbeddingTable(LinearWeight):
+    """The [V, d] embedding table in the compute layout: the weight of the output projection
+    (d in, V out) in chunks like any LinearWeight, its `shape` the official [V, d]."""
 
-    dtype: np.dtype
-    scales: Optional[Any] = None
-
-
-def stored_forms(params: dict) -> dict[str, dict[str, StoredForm]]:
-    """How the checkpoint stores each tensor that `prepare_params` converts (module -> param ->
-    StoredForm): a few bytes per output column, kept so `to_official` can give back the exact
-    stored tensors."""
-    forms: dict[str, dict[str, StoredForm]] = {}
-    for module, group in params.items():
-        for name, value in group.items():
-            if name in ("w", "embeddings"):
-                quantized = isinstance(value, QuantizedWeight8bit)
-                forms.setdefault(module, {})[name] = StoredForm(
-                    np.dtype(value.weight.dtype if quantized else value.dtype),
-                    value.scales if quantized else None)
-    return forms
+    @property
+    def shape(self) -> tuple[int, ...]:
+        chunks, vocab, size = self.values.shape
+        return (vocab, chunks * size)
 
 
-def to_official(params: dict, forms: dict[str, dict[str, StoredForm]]) -> dict:
-    """The official tree of `params` (either layout) as host numpy arrays, each tensor as the
-    checkpoint stored it (`forms` from `stored_forms` before `prepare_params`): the float layout
-    holds int8 x scale exactly, so dividing by the scale gives the int8 weight back. A model saved
-    from this tree writes the checkpoint it was loaded from, byte for byte."""
+def chunk_count(n_in: int, blocks: int = 1, shards: int = 1) -> int:
+    """How many chunks to cut an input axis of `n_in` into: the fewest of at most MAX_CHUNK
+    elements that are a multiple of `shards` (the devices splitting that axis, so each holds
+    whole chunks) and nest with the `blocks` scale blocks (a chunk inside one block, or whole
+    blocks in a chunk). `shards` when none fits."""
+    block = n_in // blocks
+    for count in range(shards, n_in + 1, shards):
+        size = n_in // count
+        if n_in % count == 0 and size <= MAX_CHUNK and (block % size == 0 or size % block == 0):
+            return count
+    return shards
+
+
+def is_linear(module: str, name: str) -> bool:
+    """Whether params[module][name] is a weight of a product: every `w` but the router's, and the
+    embedding table (the output projection's weight, [out, in] as stored)."""
+    return (name == "w" and not module.endswith("/router")) or name == "embeddings"
+
+
+def _chunked(value: jax.Array, chunks: int, stored_transposed: bool) -> jax.Array:
+    """[..., in, out] (or [out, in] when `stored_transposed`) -> [..., chunks, out, in / chunks]."""
+    if stored_transposed:
+        n_out, n_in = value.shape
+        return jnp.swapaxes(value.reshape(n_out, chunks, n_in // chunks), 0, 1)
+    *lead, n_in, n_out = value.shape
+    return jnp.swapaxes(value.reshape(*lead, chunks, n_in // chunks, n_out), -1, -2)
+
+
+def _unchunked(values: np.ndarray, stored_transposed: bool) -> np.ndarray:
+    """The inverse of `_chunked`, on host arrays."""
+    *lead, chunks, n_out, size = values.shape
+    if stored_transposed:
+        return np.ascontiguousarray(np.swapaxes(values, 0, 1).reshape(n_out, chunks * size))
+    return np.ascontiguousarray(np.swapaxes(values, -1, -2).reshape(*lead, chunks * size, n_out))
+
+
+def to_linear_weight(value: Any, chunks: int, stored_transposed: bool = False,
+                     sharding: Any = None, dtype: Any = None) -> LinearWeight:
+    """A stored weight (QuantizedWeight8bit or float; [..., in, out], or [out, in] for the
+    embedding table) as a LinearWeight of `chunks` chunks, computed where `value` lies and placed
+    by `sharding` (a LinearWeight of shardings) when given. With `dtype`, the weight is
+    dequantised into that dtype instead of kept as stored."""
+    quantized = isinstance(value, QuantizedWeight8bit)
+    convert = dtype is not None
+    weight = value if quantized and convert else value.weight if quantized else value
+
+    def chunked(weight: Any) -> jax.Array:
+        if convert:
+            weight = (weight.dequantize(jnp.float32) if quantized else weight).astype(dtype)
+        return _chunked(weight, chunks, stored_transposed)
+
+    if isinstance(value.weight if quantized else value, np.ndarray):
+        values = np.asarray(chunked(jax.tree_util.tree_map(jnp.asarray, weight)))
+    else:
+        values = jax.jit(chunked, out_shardings=None if sharding is None else sharding.values)(weight)
+    if stored_transposed:
+        return EmbeddingTable(values)
+    return LinearWeight(values, value.scales if quantized and not convert else None)
+
+
+def to_compute_layout(params: dict, mesh: Optional[jax.sharding.Mesh] = None,
+                      weight_dtype: Any = None) -> dict:
+    """The official params tree in the compute layout: each product weight a LinearWeight,
+    every other tensor as it is. Each stored weight is released as soon as its replacement
+    exists, so the peak is the checkpoint plus one tensor. `weight_dtype` (e.g. float32)
+    dequantises every product weight into that dtype instead of keeping it as stored: more
+    memory (float32: about 7x the release), but XLA:CPU multiplies several rows by a float32
+    weight in one product, reading it once (faster batched decoding on CPU, BENCHMARKS.md)."""
+    out: dict[str, dict[str, Any]] = {}
+    for module in list(params):
+        group = params[module]
+        out[module] = {}
+        for name in list(group):
+            value = group.pop(name)
+            if is_linear(module, name) and not isinstance(value, LinearWeight):
+                value = _to_compute(module, name, value, mesh, weight_dtype)
+            out[module][name] = value
+    return out
+
+
+def _layout_of(module: str, name: str, value: Any, mesh: Optional[jax.sharding.Mesh]) -> tuple[int, bool]:
+    """(chunk count, stored as [out, in]) of a product weight: the embedding table is [V, d]."""
+    table = name == "embeddings"
+    n_in = value.shape[-1] if table else value.shape[-2]
+    blocks = value.scales.shape[-2] if isinstance(value, QuantizedWeight8bit) else 1
+    shards = 1
+    if mesh is not None:
+        from grok1.sharding import input_shards
+        shards = input_shards(mesh, module, name, value.shape)
+    return chunk_count(n_in, blocks, shards), table
+
+
+def _to_compute(module: str, name: str, value: Any, mesh: Optional[jax.sharding.Mesh],
+                dtype: Any = None) -> LinearWeight:
+    chunks, table = _layout_of(module, name, value, mesh)
+    if mesh is None:
+        return to_linear_weight(value, chunks, table, dtype=dtype)
+    from grok1.sharding import param_sharding
+    abstract = jax.eval_shape(lambda v: to_linear_weight(v, chunks, table, dtype=dtype), value)
+    return to_linear_weight(value, chunks, table, param_sharding(mesh, module, name, abstract), dtype)
+
+
+def compute_layout_structs(params: dict, mesh: Optional[jax.sharding.Mesh] = None) -> dict:
+    """`to_compute_layout` of a tree of ShapeDtypeStructs (plans: shapes only, nothing computed)."""
+    def struct(module: str, name: str, value: Any) -> Any:
+        if not is_linear(module, name):
+            return value
+        chunks, table = _layout_of(module, name, value, mesh)
+        return jax.eval_shape(lambda v: to_linear_weight(v, chunks, table), value)
+
+    return {module: {name: struct(module, name, value) for name, value in group.items()}
+            for module, group in params.items()}
+
+
+def to_official(params: dict) -> dict:
+    """The official tree of `params` (either layout) as host numpy arrays, each tensor exactly
+    as the checkpoint stored it: a model saved from it writes the files it was loaded from."""
     from grok1.sharding import to_host  # gathers a sharded array, over processes too
 
     def host(array: Any) -> np.ndarray:
         return to_host(array) if isinstance(array, jax.Array) else np.asarray(array)
 
-    def official(value: Any, form: Optional[StoredForm]) -> Any:
+    def official(value: Any) -> Any:
+        if isinstance(value, LinearWeight):
+            weight = _unchunked(host(value.values), isinstance(value, EmbeddingTable))
+            return weight if value.scales is None else QuantizedWeight8bit(weight, host(value.scales))
         if isinstance(value, QuantizedWeight8bit):
             return QuantizedWeight8bit(weight=host(value.weight), scales=host(value.scales))
-        if isinstance(value, ExpertWeights):
-            value = np.stack([host(w).T for w in value.transposed])         # [E, in, out]
-        value = host(value)
-        if form is None or form.scales is None:
-            return value.astype(form.dtype) if form is not None else value
-        scales = host(form.scales).astype(np.float32)                      # [..., blocks, out]
-        *lead, n_in, n_out = value.shape
-        blocks = scales.shape[-2]
-        per_block = value.reshape(*lead, blocks, n_in // blocks, n_out) / scales[..., :, None, :]
-        weight = np.rint(per_block).astype(form.dtype).reshape(value.shape)
-        return QuantizedWeight8bit(weight=weight, scales=host(form.scales))
+        return host(value)
 
-    return {module: {name: official(value, forms.get(module, {}).get(name))
-                     for name, value in group.items()}
+    return {module: {name: official(value) for name, value in group.items()}
             for module, group in params.items()}
+
+
+def resident_bytes(params: dict) -> int:
+    """Bytes the params hold (all devices together)."""
+    leaves = jax.tree_util.tree_leaves(params)
+    return sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in leaves)
 
 
 def is_expert_stack(module: str) -> bool:
     """Whether `module` (a params path) holds an [E, in, out] expert stack (`.../moe/linear*`)."""
     return module.split("/")[-2:-1] == ["moe"]
-
-
-def _index(w: Any, e: int) -> Any:
-    """Expert `e` of a stacked [E, in, out] weight (plain or int8)."""
-    if isinstance(w, QuantizedWeight8bit):
-        return QuantizedWeight8bit(weight=w.weight[e], scales=w.scales[e])
-    return w[e]

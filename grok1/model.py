@@ -22,8 +22,9 @@ import jax.numpy as jnp
 
 from grok1.config import ModelConfig
 from grok1 import experts as expert_kernels
-from grok1.layout import ExpertWeights
-from grok1.quant import Weight, matmul
+from grok1.kernels import linear, table_rows, times_table
+from grok1.layout import LinearWeight
+from grok1.quant import Weight
 from grok1.rows import split_rows
 
 RMS_NORM_EPS = 1e-5
@@ -100,7 +101,7 @@ class RMSNorm(hk.Module):
 
 
 class Linear(hk.Module):
-    """`x @ w` without bias; `w` may be int8 with block scales (see quant.py)."""
+    """`x @ w` without bias; `w` int8 with block scales as stored, or float (grok1/kernels.py)."""
 
     def __init__(self, output_size: int, dtype, name: str):
         super().__init__(name=name)
@@ -109,11 +110,12 @@ class Linear(hk.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = get_weight("w", [x.shape[-1], self.output_size])
-        return matmul(x, w, self.dtype, out_dtype=jnp.float32)  # operands rounded, result not
+        return linear(x, w, self.dtype)  # operands rounded to dtype, result float32
 
 
-def get_weight(name: str, shape: list[int]) -> Weight:
-    """A linear weight from the checkpoint (plain or QuantizedWeight8bit); random at init."""
+def get_weight(name: str, shape: list[int]) -> Weight | LinearWeight:
+    """A linear weight [in, out] from the checkpoint (in the compute layout of grok1/layout.py
+    once loaded); a random float array at init."""
     fan_in = shape[-2]
     init = hk.initializers.TruncatedNormal(stddev=fan_in ** -0.5)
     return hk.get_parameter(name, shape, jnp.float32, init=init)
@@ -250,8 +252,8 @@ class Router(hk.Module):
 
 class MoELayer(hk.Module):
     """Top-k experts per token, each `(gelu(x @ linear) * (x @ linear_v)) @ linear_1`, weighted by
-    its router probability as is (not renormalised). Only the chosen experts are computed: the
-    token copies are sorted by expert and fed to grouped matmuls."""
+    its router probability as is (not renormalised). Only the chosen experts are computed
+    (grok1/experts.py)."""
 
     def __init__(self, config: ModelConfig, dtype, name: str = "moe"):
         super().__init__(name=name)
@@ -267,24 +269,12 @@ class MoELayer(hk.Module):
         w_down = ExpertWeight([E, f, d], name="linear_1")()
 
         gates, experts = jax.lax.top_k(router_probs, k)                  # [B, T, k]
-        if isinstance(w_gate, ExpertWeights):  # the CPU layout of grok1/layout.py
-            out = expert_kernels.per_expert_moe(x.reshape(B * T, d).astype(self.dtype), gates.reshape(B * T, k),
-                                 experts.reshape(B * T, k), (w_gate, w_up, w_down), self.dtype)
-            return out.reshape(B, T, d)
-        def chosen_experts(x, gates, experts):  # [B, t, ...] -> [B, t, d]
-            # Sort the B*t*k (token, expert) pairs by expert so each expert sees one contiguous group.
-            B, t, _ = x.shape
-            experts = experts.reshape(B * t, k)
-            order, group_sizes = expert_kernels.sort_pairs_by_expert(experts, E)
-            group_sizes = group_sizes.astype(jnp.int32)
-            sorted_experts = experts.reshape(-1)[order]
-            xs = x.reshape(B * t, d).astype(self.dtype)[order // k]     # [B*t*k, d]
 
-            matmul_grouped = expert_kernels.grouped_matmul  # float32 results
-            h = jax.nn.gelu(matmul_grouped(xs, w_gate, group_sizes, sorted_experts, self.dtype))
-            h = h * matmul_grouped(xs, w_up, group_sizes, sorted_experts, self.dtype)
-            y = matmul_grouped(h.astype(self.dtype), w_down, group_sizes, sorted_experts, self.dtype)
-            return expert_kernels.combine_pairs(y, gates.reshape(B * t, k), order, k).reshape(B, t, d)
+        def chosen_experts(x, gates, experts):  # [B, t, ...] -> [B, t, d]
+            B, t, _ = x.shape
+            out = expert_kernels.moe(x.reshape(B * t, d), gates.reshape(B * t, k),
+                                     experts.reshape(B * t, k), (w_gate, w_up, w_down), self.dtype)
+            return out.reshape(B, t, d)
 
         positions = max(1, MOE_TOKEN_CHUNK // B)  # per chunk: about MOE_TOKEN_CHUNK tokens of B rows
         if T > positions:  # long prompt: each token's experts are its own, so chunks are exact
@@ -314,7 +304,7 @@ class ExpertWeight(hk.Module):
         super().__init__(name=name)
         self.shape = shape
 
-    def __call__(self) -> Weight:
+    def __call__(self) -> Weight | LinearWeight:
         return get_weight("w", self.shape)
 
 
@@ -371,19 +361,15 @@ class LanguageModel(hk.Module):
     # `language_model/in_out_embed` (not `language_model/~embed/...`).
     @hk.experimental.name_like("__call__")
     def embed(self, tokens: jax.Array) -> jax.Array:
-        emb = InOutEmbed(self.config, name="in_out_embed")()
+        table = InOutEmbed(self.config, name="in_out_embed")()
         # The residual stream is float32 in either compute dtype (docs/ARCHITECTURE.md says why).
-        return emb[tokens].astype(jnp.float32) * self.config.embedding_multiplier_scale  # [B, T, d]
+        return table_rows(table, tokens).astype(jnp.float32) * self.config.embedding_multiplier_scale
 
     @hk.experimental.name_like("__call__")
     def unembed(self, h: jax.Array) -> jax.Array:
         h = RMSNorm(name="rms_norm")(h)
-        table = InOutEmbed(self.config, name="in_out_embed")().astype(self.dtype)      # [V, d]
-        # Contract the table's own last axis: `h @ table.T` made XLA copy the transposed table.
-        panels = expert_kernels.UNEMBED_PANELS if jax.default_backend() == "cpu" else 1
-        rows = h.reshape(-1, h.shape[-1]).astype(self.dtype)
-        logits = expert_kernels.panel_dot(rows, table, panels, out_dtype=jnp.float32)
-        logits = logits.reshape(*h.shape[:-1], table.shape[0]) * self.config.output_multiplier_scale
+        table = InOutEmbed(self.config, name="in_out_embed")()                          # [V, d]
+        logits = times_table(h, table, self.dtype) * self.config.output_multiplier_scale
         # Rounded once to the compute dtype, as the official model returns its logits.
         return logits.astype(self.dtype).astype(jnp.float32)                            # [..., V]
 
@@ -395,7 +381,7 @@ class InOutEmbed(hk.Module):
         super().__init__(name=name)
         self.config = config
 
-    def __call__(self) -> jax.Array:
+    def __call__(self) -> jax.Array | LinearWeight:
         c = self.config
         return hk.get_parameter("embeddings", [c.vocab_size, c.emb_size], jnp.float32,
                                 init=hk.initializers.TruncatedNormal(stddev=1.0))

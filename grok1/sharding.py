@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from grok1.layout import EmbeddingTable, LinearWeight
 from grok1.model import KVCache
 from grok1.quant import QuantizedWeight8bit
 
@@ -159,17 +160,39 @@ def partition_spec(axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Me
 
 
 def param_sharding(mesh: Mesh, module: str, param: str, value: Any) -> Any:
-    """NamedSharding of a parameter (a QuantizedWeight8bit of shardings for int8 weights).
+    """NamedSharding of a parameter (a QuantizedWeight8bit or LinearWeight of shardings for
+    linear weights).
 
     Block scales [..., blocks, out] follow the weight: same split of the leading and output axes,
-    and the blocks axis split like the weight's input axis when the block count allows it.
+    and the blocks axis split like the weight's input axis when the block count allows it. A
+    LinearWeight (the compute layout, [..., out, in]) is split as the stored weight is, its last
+    two axes swapped: each device transposes its own shard while loading.
     """
     axes = logical_axes(module, param)
+    if isinstance(value, LinearWeight):
+        table = isinstance(value, EmbeddingTable)  # stored [V, d] = [out, in]; others [..., in, out]
+        spec = partition_spec(axes, value.shape, mesh)
+        split_in, split_out = (spec[1], spec[0]) if table else (spec[-2], spec[-1])
+        # values [..., chunks, out, chunk]: the input axis's split goes to whole chunks.
+        values = NamedSharding(mesh, P(*spec[:-2], split_in, split_out, None))
+        scales = (None if value.scales is None
+                  else NamedSharding(mesh, partition_spec(axes, value.scales.shape, mesh)))
+        return LinearWeight(values=values, scales=scales)
     if isinstance(value, QuantizedWeight8bit):
         return QuantizedWeight8bit(
             weight=NamedSharding(mesh, partition_spec(axes, value.weight.shape, mesh)),
             scales=NamedSharding(mesh, partition_spec(axes, value.scales.shape, mesh)))
     return NamedSharding(mesh, partition_spec(axes, value.shape, mesh))
+
+
+def input_shards(mesh: Mesh, module: str, param: str, stored_shape: Sequence[int]) -> int:
+    """Over how many devices the table splits the input axis of a stored weight (the second to
+    last axis, or the last of the [V, d] embedding table): the compute layout's chunks of that
+    axis come in multiples of it."""
+    spec = partition_spec(logical_axes(module, param), stored_shape, mesh)
+    split = spec[-1] if param == "embeddings" else spec[-2]
+    names = () if split is None else (split,) if isinstance(split, str) else tuple(split)
+    return math.prod(mesh.shape[name] for name in names)
 
 
 def params_sharding(mesh: Mesh, params: dict) -> dict:

@@ -12,7 +12,7 @@ import pytest
 import grok1
 from grok1.config import ModelConfig
 from grok1.inspect import describe, format_description, format_trace, plot_trace
-from grok1.layout import ExpertWeights
+from grok1.layout import LinearWeight, to_official
 from grok1.model import transformed
 from grok1.quant import QuantizedWeight8bit
 
@@ -115,10 +115,10 @@ def test_description_is_json_and_readable():
 # ---- trace: checked against an independent numpy forward pass --------------------------------
 
 def _np(w) -> np.ndarray:
-    """A parameter as float32 numpy: int8 weights dequantised block by block, the CPU layout's
-    per-expert [out, in] arrays (grok1/layout.py) stacked back into [E, in, out]."""
-    if isinstance(w, ExpertWeights):
-        return np.stack([np.asarray(expert, np.float32).T for expert in w.transposed])
+    """A parameter as float32 numpy as the checkpoint has it ([..., in, out], the table [V, d]),
+    int8 weights dequantised block by block."""
+    if isinstance(w, LinearWeight):
+        w = to_official({"m": {"w": w}})["m"]["w"]
     if isinstance(w, QuantizedWeight8bit):
         weight, scales = np.asarray(w.weight, np.float32), np.asarray(w.scales, np.float32)
         *lead, n_in, n_out = weight.shape

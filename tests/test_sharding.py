@@ -142,7 +142,7 @@ def test_step_inputs_and_outputs_are_split_by_rows():
 EIGHT_DEVICES = """
 import json, numpy as np, jax, grok1
 from grok1.sharding import make_mesh
-from grok1.quant import QuantizedWeight8bit
+from grok1.layout import LinearWeight
 path, specs = {path!r}, {specs!r}
 prompts = json.load(open(path + "/golden.json"))["prompts"]
 T = max(len(p) for p in prompts)
@@ -156,7 +156,7 @@ for spec in specs:
         if module.split("/")[-1] not in {large!r}:
             continue
         for name, value in group.items():
-            w = value.weight if isinstance(value, QuantizedWeight8bit) else value
+            w = value.values if isinstance(value, LinearWeight) else value
             fractions[module + "/" + name] = sorted({{s.data.size / w.size for s in w.addressable_shards}})
     out[spec] = {{"max_diff": float(np.abs(model.logits(tokens) - reference).max()), "fractions": fractions}}
 print(json.dumps(out))

@@ -1,0 +1,93 @@
+"""How rows are multiplied by a weight: the one place that knows the compute layout and the
+platform (model.py calls `linear` and `rows_times_transposed`, and never branches on either).
+
+A product is computed as the official model defines it: the weight dequantised (int8 x scale,
+exact in float32), the rows rounded to the compute dtype, products accumulated in float32 and
+returned in float32 (docs/ARCHITECTURE.md, "Where the model rounds to bfloat16").
+
+What XLA:CPU runs fast, measured on this project's 2-core machines (benchmarks/products.py):
+- One row times a weight stored [out, in] (`row @ w.T`) is a matrix-vector product that streams
+  the weight at memory bandwidth, with the int8 -> float32 convert and the block scales fused
+  into it: int8 moves 4x fewer bytes than float32.
+- Two to about sixteen rows in one product fall off that path (the convert is no longer fused:
+  10-50x slower for int8 and bfloat16 weights), so up to ONE_ROW_PRODUCTS_UP_TO rows run as
+  one-row products, each reading the weight again.
+- A product fused with what produces its rows or with what consumes its result (an add, a
+  multiply) is emitted as a plain loop or reads a transposed copy of the weight (20-50x slower),
+  so the rows and each one-row product are fenced by optimization barriers.
+Many rows (prompts) run one product with the dequantised weight, which XLA materialises once,
+and so do any rows of a float32 weight (`weight_dtype=float32` at load: XLA's float32 product
+of a few rows reads the weight once). Accelerators compile one product in every case.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from grok1.layout import LinearWeight
+from grok1.quant import Weight, matmul
+
+# Up to this many rows, a product on CPU runs as one-row products (see the module docstring).
+ONE_ROW_PRODUCTS_UP_TO = 16
+
+
+def one_row_products(weight_dtype, rows: int) -> bool:
+    """Whether `rows` rows times a weight of `weight_dtype` run as one-row products: on CPU, up
+    to ONE_ROW_PRODUCTS_UP_TO rows of a weight that needs a convert (int8, bfloat16). A float32
+    weight is multiplied by all rows in one product, which reads it once."""
+    return (jax.default_backend() == "cpu" and rows <= ONE_ROW_PRODUCTS_UP_TO
+            and jnp.dtype(weight_dtype) != jnp.dtype(jnp.float32))
+
+
+def linear(x: jax.Array, w: Weight | LinearWeight, dtype) -> jax.Array:
+    """`x @ w` over the last axis of x, float32 result, for any weight the model may hold: a
+    LinearWeight (loaded for inference), or the official [in, out] tree (training, `init`)."""
+    if not isinstance(w, LinearWeight):
+        return matmul(x, w, dtype, out_dtype=jnp.float32)
+    size = w.chunk_size
+    total = None
+    for j in range(w.chunks):  # one product per chunk of the input axis (layout.MAX_CHUNK)
+        part = rows_times_transposed(x[..., j * size:(j + 1) * size], w.dequantized_chunk(j), dtype,
+                                     one_row_products(w.dtype, math.prod(x.shape[:-1])))
+        total = part if total is None else total + part
+    return total
+
+
+def times_table(x: jax.Array, table: jax.Array | LinearWeight, dtype) -> jax.Array:
+    """x [..., d] @ table.T for the [V, d] embedding table (the output projection), as stored
+    (training) or in the compute layout; float32 [..., V]."""
+    if isinstance(table, LinearWeight):
+        return linear(x, table, dtype)
+    return rows_times_transposed(x, table, dtype)
+
+
+def table_rows(table: jax.Array | LinearWeight, tokens: jax.Array) -> jax.Array:
+    """The embedding rows [..., d] of `tokens`, in the table's dtype."""
+    if not isinstance(table, LinearWeight):
+        return table[tokens]
+    rows = table.values[:, tokens, :]                                   # [chunks, ..., chunk]
+    return jnp.moveaxis(rows, 0, -2).reshape(*tokens.shape, table.shape[-1])
+
+
+def rows_times_transposed(x: jax.Array, w: jax.Array, dtype,
+                          one_row_at_a_time: Optional[bool] = None) -> jax.Array:
+    """x [..., in] @ w.T for a weight w [out, in] (any float dtype): x rounded to `dtype`,
+    products in float32, result float32 [..., out]. `one_row_at_a_time` defaults to
+    `one_row_products` of w's dtype (pass it for a weight dequantised on the way in)."""
+    n_in = x.shape[-1]
+    rows = x.reshape(-1, n_in).astype(dtype)
+    if one_row_at_a_time is None:
+        one_row_at_a_time = one_row_products(w.dtype, rows.shape[0])
+    weight = w.astype(jnp.float32)
+    if one_row_at_a_time:
+        rows = jax.lax.optimization_barrier(rows)  # a producer fused into the product slows it too
+        y = jnp.concatenate([jax.lax.optimization_barrier(
+            jnp.dot(rows[i:i + 1], weight.T, preferred_element_type=jnp.float32))
+            for i in range(rows.shape[0])])
+    else:
+        y = jnp.dot(rows, weight.T, preferred_element_type=jnp.float32)
+    return y.reshape(*x.shape[:-1], w.shape[0])

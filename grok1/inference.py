@@ -16,6 +16,7 @@ from grok1 import checkpoint
 from grok1.config import ModelConfig
 from grok1.layout import prepare_params, stored_forms, to_official
 from grok1.model import KVCache, transformed
+from grok1.stacking import stack_layers, unstack_layers
 
 if TYPE_CHECKING:
     from grok1.inspect import Trace
@@ -69,8 +70,10 @@ def resolve_config(config: Any) -> Optional[ModelConfig]:
 class Model:
     """A Grok-1-architecture model with its parameters placed on devices.
 
-    `params` is the Haiku params dict with the official paths: int8 `QuantizedWeight8bit` linear
-    weights as stored, or on CPU the float layout of grok1/layout.py. `dtype` is the compute
+    `params` is the Haiku params dict the model reads: int8 `QuantizedWeight8bit` linear weights
+    as stored, with the decoder layers stacked (`transformer/decoder_layers/...`, see
+    grok1/stacking.py), or on CPU the float layout of grok1/layout.py, one module per layer
+    (`transformer/decoder_layer_{i}/...`). `dtype` is the compute
     dtype, `mesh` the device mesh or None for one device, `tokenizer` optional. `stored_forms`
     says how the checkpoint stored the tensors the float layout converted (`save` needs it).
     """
@@ -105,7 +108,7 @@ class Model:
         """Write the model as an official checkpoint: `path/ckpt-0/` (the tensor files it was
         loaded from, byte for byte), `path/config.json`, and the tokenizer's file when the model
         has one. Everything is written under temporary names, then renamed into place."""
-        checkpoint.save(to_official(self.params, self.stored_forms), path, self.config)
+        checkpoint.save(to_official(unstack_layers(self.params), self.stored_forms), path, self.config)
         if self.tokenizer is not None:
             target = os.path.join(os.fspath(path), TOKENIZER_FILE)
             if os.path.abspath(self.tokenizer.path) != os.path.abspath(target):
@@ -184,10 +187,15 @@ def load(path: str | os.PathLike, *, mesh: Optional[jax.sharding.Mesh | str] = N
     # Each tensor goes straight into its final sharding over `mesh` (one device without a mesh).
     params = checkpoint.load_params(path, config, mesh=mesh, progress=progress)
     forms = {}
+    laid_out = params
     if mesh is None:  # on CPU: float weights, one array per expert (grok1/layout.py says why)
         exact_float32 = dtype is not None and compute_dtype == jnp.float32
         forms = stored_forms(params)
-        params = prepare_params(params, prefill_dtype=None if exact_float32 else jnp.bfloat16)
+        laid_out = prepare_params(params, prefill_dtype=None if exact_float32 else jnp.bfloat16)
+    # The layers stacked, for the model's one compiled layer body (grok1/stacking.py), except in
+    # the CPU float layout: there XLA copies each layer's weights out of a stacked array every
+    # step (see stacking.py), so its layers stay apart and run unrolled.
+    params = laid_out if laid_out is not params else stack_layers(params)
     tok = None
     tokenizer_path = tokenizer or os.path.join(path, TOKENIZER_FILE)
     if tokenizer is not None or os.path.isfile(tokenizer_path):

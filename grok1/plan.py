@@ -114,8 +114,9 @@ def compile_steps(config: ModelConfig, mesh: Mesh, *, batch: int, context: int, 
     from grok1 import sharding as sh
     from grok1.model import KVCache, transformed
     from grok1.rows import on_mesh
+    from grok1.stacking import stack_layers
 
-    params = release_param_structs(config)
+    params = jax.eval_shape(stack_layers, release_param_structs(config))  # as the model reads them
     param_sh = sh.params_sharding(mesh, params)
     cache = jax.eval_shape(lambda: KVCache.zeros(config, batch, context, dtype))
     cache_sh = sh.kv_cache_sharding(mesh, cache)

@@ -6,11 +6,11 @@
                   h += rms_norm_3(moe(rms_norm_2(h)))          router softmax, top-2 of 8 experts
            -> rms_norm -> h @ in_out_embed.T * output_multiplier_scale -> logits
 
-The decoder layers are one layer body run num_layers times (`jax.lax.scan`), so a program compiles
-one layer whatever the depth; its parameters are the layers' official ones (`transformer/
-decoder_layer_3/moe/linear_v` ...) stacked along a leading layer axis under
-`transformer/decoder_layers/...` (grok1/stacking.py maps the two; checkpoints keep the official
-names). Shapes: L layers, B batch, T new tokens, S keys
+Module and parameter names are the official checkpoint's (`transformer/decoder_layer_3/moe/linear_v`
+...), so a checkpoint maps 1:1 onto the parameter tree. The model also reads that tree with the
+layers stacked along a leading axis (`transformer/decoder_layers/moe/linear_v`, grok1/stacking.py):
+then one layer body runs num_layers times (`jax.lax.scan`), and a program compiles one layer
+whatever the depth. Shapes: L layers, B batch, T new tokens, S keys
 (cache length), d emb_size, H query heads, N kv heads, G = H/N, K key_size, E experts, f ffn_size.
 """
 
@@ -476,8 +476,9 @@ def forward(config: ModelConfig, dtype, tokens: jax.Array, cache: Optional[KVCac
 def transformed(config: ModelConfig, dtype=jnp.float32) -> hk.Transformed:
     """`hk.transform` of `forward` for this config and compute dtype (no RNG needed at apply).
 
-    `init` gives the stacked tree; `apply` takes either form of grok1/stacking.py and runs the
-    layers the way that form is made for (scanned when stacked, unrolled per layer otherwise).
+    `init` gives the official tree, one module per layer as a checkpoint holds it; `apply` takes
+    it or its stacked form (grok1/stacking.py) and runs the layers the way that form is made for:
+    scanned when stacked, unrolled otherwise.
     """
     def model_fn(unroll: bool):
         return hk.without_apply_rng(hk.transform(
@@ -489,21 +490,11 @@ def transformed(config: ModelConfig, dtype=jnp.float32) -> hk.Transformed:
     def apply(params: hk.Params, *args, **kwargs):
         return (scanned if has_stacked_layers(params) else unrolled).apply(params, *args, **kwargs)
 
-    return hk.Transformed(init=scanned.init, apply=apply)
+    return hk.Transformed(init=unrolled.init, apply=apply)
 
 
 def param_shapes(config: ModelConfig) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
-    """The official parameter tree (module path -> param name -> shape), as a checkpoint holds
-    it (`transformer/decoder_layer_{i}/...`), computed abstractly."""
-    from grok1.stacking import unstack_layers
-
+    """The official parameter tree (module path -> param name -> shape), computed abstractly."""
     fn = transformed(config)
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    return jax.eval_shape(lambda key, tokens: unstack_layers(fn.init(key, tokens)),
-                          jax.random.PRNGKey(0), tokens)
-
-
-def stacked_param_shapes(config: ModelConfig) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
-    """The parameter tree `transformed` reads (layers stacked), computed abstractly."""
-    fn = transformed(config)
-    return jax.eval_shape(fn.init, jax.random.PRNGKey(0), jax.ShapeDtypeStruct((1, 1), jnp.int32))
+    return jax.eval_shape(fn.init, jax.random.PRNGKey(0), tokens)

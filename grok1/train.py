@@ -35,7 +35,6 @@ import numpy as np
 from grok1 import checkpoint, experts, model
 from grok1.config import ModelConfig
 from grok1.quant import quantize
-from grok1.stacking import unstack_layers
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 HELDOUT_EVERY = 20           # document i is held out when i % 20 == 19
@@ -244,10 +243,9 @@ def train(config: ModelConfig, stream: np.ndarray, *, steps: int, batch: int, le
 
 def release_format(params: dict) -> dict:
     """Linear weights as int8 with bfloat16 per-column scales (one block, like the release),
-    the router in float32, embeddings and norm scales in bfloat16; one module per layer, under
-    the official names (training params hold the layers stacked, grok1/stacking.py)."""
+    the router in float32, embeddings and norm scales in bfloat16."""
     out: dict[str, dict] = {}
-    for module, values in unstack_layers(params).items():
+    for module, values in params.items():
         for name, value in values.items():
             value = np.asarray(value, np.float32)
             if name == "w" and not module.endswith("/router"):

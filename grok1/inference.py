@@ -192,9 +192,9 @@ def load(path: str | os.PathLike, *, mesh: Optional[jax.sharding.Mesh | str] = N
         exact_float32 = dtype is not None and compute_dtype == jnp.float32
         forms = stored_forms(params)
         laid_out = prepare_params(params, prefill_dtype=None if exact_float32 else jnp.bfloat16)
-    # The layers stacked, for the model's one compiled layer body (grok1/stacking.py), except in
-    # the CPU float layout: there XLA copies each layer's weights out of a stacked array every
-    # step (see stacking.py), so its layers stay apart and run unrolled.
+    # The layers stacked, for the model's one compiled layer body, except in the CPU float layout:
+    # XLA:CPU would copy each layer's weights out of the stacked arrays every step
+    # (grok1/stacking.py says more), so its layers stay apart and run unrolled.
     params = laid_out if laid_out is not params else stack_layers(params)
     tok = None
     tokenizer_path = tokenizer or os.path.join(path, TOKENIZER_FILE)

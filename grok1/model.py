@@ -344,8 +344,9 @@ class ExpertWeight(hk.Module):
 # ---- decoder layer and the stack --------------------------------------------------------------
 
 class DecoderLayer(hk.Module):
-    """Pre- and post-norm around both sublayers: four RMSNorms per layer. One module stands for
-    every layer: its parameters carry the layer axis, and `layer` says which layer runs."""
+    """Pre- and post-norm around both sublayers: four RMSNorms per layer. `layer` says which
+    layer of the stacked KV cache it writes and reads. Named `decoder_layers` it is the scanned
+    body of all layers (parameters [L, ...], sliced per step); `decoder_layer_{i}` is layer i."""
 
     def __init__(self, config: ModelConfig, dtype, name: str = LAYERS_MODULE):
         super().__init__(name=name)

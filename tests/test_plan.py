@@ -151,6 +151,27 @@ def abstract_mesh(**sizes: int):
     return AbstractMesh(tuple(sizes.values()), tuple(sizes))
 
 
+COMPILE_8_AND_64_LAYERS = """
+import json, jax, jax.numpy as jnp
+from grok1 import plan
+from grok1.config import PRESETS
+from grok1.sharding import make_mesh
+mesh = make_mesh("1x8")
+seconds = {}
+for layers in (8, 64):
+    steps = plan.compile_steps(PRESETS["grok-1"].replace(num_layers=layers), mesh, batch=1, context=8192,
+                               dtype=jnp.bfloat16)
+    seconds[layers] = sum(step["compile_seconds"] for step in steps.values())
+print(json.dumps(seconds))
+"""
+
+
+@pytest.mark.slow
+def test_grok1_steps_compile_all_64_layers_in_at_most_one_and_a_half_times_8():
+    seconds = json.loads(run_with_devices(COMPILE_8_AND_64_LAYERS, devices=8).strip().splitlines()[-1])
+    assert seconds["64"] <= 1.5 * seconds["8"] and seconds["64"] <= 180, seconds
+
+
 def test_expert_replication_names_an_expert_axis_that_does_not_divide_the_experts():
     config = PRESETS["grok-1"]  # 8 experts
     replication = plan.expert_replication(config, abstract_mesh(data=1, expert=16, model=1))

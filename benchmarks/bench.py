@@ -250,7 +250,7 @@ def run(args: argparse.Namespace) -> dict:
     path = bench_checkpoint(config, name)
 
     start = time.perf_counter()
-    model = grok1.load(path, dtype=args.dtype, weights=args.weights)
+    model = grok1.load(path, dtype=args.dtype)
     load_seconds = time.perf_counter() - start
     compute = jnp.dtype(model.dtype)
     r = args.repeat
@@ -289,7 +289,7 @@ def run(args: argparse.Namespace) -> dict:
                          "mbu": nbytes / step / limits["read_bandwidth"]["best"]}
 
     return {
-        "preset": name, "config": config.to_dict(), "compute_dtype": compute.name, "weights": args.weights,
+        "preset": name, "config": config.to_dict(), "compute_dtype": compute.name,
         "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
         "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs",
         "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -333,12 +333,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--preset", default="bench-1b", help="grok1.PRESETS name (default bench-1b)")
     parser.add_argument("--layers", type=int, default=0, help="override num_layers (0: the preset's)")
     parser.add_argument("--dtype", default=None, help="compute dtype (default: grok1.load's)")
-    parser.add_argument("--weights", default="stored", choices=("stored", "float32"),
-                        help="grok1.load's weights: as stored (default) or dequantised to float32")
     parser.add_argument("--prefill", type=int, nargs="*", default=[128, 512])
     parser.add_argument("--batch", type=int, nargs="*", default=[1, 8, 32])
     parser.add_argument("--first-token", type=int, nargs="*", default=[128])
-    parser.add_argument("--chunk", type=int, default=8, help="decode steps per jitted call")
+    parser.add_argument("--chunk", type=int, default=1,
+                        help="decode steps per jitted call (default 1, as grok1's Engine decodes)")
     parser.add_argument("--context", type=int, default=128, help="tokens in the cache while decoding")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", default=None, help="also write the results to this file")

@@ -16,6 +16,7 @@ from grok1 import checkpoint
 from grok1.config import ModelConfig
 from grok1.layout import to_compute_layout, to_official
 from grok1.model import KVCache, transformed
+from grok1.stacking import stack_layers, unstack_layers
 
 if TYPE_CHECKING:
     from grok1.inspect import Trace
@@ -69,10 +70,10 @@ def resolve_config(config: Any) -> Optional[ModelConfig]:
 class Model:
     """A Grok-1-architecture model with its parameters placed on devices.
 
-    `params` is the Haiku params dict with the official paths, in the compute layout of
-    grok1/layout.py (every tensor in its stored dtype; linear weights as `LinearWeight`s).
-    `dtype` is the compute dtype, `mesh` the device mesh or None for one device, `tokenizer`
-    optional.
+    `params` is the Haiku params dict the model reads, in the compute layout of grok1/layout.py
+    (every tensor in its stored dtype; linear weights as `LinearWeight`s), with the decoder
+    layers stacked (`transformer/decoder_layers/...`, see grok1/stacking.py). `dtype` is the
+    compute dtype, `mesh` the device mesh or None for one device, `tokenizer` optional.
     """
 
     config: ModelConfig
@@ -80,7 +81,6 @@ class Model:
     dtype: jnp.dtype
     mesh: Optional[jax.sharding.Mesh] = None
     tokenizer: Any = None
-    weights: str = "stored"
 
     @functools.cached_property
     def _forward(self):
@@ -105,10 +105,7 @@ class Model:
         """Write the model as an official checkpoint: `path/ckpt-0/` (the tensor files it was
         loaded from, byte for byte), `path/config.json`, and the tokenizer's file when the model
         has one. Everything is written under temporary names, then renamed into place."""
-        if self.weights != "stored":
-            raise ValueError(f"save writes the weights as the checkpoint stores them; this model "
-                             f"holds them as {self.weights} (load it with weights='stored' to save)")
-        checkpoint.save(to_official(self.params), path, self.config)
+        checkpoint.save(to_official(unstack_layers(self.params)), path, self.config)
         if self.tokenizer is not None:
             target = os.path.join(os.fspath(path), TOKENIZER_FILE)
             if os.path.abspath(self.tokenizer.path) != os.path.abspath(target):
@@ -162,27 +159,21 @@ class Model:
         return sampler.stream(self, prompt, **settings)
 
 
-WEIGHTS = ("stored", "float32")
-
-
 def load(path: str | os.PathLike, *, mesh: Optional[jax.sharding.Mesh | str] = None, dtype: Any = None,
-         weights: str = "stored", tokenizer: Optional[str | os.PathLike] = None,
+         tokenizer: Optional[str | os.PathLike] = None,
          config: Optional[ModelConfig | str] = None, progress: Optional[bool] = None) -> Model:
     """Load a folder holding `ckpt-0/` and `config.json` (and optionally `tokenizer.model`).
 
     `dtype` is the compute dtype: "float32", "bfloat16", a jnp dtype, or None for the platform
     default (float32 on CPU, bfloat16 on accelerators); the weights stay as stored whatever it
-    is (int8 and bfloat16 in the release, grok1/layout.py). `weights="float32"` dequantises them
-    into float32 instead (about 7x the memory; on CPU it decodes batches of rows faster, see
-    BENCHMARKS.md). `mesh` shards the parameters over its devices; None keeps them on one device.
+    is (int8 and bfloat16 in the release: resident at the checkpoint's size, grok1/layout.py).
+    `mesh` shards the parameters over its devices; None keeps them on one device.
     `config` (a ModelConfig or a PRESETS name) replaces `config.json`, e.g. for the release,
     which ships none. The checkpoint is validated (files, shapes, dtypes, memory per device)
     before anything is loaded; a progress bar shows when stderr is a terminal, unless
     `progress=False`. `mesh` may also be a spec such as "1x8" (built with grok1.make_mesh).
     """
     path = os.fspath(path)
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights must be one of {', '.join(map(repr, WEIGHTS))}, got {weights!r}")
     compute_dtype = resolve_dtype(dtype)
     mesh = resolve_mesh(mesh)
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
@@ -190,13 +181,13 @@ def load(path: str | os.PathLike, *, mesh: Optional[jax.sharding.Mesh | str] = N
                         f"checkpoint folder, if any), got {type(tokenizer).__name__}")
     config = resolve_config(config) or checkpoint.read_config(path)
     # Each tensor goes straight into its final sharding over `mesh` (one device without a mesh),
-    # then each linear weight is transposed into the compute layout where it lies.
-    params = to_compute_layout(checkpoint.load_params(path, config, mesh=mesh, progress=progress), mesh,
-                               None if weights == "stored" else jnp.float32)
+    # each linear weight is laid out for compute where it lies, then the layers are stacked for
+    # the model's one compiled layer body.
+    params = stack_layers(to_compute_layout(
+        checkpoint.load_params(path, config, mesh=mesh, progress=progress), mesh))
     tok = None
     tokenizer_path = tokenizer or os.path.join(path, TOKENIZER_FILE)
     if tokenizer is not None or os.path.isfile(tokenizer_path):
         from grok1.tokenizer import Tokenizer
         tok = Tokenizer(tokenizer_path, vocab_size=config.vocab_size)
-    return Model(config=config, params=params, dtype=compute_dtype, mesh=mesh, tokenizer=tok,
-                 weights=weights)
+    return Model(config=config, params=params, dtype=compute_dtype, mesh=mesh, tokenizer=tok)

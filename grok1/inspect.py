@@ -2,7 +2,8 @@
 
 Both read the model code itself. `describe` walks the parameter tree of `grok1.model` and the
 sharding table of `grok1.sharding`; `trace` runs the real forward pass under
-`hk.experimental.intercept_methods`, recording what `Router.__call__`,
+`hk.experimental.intercept_methods`, one layer after another (the per-layer form of
+grok1/stacking.py), recording what `Router.__call__`,
 `MultiHeadAttention.attention_logits` and `DecoderLayer.__call__` return, and summarises it on
 the device (only per-layer statistics, router probabilities and the final logits come back).
 """
@@ -26,6 +27,7 @@ from grok1 import model as model_lib
 from grok1.config import ModelConfig
 from grok1.model import (DecoderLayer, LanguageModel, MultiHeadAttention, Router, attention_context,
                          cap_attention_logits, forward, param_shapes)
+from grok1.stacking import unstack_layers
 
 # Storage of the release: int8 linear weights with bfloat16 block scales, bfloat16 embeddings and
 # norm scales, a float32 router.
@@ -358,7 +360,7 @@ def _traced_apply(config: ModelConfig, dtype):
     def traced(tokens: jax.Array):
         records: dict[str, Any] = {}
         with hk.experimental.intercept_methods(_interceptor(records)), _plain_attention(tokens.shape[1]):
-            logits, _ = forward(config, dtype, tokens)
+            logits, _ = forward(config, dtype, tokens, unroll_layers=True)
         missing = [name for name in ("router_probs", "attention_logits", "residual")
                    if f"{name}/0" not in records]
         if missing or "embedding" not in records:
@@ -374,7 +376,10 @@ def _traced_apply(config: ModelConfig, dtype):
                            **_logit_stats(records[f"attention_logits/{i}"], mask)})
         return logits, _rms(records["embedding"]), layers
 
-    return jax.jit(hk.without_apply_rng(hk.transform(traced)).apply)
+    apply = hk.without_apply_rng(hk.transform(traced)).apply
+    # One layer at a time, under the official names: stacked layers are taken apart inside the
+    # program (grok1/stacking.py), so no copy of the weights is ever made outside it.
+    return jax.jit(lambda params, tokens: apply(unstack_layers(params), tokens))
 
 
 def trace(model: Any, tokens: Any) -> Trace:

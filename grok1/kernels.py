@@ -16,8 +16,8 @@ What XLA:CPU runs fast, measured on this project's 2-core machines (benchmarks/p
   multiply) is emitted as a plain loop or reads a transposed copy of the weight (20-50x slower),
   so the rows and each one-row product are fenced by optimization barriers.
 Many rows (prompts) run one product with the dequantised weight, which XLA materialises once,
-and so do any rows of a float32 weight (`weight_dtype=float32` at load: XLA's float32 product
-of a few rows reads the weight once). Accelerators compile one product in every case.
+and so do any rows of a float32 weight (a float checkpoint: XLA's float32 product of a few rows
+reads the weight once). Accelerators compile one product in every case.
 """
 
 from __future__ import annotations

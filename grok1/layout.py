@@ -140,37 +140,26 @@ def _unchunked(values: np.ndarray, stored_transposed: bool) -> np.ndarray:
 
 
 def to_linear_weight(value: Any, chunks: int, stored_transposed: bool = False,
-                     sharding: Any = None, dtype: Any = None) -> LinearWeight:
+                     sharding: Any = None) -> LinearWeight:
     """A stored weight (QuantizedWeight8bit or float; [..., in, out], or [out, in] for the
     embedding table) as a LinearWeight of `chunks` chunks, computed where `value` lies and placed
-    by `sharding` (a LinearWeight of shardings) when given. With `dtype`, the weight is
-    dequantised into that dtype instead of kept as stored."""
+    by `sharding` (a LinearWeight of shardings) when given."""
     quantized = isinstance(value, QuantizedWeight8bit)
-    convert = dtype is not None
-    weight = value if quantized and convert else value.weight if quantized else value
-
-    def chunked(weight: Any) -> jax.Array:
-        if convert:
-            weight = (weight.dequantize(jnp.float32) if quantized else weight).astype(dtype)
-        return _chunked(weight, chunks, stored_transposed)
-
-    if isinstance(value.weight if quantized else value, np.ndarray):
-        values = np.asarray(chunked(jax.tree_util.tree_map(jnp.asarray, weight)))
+    weight = value.weight if quantized else value
+    chunked = lambda w: _chunked(w, chunks, stored_transposed)  # noqa: E731
+    if isinstance(weight, np.ndarray):
+        values = np.asarray(chunked(jnp.asarray(weight)))
     else:
         values = jax.jit(chunked, out_shardings=None if sharding is None else sharding.values)(weight)
     if stored_transposed:
         return EmbeddingTable(values)
-    return LinearWeight(values, value.scales if quantized and not convert else None)
+    return LinearWeight(values, value.scales if quantized else None)
 
 
-def to_compute_layout(params: dict, mesh: Optional[jax.sharding.Mesh] = None,
-                      weight_dtype: Any = None) -> dict:
+def to_compute_layout(params: dict, mesh: Optional[jax.sharding.Mesh] = None) -> dict:
     """The official params tree in the compute layout: each product weight a LinearWeight,
     every other tensor as it is. Each stored weight is released as soon as its replacement
-    exists, so the peak is the checkpoint plus one tensor. `weight_dtype` (e.g. float32)
-    dequantises every product weight into that dtype instead of keeping it as stored: more
-    memory (float32: about 7x the release), but XLA:CPU multiplies several rows by a float32
-    weight in one product, reading it once (faster batched decoding on CPU, BENCHMARKS.md)."""
+    exists, so the peak is the checkpoint plus one tensor."""
     out: dict[str, dict[str, Any]] = {}
     for module in list(params):
         group = params[module]
@@ -178,7 +167,7 @@ def to_compute_layout(params: dict, mesh: Optional[jax.sharding.Mesh] = None,
         for name in list(group):
             value = group.pop(name)
             if is_linear(module, name) and not isinstance(value, LinearWeight):
-                value = _to_compute(module, name, value, mesh, weight_dtype)
+                value = _to_compute(module, name, value, mesh)
             out[module][name] = value
     return out
 
@@ -195,14 +184,13 @@ def _layout_of(module: str, name: str, value: Any, mesh: Optional[jax.sharding.M
     return chunk_count(n_in, blocks, shards), table
 
 
-def _to_compute(module: str, name: str, value: Any, mesh: Optional[jax.sharding.Mesh],
-                dtype: Any = None) -> LinearWeight:
+def _to_compute(module: str, name: str, value: Any, mesh: Optional[jax.sharding.Mesh]) -> LinearWeight:
     chunks, table = _layout_of(module, name, value, mesh)
     if mesh is None:
-        return to_linear_weight(value, chunks, table, dtype=dtype)
+        return to_linear_weight(value, chunks, table)
     from grok1.sharding import param_sharding
-    abstract = jax.eval_shape(lambda v: to_linear_weight(v, chunks, table, dtype=dtype), value)
-    return to_linear_weight(value, chunks, table, param_sharding(mesh, module, name, abstract), dtype)
+    abstract = jax.eval_shape(lambda v: to_linear_weight(v, chunks, table), value)
+    return to_linear_weight(value, chunks, table, param_sharding(mesh, module, name, abstract))
 
 
 def compute_layout_structs(params: dict, mesh: Optional[jax.sharding.Mesh] = None) -> dict:

@@ -7,7 +7,10 @@
            -> rms_norm -> h @ in_out_embed.T * output_multiplier_scale -> logits
 
 Module and parameter names are the official checkpoint's (`transformer/decoder_layer_3/moe/linear_v`
-...), so a checkpoint maps 1:1 onto the parameter tree. Shapes: B batch, T new tokens, S keys
+...), so a checkpoint maps 1:1 onto the parameter tree. The model also reads that tree with the
+layers stacked along a leading axis (`transformer/decoder_layers/moe/linear_v`, grok1/stacking.py):
+then one layer body runs num_layers times (`jax.lax.scan`), and a program compiles one layer
+whatever the depth. Shapes: L layers, B batch, T new tokens, S keys
 (cache length), d emb_size, H query heads, N kv heads, G = H/N, K key_size, E experts, f ffn_size.
 """
 
@@ -26,6 +29,7 @@ from grok1.kernels import linear, table_rows, times_table
 from grok1.layout import LinearWeight
 from grok1.quant import Weight
 from grok1.rows import split_rows
+from grok1.stacking import LAYERS_MODULE, has_stacked_layers, layer_module
 
 RMS_NORM_EPS = 1e-5
 ROPE_BASE = 10000.0
@@ -42,22 +46,23 @@ MOE_TOKEN_CHUNK = 1024      # longer prompts run their experts about this many t
 class KVCache:
     """Keys and values of every layer for B rows of up to S positions.
 
+    Layers are stacked along the leading axis, so the layer loop updates one array in place.
     `valid[b, s]` marks positions holding a real (non-pad) token; `length[b]` counts positions
     written so far, so row b's next token goes to position `length[b]` (rows advance independently).
     """
 
-    keys: tuple[jax.Array, ...]    # num_layers x [B, S, N, K]
-    values: tuple[jax.Array, ...]  # num_layers x [B, S, N, K]
-    valid: jax.Array               # [B, S] bool
-    length: jax.Array              # [B] int32
+    keys: jax.Array    # [L, B, S, N, K]
+    values: jax.Array  # [L, B, S, N, K]
+    valid: jax.Array   # [B, S] bool
+    length: jax.Array  # [B] int32
 
     @classmethod
     def zeros(cls, config: ModelConfig, batch: int, seq_len: Optional[int] = None,
               dtype=jnp.bfloat16) -> "KVCache":
-        shape = (batch, seq_len or config.sequence_len, config.num_kv_heads, config.key_size)
-        return cls(keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-                   values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-                   valid=jnp.zeros(shape[:2], bool), length=jnp.zeros((batch,), jnp.int32))
+        shape = (config.num_layers, batch, seq_len or config.sequence_len, config.num_kv_heads,
+                 config.key_size)
+        return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
+                   valid=jnp.zeros(shape[1:3], bool), length=jnp.zeros((batch,), jnp.int32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,8 +154,10 @@ class MultiHeadAttention(hk.Module):
         self.config = config
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array, ctx: AttentionContext, layer: int
+    def __call__(self, x: jax.Array, ctx: AttentionContext, layer: jax.Array | int
                  ) -> tuple[jax.Array, Optional[tuple[jax.Array, jax.Array]]]:
+        """x [B, T, d] -> (attention output [B, T, d], the cache's stacked keys and values
+        [L, B, S, N, K] with this step's written into layer `layer`; None without a cache)."""
         c = self.config
         B, T, _ = x.shape
         H, N, K = c.num_q_heads, c.num_kv_heads, c.key_size
@@ -162,12 +169,11 @@ class MultiHeadAttention(hk.Module):
         q = rotary_embedding(q.astype(self.dtype), ctx.positions)
         k = rotary_embedding(k.astype(self.dtype), ctx.positions)
 
-        new_kv = None
-        if ctx.cache is not None:  # write this step's keys at each row's own offset
-            write = jax.vmap(lambda buf, new, start: jax.lax.dynamic_update_slice(buf, new, (start, 0, 0)))
-            k = write(ctx.cache.keys[layer], k.astype(ctx.cache.keys[layer].dtype), ctx.cache.length)
-            v = write(ctx.cache.values[layer], v.astype(ctx.cache.values[layer].dtype), ctx.cache.length)
-            new_kv = (k, v)
+        kv = None
+        if ctx.cache is not None:  # write this step's keys at each row's own offset, read the layer
+            kv = (write_layer(ctx.cache.keys, k, layer, ctx.cache.length),
+                  write_layer(ctx.cache.values, v, layer, ctx.cache.length))
+            k, v = (jax.lax.dynamic_index_in_dim(stack, layer, keepdims=False) for stack in kv)
 
         q = q.reshape(B, T, N, c.q_per_kv, K)                               # [B, T, N, G, K]
         # Attention runs in float32 on the (possibly bfloat16-cached) keys and values: the
@@ -183,12 +189,29 @@ class MultiHeadAttention(hk.Module):
             weights = jax.nn.softmax(logits, axis=-1)
             out = jnp.einsum("bngts,bsnk->btngk", weights, v)
         out = out.reshape(B, T, H * K)
-        return Linear(c.emb_size, self.dtype, name="linear")(out), new_kv
+        return Linear(c.emb_size, self.dtype, name="linear")(out), kv
 
     def attention_logits(self, q: jax.Array, k: jax.Array) -> jax.Array:
         """(q . k) * attn_output_multiplier in float32, before capping and masking."""
         logits = jnp.einsum("btngk,bsnk->bngts", q, k, preferred_element_type=jnp.float32)
         return logits * self.config.attn_output_multiplier
+
+
+def write_layer(stack: jax.Array, new: jax.Array, layer: jax.Array | int, starts: jax.Array) -> jax.Array:
+    """`stack` [L, B, S, N, K] with `new` [B, T, N, K] written into layer `layer`, row b from
+    position `starts[b]` on (clamped so that the T positions fit, as dynamic_update_slice does).
+
+    One scatter of B x T [N, K] windows on the stack as it is laid out: in place when XLA may reuse
+    its buffer. (A vmap of dynamic_update_slice over rows made XLA:CPU move the rows axis first,
+    copying the whole cache back and forth around every write: batch-8 decoding of bench-1b took
+    1.8x as long.)
+    """
+    B, T = new.shape[:2]
+    starts = jnp.clip(starts, 0, stack.shape[2] - T)
+    positions = starts[:, None] + jnp.arange(T, dtype=starts.dtype)[None, :]          # [B, T]
+    rows = jnp.broadcast_to(jnp.arange(B, dtype=starts.dtype)[:, None], (B, T))
+    return stack.at[layer, rows, positions].set(new.astype(stack.dtype), indices_are_sorted=True,
+                                                unique_indices=True)
 
 
 def attention_in_key_blocks(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
@@ -311,42 +334,75 @@ class ExpertWeight(hk.Module):
 # ---- decoder layer and the stack --------------------------------------------------------------
 
 class DecoderLayer(hk.Module):
-    """Pre- and post-norm around both sublayers: four RMSNorms per layer."""
+    """Pre- and post-norm around both sublayers: four RMSNorms per layer. `layer` says which
+    layer of the stacked KV cache it writes and reads. Named `decoder_layers` it is the scanned
+    body of all layers (parameters [L, ...], sliced per step); `decoder_layer_{i}` is layer i."""
 
-    def __init__(self, config: ModelConfig, dtype, layer: int):
-        super().__init__(name=f"decoder_layer_{layer}")
+    def __init__(self, config: ModelConfig, dtype, name: str = LAYERS_MODULE):
+        super().__init__(name=name)
         self.config = config
         self.dtype = dtype
-        self.layer = layer
 
-    def __call__(self, h: jax.Array, ctx: AttentionContext):
-        attn, new_kv = MultiHeadAttention(self.config, self.dtype)(
-            RMSNorm(name="rms_norm")(h), ctx, self.layer)
+    def __call__(self, h: jax.Array, ctx: AttentionContext, layer: jax.Array | int
+                 ) -> tuple[jax.Array, Optional[tuple[jax.Array, jax.Array]]]:
+        attn, kv = MultiHeadAttention(self.config, self.dtype)(RMSNorm(name="rms_norm")(h), ctx, layer)
         h = h + RMSNorm(name="rms_norm_1")(attn)
 
         x = RMSNorm(name="rms_norm_2")(h)
         router_probs = Router(self.config)(x)
         h = h + RMSNorm(name="rms_norm_3")(MoELayer(self.config, self.dtype)(x, router_probs))
-        return h, new_kv
+        return h, kv
 
 
 class Transformer(hk.Module):
-    """The stack of decoder layers (`transformer/decoder_layer_{i}`)."""
+    """The stack of decoder layers, in either of the two parameter forms of grok1/stacking.py.
 
-    def __init__(self, config: ModelConfig, dtype, name: str = "transformer"):
+    Stacked (`transformer/decoder_layers/...`, [L, ...] each): one layer body run num_layers
+    times by `jax.lax.scan`, so XLA compiles the body once whatever the depth. The residual
+    stream and the stacked KV cache are the loop's carry; each layer writes its slice of the
+    cache in place. Per layer (`unroll`, the official `transformer/decoder_layer_{i}/...`): the
+    same body in a Python loop, each layer reading its own arrays (the CPU float layout's form:
+    see grok1/stacking.py, and what `grok1.inspect` records layer by layer).
+    """
+
+    def __init__(self, config: ModelConfig, dtype, unroll: bool = False, name: str = "transformer"):
         super().__init__(name=name)
         self.config = config
         self.dtype = dtype
+        self.unroll = unroll
 
-    def __call__(self, h: jax.Array, ctx: AttentionContext):
-        new_keys, new_values = [], []
-        for i in range(self.config.num_layers):
-            h = split_rows(h)  # rows over the mesh's data axis, if any (grok1/rows.py)
-            h, new_kv = DecoderLayer(self.config, self.dtype, i)(h, ctx)
-            if new_kv is not None:
-                new_keys.append(new_kv[0])
-                new_values.append(new_kv[1])
-        return h, (tuple(new_keys), tuple(new_values))
+    def __call__(self, h: jax.Array, ctx: AttentionContext
+                 ) -> tuple[jax.Array, Optional[tuple[jax.Array, jax.Array]]]:
+        kv = None if ctx.cache is None else (ctx.cache.keys, ctx.cache.values)
+        num_layers = self.config.num_layers
+
+        def with_cache(kv: Optional[tuple[jax.Array, jax.Array]]) -> AttentionContext:
+            """ctx holding the cache as the previous layers left it."""
+            return ctx if kv is None else dataclasses.replace(
+                ctx, cache=dataclasses.replace(ctx.cache, keys=kv[0], values=kv[1]))
+
+        if self.unroll:
+            for i in range(num_layers):
+                h = split_rows(h)  # rows over the mesh's data axis, if any (grok1/rows.py)
+                h, kv = DecoderLayer(self.config, self.dtype, name=layer_module(i))(h, with_cache(kv), i)
+            return h, kv
+
+        layer = hk.transform(lambda h, kv, index: DecoderLayer(self.config, self.dtype)(
+            split_rows(h), with_cache(kv), index))
+
+        def init_stacked(rng: jax.Array, h: jax.Array, kv) -> hk.Params:  # each layer its own draw
+            return jax.vmap(layer.init, in_axes=(0, None, None, None))(
+                jax.random.split(rng, num_layers), h, kv, 0)
+
+        rng = hk.next_rng_key() if hk.running_init() else None
+        params = hk.experimental.transparent_lift(init_stacked)(rng, h, kv)
+
+        def one_layer(carry, per_layer):
+            layer_params, index = per_layer
+            return layer.apply(layer_params, None, *carry, index), None
+
+        (h, kv), _ = jax.lax.scan(one_layer, (h, kv), (params, jnp.arange(num_layers)))
+        return h, kv
 
 
 class LanguageModel(hk.Module):
@@ -390,35 +446,51 @@ class InOutEmbed(hk.Module):
 # ---- the whole forward pass -------------------------------------------------------------------
 
 def forward(config: ModelConfig, dtype, tokens: jax.Array, cache: Optional[KVCache] = None,
-            logits_at: Optional[jax.Array] = None) -> tuple[jax.Array, Optional[KVCache]]:
+            logits_at: Optional[jax.Array] = None, unroll_layers: bool = False
+            ) -> tuple[jax.Array, Optional[KVCache]]:
     """tokens [B, T] -> (logits, updated cache). Call inside `hk.transform`.
 
     logits are [B, T, V], or [B, V] at position `logits_at[b]` of each row when given (decoding
     needs only the last real position, and skipping the rest saves the 131072-wide projection).
     With a cache, every row's length advances by T; callers with right-padded rows set `length`.
+    `unroll_layers` says the params hold the layers per layer, not stacked (see Transformer).
     """
     lm = LanguageModel(config, dtype)
-    transformer = Transformer(config, dtype)
+    transformer = Transformer(config, dtype, unroll=unroll_layers)
     ctx = attention_context(tokens, config.pad_token, cache)
     h = lm.embed(tokens)
-    h, (keys, values) = transformer(h, ctx)
+    h, kv = transformer(h, ctx)
     if logits_at is not None:
         h = h[jnp.arange(h.shape[0]), logits_at]                               # [B, d]
     logits = lm.unembed(h)
     if cache is not None:
-        cache = KVCache(keys=keys, values=values, valid=ctx.cache.valid,
+        cache = KVCache(keys=kv[0], values=kv[1], valid=ctx.cache.valid,
                         length=cache.length + tokens.shape[1])
     return logits, cache
 
 
 def transformed(config: ModelConfig, dtype=jnp.float32) -> hk.Transformed:
-    """`hk.transform` of `forward` for this config and compute dtype (no RNG needed at apply)."""
-    return hk.without_apply_rng(hk.transform(
-        lambda tokens, cache=None, logits_at=None: forward(config, dtype, tokens, cache, logits_at)))
+    """`hk.transform` of `forward` for this config and compute dtype (no RNG needed at apply).
+
+    `init` gives the official tree, one module per layer as a checkpoint holds it; `apply` takes
+    it or its stacked form (grok1/stacking.py) and runs the layers the way that form is made for:
+    scanned when stacked, unrolled otherwise.
+    """
+    def model_fn(unroll: bool):
+        return hk.without_apply_rng(hk.transform(
+            lambda tokens, cache=None, logits_at=None: forward(config, dtype, tokens, cache, logits_at,
+                                                               unroll)))
+
+    scanned, unrolled = model_fn(False), model_fn(True)
+
+    def apply(params: hk.Params, *args, **kwargs):
+        return (scanned if has_stacked_layers(params) else unrolled).apply(params, *args, **kwargs)
+
+    return hk.Transformed(init=unrolled.init, apply=apply)
 
 
 def param_shapes(config: ModelConfig) -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
-    """The parameter tree (module path -> param name -> shape), computed abstractly."""
+    """The official parameter tree (module path -> param name -> shape), computed abstractly."""
     fn = transformed(config)
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     return jax.eval_shape(fn.init, jax.random.PRNGKey(0), tokens)

@@ -9,14 +9,13 @@ and lowers and compiles the sharded prefill and decode steps with XLA on forced 
 - temporaries: `compiled.memory_analysis()` of each step, i.e. XLA:CPU's buffer assignment for the
   same partitioned program (accelerator compilers fuse differently; treat it as an estimate).
 
-Decoder layers are identical and run one after another, so their temporaries are never live
-together: the steps are compiled for a model of ONE decoder layer (plus embedding and head) and
-its temporaries stand for the whole stack. Compiling all layers unrolled is slower and, on
-XLA:CPU, grows by about 2.5 GB per grok-1 layer per device (measured on 1x8): its schedule keeps
-every layer's int8 expert weights converted to float32 (CPU dots upcast bfloat16) live at once,
-an artifact of that compiler rather than something the program needs.
+The steps are compiled at the config's full depth: the model runs one layer body over its stacked
+layers (`jax.lax.scan`, grok1/model.py), so the program holds one layer whatever the depth, its
+compile time barely grows with it, and its temporaries are those of one layer at a time plus the
+loop's. FLOPs and bytes per decode step come from two small per-layer (unrolled) programs, since
+XLA's cost analysis counts a loop's body once rather than once per layer.
 
-    python -m grok1.plan --preset grok-1 --mesh 1x8 [--batch 1] [--context 8192] [--json]
+    python -m grok1.plan --preset grok-1 --mesh 1x8 [--batch 1] [--context 8192] [--layers N] [--json]
 """
 
 from __future__ import annotations
@@ -104,18 +103,24 @@ def _with_sharding(structs: Any, shardings: Any) -> Any:
 
 
 def compile_steps(config: ModelConfig, mesh: Mesh, *, batch: int, context: int, dtype,
-                  steps: Sequence[str] = ("prefill", "decode")) -> dict[str, dict[str, float]]:
+                  steps: Sequence[str] = ("prefill", "decode"), stacked: bool = True
+                  ) -> dict[str, dict[str, float]]:
     """Lower and compile the prefill ([B, context] prompt into an empty cache) and decode (one token
-    per row against a full cache) steps. Per step: memory_analysis in bytes per device, the
-    compiled program's cost_analysis (FLOPs and bytes accessed, per device: the program XLA
-    compiles is one device's part of the partitioned step) and the compile time in seconds."""
+    per row against a full cache) steps, over the layers stacked (one scanned layer body) or, with
+    `stacked=False`, one module per layer (unrolled). Per step: memory_analysis in bytes per
+    device, the compiled program's cost_analysis (FLOPs and bytes accessed, per device: the
+    program XLA compiles is one device's part of the partitioned step) and the compile time in
+    seconds."""
     import jax
     import jax.numpy as jnp
     from grok1 import sharding as sh
     from grok1.model import KVCache, transformed
     from grok1.rows import on_mesh
+    from grok1.stacking import stack_layers
 
     params = release_param_structs(config)
+    if stacked:  # as the model reads them
+        params = jax.eval_shape(stack_layers, params)
     param_sh = sh.params_sharding(mesh, params)
     cache = jax.eval_shape(lambda: KVCache.zeros(config, batch, context, dtype))
     cache_sh = sh.kv_cache_sharding(mesh, cache)
@@ -149,21 +154,26 @@ def compile_steps(config: ModelConfig, mesh: Mesh, *, batch: int, context: int, 
     return figures
 
 
-def decode_step_cost(config: ModelConfig, mesh: Mesh, one_layer: dict, *, batch: int, context: int,
+def decode_step_cost(config: ModelConfig, mesh: Mesh, *, batch: int, context: int,
                      dtype) -> dict[str, float]:
     """FLOPs and bytes accessed per device by one decode step of all layers.
 
-    Layers are identical, so the cost is linear in their number: the one-layer program's cost plus
-    (layers - 1) times one layer's, which is the difference to a two-layer program (decode only:
-    it compiles in seconds). From XLA's cost_analysis of the compiled, partitioned programs.
+    XLA's cost analysis counts the body of the scanned layer loop once, not once per layer, so
+    the cost comes from per-layer (unrolled) programs: layers are identical, so it is linear in
+    their number, the one-layer program's cost plus (layers - 1) times the difference to a
+    two-layer program (decode only: they compile in seconds). From XLA's cost_analysis of the
+    compiled, partitioned programs.
     """
-    figures = {"flops": one_layer["flops"], "bytes_accessed": one_layer["bytes_accessed"]}
-    if config.num_layers > 1:
-        two = compile_steps(config.replace(num_layers=2), mesh, batch=batch, context=context,
-                            dtype=dtype, steps=("decode",))["decode"]
-        figures = {key: value + (config.num_layers - 1) * (two[key] - value)
-                   for key, value in figures.items()}
-    return {key: float(value) for key, value in figures.items()}
+    def cost(layers: int) -> dict[str, float]:
+        figures = compile_steps(config.replace(num_layers=layers), mesh, batch=batch, context=context,
+                                dtype=dtype, steps=("decode",), stacked=False)["decode"]
+        return {key: figures[key] for key in ("flops", "bytes_accessed")}
+
+    one = cost(1)
+    if config.num_layers == 1:
+        return one
+    two = cost(2)
+    return {key: float(one[key] + (config.num_layers - 1) * (two[key] - one[key])) for key in one}
 
 
 def expert_replication(config: ModelConfig, mesh: Mesh) -> dict[str, Any]:
@@ -224,15 +234,12 @@ def make_plan(config: ModelConfig, mesh_spec: str, *, batch: int = 1, context: O
     weights = weight_bytes_per_device(config, mesh)
     cache = jax.eval_shape(lambda: KVCache.zeros(config, batch, context, compute))
     kv_cache = bytes_per_device(cache, sh.kv_cache_sharding(mesh, cache))
-    one_layer = config.replace(num_layers=1)
-    steps = compile_steps(one_layer, mesh, batch=batch, context=context, dtype=compute)
+    steps = compile_steps(config, mesh, batch=batch, context=context, dtype=compute)
     temporaries = {name: figures["temp"] for name, figures in steps.items()}
-    decode_cost = decode_step_cost(config, mesh, steps["decode"], batch=batch, context=context, dtype=compute)
+    decode_cost = decode_step_cost(config, mesh, batch=batch, context=context, dtype=compute)
     # Cross-check of the byte accounting: XLA's own size of the compiled program's inputs.
-    one_cache = jax.eval_shape(lambda: KVCache.zeros(one_layer, batch, context, compute))
     check = {"compiled_argument_bytes": steps["decode"]["argument"],
-             "weights_and_cache_bytes": weight_bytes_per_device(one_layer, mesh) +
-             bytes_per_device(one_cache, sh.kv_cache_sharding(mesh, one_cache))}
+             "weights_and_cache_bytes": weights + kv_cache}
 
     total = weights + kv_cache + max(temporaries.values())
     return {
@@ -251,10 +258,11 @@ def make_plan(config: ModelConfig, mesh_spec: str, *, batch: int = 1, context: O
         "decode_step_per_device": decode_cost,
         "compile_seconds": {name: figures["compile_seconds"] for name, figures in steps.items()},
         "expert_replication": expert_replication(config, mesh),
-        "one_layer_program": check,
+        "compiled_program": check,
         "method": (f"weights and KV cache from the shardings of all {config.num_layers} layers; "
-                   f"temporaries from XLA:CPU memory_analysis of the sharded steps compiled with one "
-                   f"decoder layer (layers run in turn, so their temporaries are not live together)"),
+                   f"temporaries from XLA:CPU memory_analysis of the sharded steps compiled with all "
+                   f"{config.num_layers} layers (one scanned layer body); decode cost from one- and "
+                   f"two-layer unrolled programs"),
         "seconds": round(time.perf_counter() - start, 1),
     }
 
@@ -280,8 +288,8 @@ def format_plan(plan: dict) -> str:
         f"  decode step: {cost['flops'] / 1e9:.3f} GFLOP, {_gib(cost['bytes_accessed']).strip()} accessed "
         f"(XLA cost analysis, all {c['num_layers']} layers)",
         f"expert weights: {replication['explanation']}",
-        f"compile time (one-layer programs): prefill {compile_seconds['prefill']:.1f} s, "
-        f"decode {compile_seconds['decode']:.1f} s",
+        f"compile time (all {c['num_layers']} layers, one scanned layer body): "
+        f"prefill {compile_seconds['prefill']:.1f} s, decode {compile_seconds['decode']:.1f} s",
         "fits:",
     ]
     lines += [f"  {'yes' if ok else 'no ':3}  {name}" for name, ok in plan["fits"].items()]
@@ -309,6 +317,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, help="positions per row (default: the config's sequence_len)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--layers", type=int, metavar="N",
+                        help="decoder layers (default: the config's num_layers), e.g. to time 8 against 64")
     parser.add_argument("--cpu-devices", type=int, metavar="N",
                         help="CPU devices to lay the mesh out on (default: as many as the mesh has)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -322,6 +332,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(e))
     if args.cpu_devices is not None and args.cpu_devices < 1:
         parser.error(f"--cpu-devices must be >= 1, got {args.cpu_devices}")
+    if args.layers is not None and args.layers < 1:
+        parser.error(f"--layers must be >= 1, got {args.layers}")
     force_cpu_devices(args.cpu_devices or size)
     from grok1.config import PRESETS, ModelConfig
     if args.config:
@@ -330,6 +342,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config = PRESETS[args.preset]
     else:
         parser.error(f"unknown preset {args.preset!r}; presets: {', '.join(sorted(PRESETS))}")
+    if args.layers is not None:
+        config = config.replace(num_layers=args.layers)
     try:
         plan = make_plan(config, args.mesh, batch=args.batch, context=args.context, dtype=args.dtype)
     except ValueError as e:

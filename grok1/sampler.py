@@ -396,11 +396,11 @@ def prefill_slot(apply, config: ModelConfig, dtype, constrain, params: dict, sta
     token, logprob = sample(logits, request_keys(seed[None], jnp.zeros((1,), jnp.int32)), *settings)
 
     big = state.cache
-    put = lambda row, new: jax.lax.dynamic_update_slice(row, new.astype(row.dtype), (slot,) + (0,) * (row.ndim - 1))
+    put = lambda rows, new, axis: jax.lax.dynamic_update_slice_in_dim(rows, new.astype(rows.dtype), slot, axis)
     valid_row = jnp.zeros((1, big.valid.shape[1]), bool).at[:, :prompt.shape[1]].set(small.valid)
-    cache = KVCache(keys=tuple(put(b, s) for b, s in zip(big.keys, small.keys)),
-                    values=tuple(put(b, s) for b, s in zip(big.values, small.values)),
-                    valid=put(big.valid, valid_row), length=big.length.at[slot].set(length))
+    # keys and values are [L, B, S, N, K]: rows on axis 1, the prompt's positions from 0
+    cache = KVCache(keys=put(big.keys, small.keys, 1), values=put(big.values, small.values, 1),
+                    valid=put(big.valid, valid_row, 0), length=big.length.at[slot].set(length))
     state = slot_started(state, cache, slot, token[0], seed, temperature, top_p, top_k,
                          frequency_penalty, presence_penalty)
     return constrain(state), token[0], logprob[0]
@@ -423,18 +423,18 @@ def prefill_chunk(apply, constrain, params: dict, state: SlotState, chunk: jax.A
     """
     big = state.cache
     width = chunk.shape[1]
-    take = lambda rows: jax.lax.dynamic_slice_in_dim(rows, slot, 1, axis=0)
-    put = lambda rows, row: jax.lax.dynamic_update_slice_in_dim(rows, row.astype(rows.dtype), slot, axis=0)
+    # keys and values are [L, B, S, N, K] (rows on axis 1), valid [B, S]
+    take = lambda rows, axis: jax.lax.dynamic_slice_in_dim(rows, slot, 1, axis)
+    put = lambda rows, row, axis: jax.lax.dynamic_update_slice_in_dim(rows, row.astype(rows.dtype), slot, axis)
     before_start = jnp.arange(big.valid.shape[1]) < start
-    row = KVCache(keys=tuple(take(k) for k in big.keys), values=tuple(take(v) for v in big.values),
-                  valid=take(big.valid) & before_start[None, :], length=start[None])
+    row = KVCache(keys=take(big.keys, 1), values=take(big.values, 1),
+                  valid=take(big.valid, 0) & before_start[None, :], length=start[None])
     last = jnp.clip(length - 1 - start, 0, width - 1)
     logits, row = apply(params, chunk, row, last[None])
     settings = [x[None] for x in (temperature, top_p, top_k)]
     token, logprob = sample(logits, request_keys(seed[None], jnp.zeros((1,), jnp.int32)), *settings)
-    cache = KVCache(keys=tuple(put(b, r) for b, r in zip(big.keys, row.keys)),
-                    values=tuple(put(b, r) for b, r in zip(big.values, row.values)),
-                    valid=put(big.valid, row.valid),
+    cache = KVCache(keys=put(big.keys, row.keys, 1), values=put(big.values, row.values, 1),
+                    valid=put(big.valid, row.valid, 0),
                     length=big.length.at[slot].set(jnp.minimum(start + width, length)))
     state = slot_started(state, cache, slot, token[0], seed, temperature, top_p, top_k,
                          frequency_penalty, presence_penalty)

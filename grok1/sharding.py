@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from grok1.layout import EmbeddingTable, LinearWeight
 from grok1.model import KVCache
 from grok1.quant import QuantizedWeight8bit
+from grok1.stacking import is_stacked
 
 MESH_AXES = ("data", "expert", "model")
 
@@ -42,7 +43,7 @@ ACTIVATION_AXES: dict[str, tuple[Optional[str], ...]] = {
     "tokens": ("batch", "seq"),                          # [B, T]
     "logits": ("batch", "seq", "vocab"),                 # [B, T, V]
     "last_logits": ("batch", "vocab"),                   # [B, V]
-    "cache_kv": ("batch", "seq", "cache_heads", None),   # [B, S, N, K] per layer
+    "cache_kv": ("layers", "batch", "seq", "cache_heads", None),  # [L, B, S, N, K]
     "cache_valid": ("batch", "seq"),                     # [B, S]
     "cache_length": ("batch",),                          # [B]
 }
@@ -76,6 +77,9 @@ LOGICAL_TO_MESH: dict[str, Any] = {
     "batch": "data",
     "cache_heads": ("data", "expert", "model"),
     "seq": None,
+    # The leading axis of the stacked decoder layers (grok1/stacking.py) and of the KV cache: never
+    # split, each device holds its part of every layer, and the layer loop runs on all of them.
+    "layers": None,
 }
 
 
@@ -131,11 +135,12 @@ def param_kind(module: str) -> str:
 
 
 def logical_axes(module: str, param: str) -> tuple[Optional[str], ...]:
-    """Logical axes of a parameter from its official module path."""
+    """Logical axes of a parameter from its module path, official or stacked (whose leading
+    axis is "layers")."""
     key = param_kind(module)
     if key not in PARAM_AXES:
         raise KeyError(f"no partition rule for parameter {module}/{param}; rules: {sorted(PARAM_AXES)}")
-    return PARAM_AXES[key]
+    return ("layers",) + PARAM_AXES[key] if is_stacked(module) else PARAM_AXES[key]
 
 
 def partition_spec(axes: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh) -> P:
@@ -210,8 +215,8 @@ def activation_sharding(mesh: Mesh, kind: str, shape: Sequence[int]) -> NamedSha
 
 def kv_cache_sharding(mesh: Mesh, cache: KVCache) -> KVCache:
     """A KVCache of NamedShardings: rows over data, then kv heads over the remaining mesh axes."""
-    return KVCache(keys=tuple(activation_sharding(mesh, "cache_kv", k.shape) for k in cache.keys),
-                   values=tuple(activation_sharding(mesh, "cache_kv", v.shape) for v in cache.values),
+    return KVCache(keys=activation_sharding(mesh, "cache_kv", cache.keys.shape),
+                   values=activation_sharding(mesh, "cache_kv", cache.values.shape),
                    valid=activation_sharding(mesh, "cache_valid", cache.valid.shape),
                    length=activation_sharding(mesh, "cache_length", cache.length.shape))
 

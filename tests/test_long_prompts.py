@@ -87,8 +87,8 @@ def test_attention_module_takes_the_blocked_path_past_the_block_with_unchanged_o
     tokens = jnp.asarray(rng.integers(1, CONFIG.vocab_size, (B, T)), jnp.int32).at[1, :2].set(0)
     cache = KVCache.zeros(CONFIG, B, S, jnp.float32)
     rows_written = jnp.asarray([5, 9], jnp.int32)                  # a different offset per row
-    keys = jnp.asarray(rng.normal(size=cache.keys[0].shape), jnp.float32)
-    cache = KVCache(keys=(keys,), values=(keys[..., ::-1],), length=rows_written,
+    keys = jnp.asarray(rng.normal(size=cache.keys.shape), jnp.float32)   # [1 layer, B, S, N, K]
+    cache = KVCache(keys=keys, values=keys[..., ::-1], length=rows_written,
                     valid=jnp.arange(S)[None, :] < rows_written[:, None])
     x = jnp.asarray(rng.normal(size=(B, T, CONFIG.emb_size)), jnp.float32)
     plain = attention_step(S, tokens, cache, x)                    # S keys: not more than a block

@@ -297,10 +297,9 @@ def test_attention_caps_logits_beyond_30_like_the_reference():
     assert np.abs(got - uncapped).max() > 1e-2, "capping must change the result here"
 
 
-def test_kv_cache_zeros_has_one_buffer_per_layer():
+def test_kv_cache_zeros_stacks_the_layers_in_one_buffer():
     cache = KVCache.zeros(SMALL.replace(num_layers=3), batch=2, seq_len=8, dtype=jnp.float32)
-    assert len(cache.keys) == len(cache.values) == 3
-    assert cache.keys[0].shape == (2, 8, SMALL.num_kv_heads, SMALL.key_size)
+    assert cache.keys.shape == cache.values.shape == (3, 2, 8, SMALL.num_kv_heads, SMALL.key_size)
     assert cache.valid.shape == (2, 8) and cache.length.shape == (2,)
 
 

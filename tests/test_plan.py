@@ -39,13 +39,17 @@ def release_bytes(index: list[dict], num_layers: int) -> int:
 
 
 PLAN_TWO_LAYERS = """
-import json, time
+import contextlib, io, json, time
 from grok1 import plan
 from grok1.config import PRESETS
 from grok1.sharding import make_mesh
 full = PRESETS["grok-1"]
 start = time.perf_counter()
-two = plan.make_plan(full.replace(num_layers=2), "1x8", batch=2, context=256)
+printed = io.StringIO()
+with contextlib.redirect_stdout(printed):
+    plan.main(["--preset", "grok-1", "--layers", "2", "--mesh", "1x8", "--batch", "2", "--context", "256",
+               "--json"])
+two = json.loads(printed.getvalue())
 two["elapsed"] = time.perf_counter() - start
 two["full_weights"] = plan.weight_bytes_per_device(full, make_mesh("1x8"))
 two["full_weights_1x2x4"] = plan.weight_bytes_per_device(full, make_mesh("1x2x4"))
@@ -88,8 +92,13 @@ def test_reduced_depth_plan_compiles_both_steps_with_temporaries(two_layer_plan)
     assert b["total"] == b["weights"] + b["kv_cache"] + max(b["temporaries_prefill"], b["temporaries_decode"])
 
 
-def test_compiled_program_arguments_equal_the_weight_and_cache_accounting(two_layer_plan):
-    check = two_layer_plan["one_layer_program"]
+def test_layers_option_sets_the_depth_of_the_plan(two_layer_plan):
+    assert two_layer_plan["config"]["num_layers"] == 2
+    assert two_layer_plan["param_count"] == PRESETS["grok-1"].replace(num_layers=2).param_count
+
+
+def test_compiled_program_takes_every_layer_as_the_weight_and_cache_accounting_says(two_layer_plan):
+    check = two_layer_plan["compiled_program"]
     assert check["compiled_argument_bytes"] == pytest.approx(check["weights_and_cache_bytes"], rel=0.001)
 
 
@@ -99,7 +108,7 @@ def test_fits_compares_the_total_with_each_accelerator(two_layer_plan):
 
 
 def test_plan_of_two_full_width_layers_finishes_quickly(two_layer_plan):
-    assert two_layer_plan["elapsed"] < 120  # four compiles: prefill, decode, and a 2-layer decode for its cost
+    assert two_layer_plan["elapsed"] < 120  # four compiles: prefill, decode, 1- and 2-layer decode for the cost
 
 
 def test_format_plan_shows_each_figure_and_the_verdicts(two_layer_plan):
@@ -142,6 +151,27 @@ def abstract_mesh(**sizes: int):
     return AbstractMesh(tuple(sizes.values()), tuple(sizes))
 
 
+COMPILE_8_AND_64_LAYERS = """
+import json, jax, jax.numpy as jnp
+from grok1 import plan
+from grok1.config import PRESETS
+from grok1.sharding import make_mesh
+mesh = make_mesh("1x8")
+seconds = {}
+for layers in (8, 64):
+    steps = plan.compile_steps(PRESETS["grok-1"].replace(num_layers=layers), mesh, batch=1, context=8192,
+                               dtype=jnp.bfloat16)
+    seconds[layers] = sum(step["compile_seconds"] for step in steps.values())
+print(json.dumps(seconds))
+"""
+
+
+@pytest.mark.slow
+def test_grok1_steps_compile_all_64_layers_in_at_most_one_and_a_half_times_8():
+    seconds = json.loads(run_with_devices(COMPILE_8_AND_64_LAYERS, devices=8).strip().splitlines()[-1])
+    assert seconds["64"] <= 1.5 * seconds["8"] and seconds["64"] <= 180, seconds
+
+
 def test_expert_replication_names_an_expert_axis_that_does_not_divide_the_experts():
     config = PRESETS["grok-1"]  # 8 experts
     replication = plan.expert_replication(config, abstract_mesh(data=1, expert=16, model=1))
@@ -172,6 +202,12 @@ def test_make_plan_names_the_missing_devices():
 def test_make_plan_rejects_non_positive_sizes(kwargs, message):
     with pytest.raises(ValueError, match=message):
         plan.make_plan(PRESETS["grok-1"], "1x1", **kwargs)
+
+
+def test_command_line_rejects_a_non_positive_depth():
+    proc = subprocess.run([sys.executable, "-m", "grok1.plan", "--layers", "0"], cwd=str(REPO),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--layers must be >= 1, got 0" in proc.stderr
 
 
 def test_command_line_rejects_a_bad_mesh():

@@ -119,14 +119,23 @@ def test_unknown_parameter_names_its_path():
 def test_kv_cache_rows_go_over_data_and_heads_over_the_rest():
     cache = jax.eval_shape(lambda: KVCache.zeros(PRESETS["grok-1"].replace(num_layers=2), 2, 128))
     s = sharding.kv_cache_sharding(abstract_mesh("2x4"), cache)
-    assert [k.spec for k in s.keys] == [P("data", None, "model", None)] * 2
+    assert s.keys.spec == s.values.spec == P(None, "data", None, "model", None)  # layers never split
     assert s.valid.spec == P("data", None) and s.length.spec == P("data")
 
 
 def test_kv_cache_of_one_row_spreads_its_heads_over_every_device():
     cache = jax.eval_shape(lambda: KVCache.zeros(PRESETS["grok-1"].replace(num_layers=1), 1, 128))
     s = sharding.kv_cache_sharding(abstract_mesh("2x4"), cache)
-    assert s.keys[0].spec == P(None, None, ("data", "model"), None)
+    assert s.keys.spec == P(None, None, None, ("data", "model"), None)
+
+
+def test_stacked_layer_weights_split_like_each_layer_with_the_layer_axis_whole():
+    mesh = abstract_mesh("1x8")
+    one = sharding.logical_axes("transformer/decoder_layer_0/moe/linear_1", "w")
+    stacked = sharding.logical_axes("transformer/decoder_layers/moe/linear_1", "w")
+    assert stacked == ("layers",) + one
+    assert sharding.partition_spec(stacked, (64, 8, 32768, 6144), mesh) == \
+        P(None, *sharding.partition_spec(one, (8, 32768, 6144), mesh))
 
 
 def test_step_inputs_and_outputs_are_split_by_rows():
@@ -181,7 +190,7 @@ def test_sharded_logits_equal_one_device(two_layer_results, spec):
 @pytest.mark.parametrize("spec", MESHES)
 def test_each_device_holds_an_eighth_of_every_large_weight(two_layer_results, spec):
     fractions = two_layer_results[spec]["fractions"]
-    assert len(fractions) == 2 * 7 + 1
+    assert len(fractions) == 7 + 1  # 7 large weights, each stacked over both layers, and the table
     assert all(f == [1 / 8] for f in fractions.values()), fractions
 
 

@@ -1,0 +1,119 @@
+"""The layers stacked for one scanned layer body compute what the layers one by one do, and the
+official names survive the round trip through the stacked form."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import grok1
+from grok1 import model
+from grok1.config import ModelConfig
+from grok1.layout import LinearWeight, to_compute_layout
+from grok1.quant import QuantizedWeight8bit, quantize
+from grok1.stacking import has_stacked_layers, stack_layers, unstack_layers
+
+SMALL = ModelConfig(vocab_size=128, emb_size=32, num_q_heads=4, num_kv_heads=2, key_size=8,
+                    num_layers=3, widening_factor=2, sequence_len=32)
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "small"
+
+
+def official_params(config: ModelConfig, quantized: bool = False) -> dict:
+    """Random params in the official tree (one module per layer), int8 linear weights if asked."""
+    params = model.transformed(config).init(jax.random.PRNGKey(0), jnp.ones((1, 1), jnp.int32))
+    return {m: {n: (quantize(v, 1) if quantized and n == "w" and not m.endswith("router") else np.asarray(v))
+                for n, v in group.items()} for m, group in params.items()}
+
+
+def tokens(batch: int, length: int) -> jnp.ndarray:
+    rng = np.random.default_rng(1)
+    return jnp.asarray(rng.integers(1, SMALL.vocab_size, (batch, length)), jnp.int32).at[1, -2:].set(0)
+
+
+def forward(params: dict, *args):
+    return jax.jit(model.transformed(SMALL).apply)(params, *args)
+
+
+@pytest.mark.parametrize("layout", ["float32", "int8", "compute layout"])
+def test_stacked_layers_give_the_logits_of_the_layers_one_by_one(layout):
+    official = official_params(SMALL, quantized=layout != "float32")
+    if layout == "compute layout":  # LinearWeight leaves, as grok1.load holds them
+        official = to_compute_layout(official)
+    stacked = stack_layers(dict(official))
+    assert has_stacked_layers(stacked) and not has_stacked_layers(official)
+    batch = tokens(2, 7)
+    np.testing.assert_allclose(forward(stacked, batch)[0], forward(official, batch)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_stacked_layers_fill_the_cache_as_the_layers_one_by_one():
+    official = official_params(SMALL)
+    stacked = stack_layers(dict(official))
+    batch = tokens(2, 7)
+    results = {}
+    for name, params in (("unrolled", official), ("scanned", stacked)):
+        prefill, cache = forward(params, batch[:, :5], model.KVCache.zeros(SMALL, 2, 16, jnp.float32))
+        decode, cache = forward(params, batch[:, 5:6], cache)
+        results[name] = (prefill, decode, cache.keys, cache.values)
+    for got, want in zip(results["scanned"], results["unrolled"]):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_stacking_puts_the_layers_on_a_leading_axis_under_one_module_each():
+    official = official_params(SMALL, quantized=True)
+    stacked = stack_layers(dict(official))
+    assert "transformer/decoder_layers/moe/linear" in stacked
+    assert not any(re.search(r"decoder_layer_\d", module) for module in stacked)
+    weight = stacked["transformer/decoder_layers/moe/linear"]["w"]
+    assert isinstance(weight, QuantizedWeight8bit)
+    assert weight.shape == (SMALL.num_layers, SMALL.num_experts, SMALL.emb_size, SMALL.ffn_size)
+    np.testing.assert_array_equal(weight.weight[2], official["transformer/decoder_layer_2/moe/linear"]["w"].weight)
+
+
+@pytest.mark.parametrize("layout", ["int8", "compute layout"])
+def test_unstacking_gives_the_official_tree_back_exactly(layout):
+    official = official_params(SMALL, quantized=True)
+    if layout == "compute layout":
+        official = to_compute_layout(official)
+    back = unstack_layers(stack_layers(dict(official)))
+    assert sorted(back) == sorted(official)
+    leaves = lambda tree: jax.tree_util.tree_leaves_with_path(tree)  # noqa: E731
+    for (path, got), (_, want) in zip(leaves(back), leaves(official)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
+    kind = LinearWeight if layout == "compute layout" else QuantizedWeight8bit
+    assert isinstance(back["transformer/decoder_layer_1/moe/linear_v"]["w"], kind)
+
+
+def test_stacking_refuses_layers_that_are_not_numbered_from_zero():
+    official = official_params(SMALL)
+    for module in [m for m in official if m.startswith("transformer/decoder_layer_1/")]:
+        del official[module]
+    with pytest.raises(ValueError, match=r"layers \[0, 2\], missing layers \[1\]"):
+        stack_layers(official)
+
+
+def compiled_dots(config: ModelConfig) -> int:
+    """Dot instructions in the compiled decode step of `config`'s model, layers stacked."""
+    fn = model.transformed(config)
+    params = jax.eval_shape(lambda: stack_layers(fn.init(jax.random.PRNGKey(0), jnp.ones((1, 1), jnp.int32))))
+    cache = jax.eval_shape(lambda: model.KVCache.zeros(config, 1, 16, jnp.float32))
+    step = jax.jit(fn.apply).lower(params, jax.ShapeDtypeStruct((1, 1), jnp.int32), cache).compile()
+    return len(re.findall(r"\bdot\(", step.as_text()))
+
+
+def test_compiled_step_holds_one_layer_body_whatever_the_depth():
+    two, six = compiled_dots(SMALL.replace(num_layers=2)), compiled_dots(SMALL.replace(num_layers=6))
+    assert two > 0 and six == two
+
+
+def test_loaded_int8_model_keeps_layers_stacked_and_saves_the_checkpoint_byte_for_byte(tmp_path):
+    loaded = grok1.load(SHIPPED, mesh="1x1", progress=False)  # on a mesh the official int8 tree stays
+    assert has_stacked_layers(loaded.params)
+    loaded.save(tmp_path / "copy")
+    for name in sorted(os.listdir(SHIPPED / "ckpt-0")):
+        assert (tmp_path / "copy" / "ckpt-0" / name).read_bytes() == (SHIPPED / "ckpt-0" / name).read_bytes(), name

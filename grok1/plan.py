@@ -115,11 +115,13 @@ def compile_steps(config: ModelConfig, mesh: Mesh, *, batch: int, context: int, 
     import jax.numpy as jnp
     from grok1 import sharding as sh
     from grok1.model import KVCache, transformed
+    from grok1.layout import compute_layout_structs
     from grok1.rows import on_mesh
     from grok1.stacking import stack_layers
 
-    params = release_param_structs(config)
-    if stacked:  # as the model reads them
+    # As grok1.load lays them out: the compute layout (grok1/layout.py), layers stacked.
+    params = compute_layout_structs(release_param_structs(config), mesh)
+    if stacked:
         params = jax.eval_shape(stack_layers, params)
     param_sh = sh.params_sharding(mesh, params)
     cache = jax.eval_shape(lambda: KVCache.zeros(config, batch, context, dtype))

@@ -182,7 +182,7 @@ def param_sharding(mesh: Mesh, module: str, param: str, value: Any) -> Any:
         values = NamedSharding(mesh, P(*spec[:-2], split_in, split_out, None))
         scales = (None if value.scales is None
                   else NamedSharding(mesh, partition_spec(axes, value.scales.shape, mesh)))
-        return LinearWeight(values=values, scales=scales)
+        return type(value)(values=values, scales=scales)
     if isinstance(value, QuantizedWeight8bit):
         return QuantizedWeight8bit(
             weight=NamedSharding(mesh, partition_spec(axes, value.weight.shape, mesh)),

@@ -48,10 +48,9 @@ def linear(x: jax.Array, w: Weight | LinearWeight, dtype) -> jax.Array:
     LinearWeight (loaded for inference), or the official [in, out] tree (training, `init`)."""
     if not isinstance(w, LinearWeight):
         return matmul(x, w, dtype, out_dtype=jnp.float32)
-    size = w.chunk_size
     total = None
     for j in range(w.chunks):  # one product per chunk of the input axis (layout.MAX_CHUNK)
-        part = rows_times_transposed(x[..., j * size:(j + 1) * size], w.dequantized_chunk(j), dtype,
+        part = rows_times_transposed(w.rows_of_chunk(x, j), w.dequantized_chunk(j), dtype,
                                      one_row_products(w.dtype, math.prod(x.shape[:-1])))
         total = part if total is None else total + part
     return total
@@ -70,7 +69,9 @@ def table_rows(table: jax.Array | LinearWeight, tokens: jax.Array) -> jax.Array:
     if not isinstance(table, LinearWeight):
         return table[tokens]
     rows = table.values[:, tokens, :]                                   # [chunks, ..., chunk]
-    return jnp.moveaxis(rows, 0, -2).reshape(*tokens.shape, table.shape[-1])
+    run = table.chunk_size // table.groups
+    rows = rows.reshape(table.chunks, *tokens.shape, table.groups, run)   # [j, ..., g, u]
+    return jnp.moveaxis(rows, 0, -2).reshape(*tokens.shape, table.shape[-1])  # [..., g, j, u]
 
 
 def rows_times_transposed(x: jax.Array, w: jax.Array, dtype,

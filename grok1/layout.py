@@ -19,6 +19,7 @@ writes. How rows are multiplied by a LinearWeight is grok1/kernels.py.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Optional
 
@@ -35,17 +36,20 @@ from grok1.quant import QuantizedWeight8bit
 MAX_CHUNK = 1024
 
 
-@jax.tree_util.register_dataclass
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["values", "scales"],
+                   meta_fields=["groups"])
 @dataclasses.dataclass(frozen=True)
 class LinearWeight:
     """A weight in the compute layout, for `x @ w` with w [..., in, out] as the checkpoint has it:
-    `values` [..., chunks, out, chunk] in the stored dtype (the input axis cut into `chunks`
-    contiguous pieces, each stored transposed), and for int8 weights the stored block `scales`
+    `values` [..., chunks, out, chunk] in the stored dtype (the input axis cut into `chunks` pieces,
+    each stored transposed; with `groups` > 1, the devices' shares of the axis each cut so, see
+    `chunk_count`), and for int8 weights the stored block `scales`
     [..., blocks, out] (input block b of output column o is scaled by scales[..., b, o]); None
     for float weights. Leading axes (experts) index as usual."""
 
     values: jax.Array
     scales: Optional[jax.Array] = None
+    groups: int = 1
 
     @property
     def chunks(self) -> int:
@@ -71,27 +75,41 @@ class LinearWeight:
 
     def __getitem__(self, index: Any) -> "LinearWeight":
         """The weight of one expert (or a slice of experts) of a stacked weight."""
-        return LinearWeight(self.values[index], None if self.scales is None else self.scales[index])
+        return type(self)(self.values[index], None if self.scales is None else self.scales[index],
+                          self.groups)
+
+    def positions(self, j: int) -> np.ndarray:
+        """The input positions chunk j holds, in its order (see `chunk_count`)."""
+        n_in = self.shape[-2]
+        run = self.chunk_size // self.groups
+        starts = np.arange(self.groups) * (n_in // self.groups) + j * run
+        return (starts[:, None] + np.arange(run)[None, :]).reshape(-1)
+
+    def rows_of_chunk(self, x: jax.Array, j: int) -> jax.Array:
+        """x [..., in] restricted to chunk j's input positions, in the chunk's order."""
+        if self.chunks == 1:
+            return x
+        run = self.chunk_size // self.groups
+        pieces = x.reshape(*x.shape[:-1], self.groups, self.chunks, run)[..., :, j, :]
+        return pieces.reshape(*x.shape[:-1], self.chunk_size)
 
     def dequantized_chunk(self, j: int) -> jax.Array:
-        """Chunk j of the weight as float32 [..., out, chunk] (int8 x scale is exact in float32).
-        Inside a product XLA fuses this into the operand instead of materialising it."""
+        """Chunk j as float32 [..., out, chunk] (int8 x scale is exact in float32). Inside a
+        product XLA fuses this into the operand instead of materialising it."""
         values = self.values[..., j, :, :].astype(jnp.float32)
         if self.scales is None:
             return values
-        size, n_in = self.chunk_size, self.shape[-2]
-        block = n_in // self.scales.shape[-2]
-        scales = jnp.swapaxes(self.scales.astype(jnp.float32), -1, -2)             # [..., out, blocks]
-        if size <= block:  # the chunk lies inside one scale block
-            b = j * size // block
-            return values * scales[..., b:b + 1]
-        per = size // block  # the chunk spans whole blocks
-        *lead, n_out, _ = values.shape
-        blocks = values.reshape(*lead, n_out, per, block) * scales[..., j * per:(j + 1) * per, None]
-        return blocks.reshape(values.shape)
+        n_in, blocks = self.shape[-2], self.scales.shape[-2]
+        run = self.chunk_size // self.groups       # each run of a chunk lies inside one scale block
+        block_of_run = self.positions(j)[::run] // (n_in // blocks)                # [groups]
+        scales = jnp.swapaxes(self.scales.astype(jnp.float32)[..., block_of_run, :], -1, -2)
+        *lead, n_out, size = values.shape
+        per_run = values.reshape(*lead, n_out, self.groups, run) * scales[..., None]
+        return per_run.reshape(values.shape)
 
 
-@jax.tree_util.register_dataclass
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["values", "scales"],
+                   meta_fields=["groups"])
 @dataclasses.dataclass(frozen=True)
 class EmbeddingTable(LinearWeight):
     """The [V, d] embedding table in the compute layout: the weight of the output projection
@@ -104,16 +122,18 @@ class EmbeddingTable(LinearWeight):
 
 
 def chunk_count(n_in: int, blocks: int = 1, shards: int = 1) -> int:
-    """How many chunks to cut an input axis of `n_in` into: the fewest of at most MAX_CHUNK
-    elements that are a multiple of `shards` (the devices splitting that axis, so each holds
-    whole chunks) and nest with the `blocks` scale blocks (a chunk inside one block, or whole
-    blocks in a chunk). `shards` when none fits."""
+    """How many chunks to cut an input axis of `n_in` into: the fewest that leave each of the
+    `shards` devices splitting the axis at most MAX_CHUNK positions of a chunk, each run of a
+    chunk inside one of the `blocks` scale blocks. Each device's contiguous share of the stored
+    axis is cut into `chunks` contiguous runs, and chunk j is the j-th run of every share (with
+    one device: plain contiguous pieces), so each device lays out its own shard."""
     block = n_in // blocks
-    for count in range(shards, n_in + 1, shards):
-        size = n_in // count
-        if n_in % count == 0 and size <= MAX_CHUNK and (block % size == 0 or size % block == 0):
-            return count
-    return shards
+    for count in range(1, n_in + 1):
+        if n_in % (count * shards) == 0:
+            run = n_in // (count * shards)
+            if run <= MAX_CHUNK and block % run == 0:
+                return count
+    return 1
 
 
 def is_linear(module: str, name: str) -> bool:
@@ -122,38 +142,51 @@ def is_linear(module: str, name: str) -> bool:
     return (name == "w" and not module.endswith("/router")) or name == "embeddings"
 
 
-def _chunked(value: jax.Array, chunks: int, stored_transposed: bool) -> jax.Array:
-    """[..., in, out] (or [out, in] when `stored_transposed`) -> [..., chunks, out, in / chunks]."""
+def _chunked(value: jax.Array, chunks: int, groups: int, stored_transposed: bool) -> jax.Array:
+    """[..., in, out] (or [out, in] when `stored_transposed`) -> [..., chunks, out, in / chunks]:
+    the input axis as `groups` contiguous shares of `chunks` runs each, chunk j = run j of every
+    share."""
     if stored_transposed:
         n_out, n_in = value.shape
-        return jnp.swapaxes(value.reshape(n_out, chunks, n_in // chunks), 0, 1)
+        split = value.reshape(n_out, groups, chunks, n_in // (groups * chunks))    # [V, g, j, u]
+        return jnp.transpose(split, (2, 0, 1, 3)).reshape(chunks, n_out, n_in // chunks)
     *lead, n_in, n_out = value.shape
-    return jnp.swapaxes(value.reshape(*lead, chunks, n_in // chunks, n_out), -1, -2)
+    run = n_in // (groups * chunks)
+    split = value.reshape(*lead, groups, chunks, run, n_out)                       # [..., g, j, u, out]
+    k = len(lead)
+    order = (*range(k), k + 1, k + 3, k, k + 2)                                    # [..., j, out, g, u]
+    return jnp.transpose(split, order).reshape(*lead, chunks, n_out, n_in // chunks)
 
 
-def _unchunked(values: np.ndarray, stored_transposed: bool) -> np.ndarray:
+def _unchunked(values: np.ndarray, groups: int, stored_transposed: bool) -> np.ndarray:
     """The inverse of `_chunked`, on host arrays."""
     *lead, chunks, n_out, size = values.shape
+    run = size // groups
     if stored_transposed:
-        return np.ascontiguousarray(np.swapaxes(values, 0, 1).reshape(n_out, chunks * size))
-    return np.ascontiguousarray(np.swapaxes(values, -1, -2).reshape(*lead, chunks * size, n_out))
+        split = values.reshape(chunks, n_out, groups, run)                         # [j, V, g, u]
+        return np.ascontiguousarray(np.transpose(split, (1, 2, 0, 3)).reshape(n_out, size * chunks))
+    split = values.reshape(*lead, chunks, n_out, groups, run)                      # [..., j, out, g, u]
+    k = len(lead)
+    order = (*range(k), k + 2, k, k + 3, k + 1)                                    # [..., g, j, u, out]
+    return np.ascontiguousarray(np.transpose(split, order).reshape(*lead, size * chunks, n_out))
 
 
 def to_linear_weight(value: Any, chunks: int, stored_transposed: bool = False,
-                     sharding: Any = None) -> LinearWeight:
+                     sharding: Any = None, groups: int = 1) -> LinearWeight:
     """A stored weight (QuantizedWeight8bit or float; [..., in, out], or [out, in] for the
-    embedding table) as a LinearWeight of `chunks` chunks, computed where `value` lies and placed
-    by `sharding` (a LinearWeight of shardings) when given."""
+    embedding table) as a LinearWeight of `chunks` chunks over `groups` contiguous shares of the
+    input axis (the devices splitting it), computed where `value` lies and placed by `sharding`
+    (a LinearWeight of shardings) when given."""
     quantized = isinstance(value, QuantizedWeight8bit)
     weight = value.weight if quantized else value
-    chunked = lambda w: _chunked(w, chunks, stored_transposed)  # noqa: E731
+    chunked = lambda w: _chunked(w, chunks, groups, stored_transposed)  # noqa: E731
     if isinstance(weight, np.ndarray):
         values = np.asarray(chunked(jnp.asarray(weight)))
     else:
         values = jax.jit(chunked, out_shardings=None if sharding is None else sharding.values)(weight)
     if stored_transposed:
-        return EmbeddingTable(values)
-    return LinearWeight(values, value.scales if quantized else None)
+        return EmbeddingTable(values, None, groups)
+    return LinearWeight(values, value.scales if quantized else None, groups)
 
 
 def to_compute_layout(params: dict, mesh: Optional[jax.sharding.Mesh] = None) -> dict:
@@ -172,8 +205,10 @@ def to_compute_layout(params: dict, mesh: Optional[jax.sharding.Mesh] = None) ->
     return out
 
 
-def _layout_of(module: str, name: str, value: Any, mesh: Optional[jax.sharding.Mesh]) -> tuple[int, bool]:
-    """(chunk count, stored as [out, in]) of a product weight: the embedding table is [V, d]."""
+def _layout_of(module: str, name: str, value: Any, mesh: Optional[jax.sharding.Mesh]
+               ) -> tuple[int, bool, int]:
+    """(chunk count, stored as [out, in], devices splitting the input axis) of a product weight:
+    the embedding table is [V, d]."""
     table = name == "embeddings"
     n_in = value.shape[-1] if table else value.shape[-2]
     blocks = value.scales.shape[-2] if isinstance(value, QuantizedWeight8bit) else 1
@@ -181,16 +216,16 @@ def _layout_of(module: str, name: str, value: Any, mesh: Optional[jax.sharding.M
     if mesh is not None:
         from grok1.sharding import input_shards
         shards = input_shards(mesh, module, name, value.shape)
-    return chunk_count(n_in, blocks, shards), table
+    return chunk_count(n_in, blocks, shards), table, shards
 
 
 def _to_compute(module: str, name: str, value: Any, mesh: Optional[jax.sharding.Mesh]) -> LinearWeight:
-    chunks, table = _layout_of(module, name, value, mesh)
+    chunks, table, groups = _layout_of(module, name, value, mesh)
     if mesh is None:
         return to_linear_weight(value, chunks, table)
     from grok1.sharding import param_sharding
-    abstract = jax.eval_shape(lambda v: to_linear_weight(v, chunks, table), value)
-    return to_linear_weight(value, chunks, table, param_sharding(mesh, module, name, abstract))
+    abstract = jax.eval_shape(lambda v: to_linear_weight(v, chunks, table, groups=groups), value)
+    return to_linear_weight(value, chunks, table, param_sharding(mesh, module, name, abstract), groups)
 
 
 def compute_layout_structs(params: dict, mesh: Optional[jax.sharding.Mesh] = None) -> dict:
@@ -198,8 +233,8 @@ def compute_layout_structs(params: dict, mesh: Optional[jax.sharding.Mesh] = Non
     def struct(module: str, name: str, value: Any) -> Any:
         if not is_linear(module, name):
             return value
-        chunks, table = _layout_of(module, name, value, mesh)
-        return jax.eval_shape(lambda v: to_linear_weight(v, chunks, table), value)
+        chunks, table, groups = _layout_of(module, name, value, mesh)
+        return jax.eval_shape(lambda v: to_linear_weight(v, chunks, table, groups=groups), value)
 
     return {module: {name: struct(module, name, value) for name, value in group.items()}
             for module, group in params.items()}
@@ -215,7 +250,7 @@ def to_official(params: dict) -> dict:
 
     def official(value: Any) -> Any:
         if isinstance(value, LinearWeight):
-            weight = _unchunked(host(value.values), isinstance(value, EmbeddingTable))
+            weight = _unchunked(host(value.values), value.groups, isinstance(value, EmbeddingTable))
             return weight if value.scales is None else QuantizedWeight8bit(weight, host(value.scales))
         if isinstance(value, QuantizedWeight8bit):
             return QuantizedWeight8bit(weight=host(value.weight), scales=host(value.scales))

@@ -178,8 +178,9 @@ def param_sharding(mesh: Mesh, module: str, param: str, value: Any) -> Any:
         table = isinstance(value, EmbeddingTable)  # stored [V, d] = [out, in]; others [..., in, out]
         spec = partition_spec(axes, value.shape, mesh)
         split_in, split_out = (spec[1], spec[0]) if table else (spec[-2], spec[-1])
-        # values [..., chunks, out, chunk]: the input axis's split goes to whole chunks.
-        values = NamedSharding(mesh, P(*spec[:-2], split_in, split_out, None))
+        # values [..., chunks, out, chunk]: each chunk holds a run of every device's share of the
+        # stored input axis, in device order, so the input split is the same split of every chunk.
+        values = NamedSharding(mesh, P(*spec[:-2], None, split_out, split_in))
         scales = (None if value.scales is None
                   else NamedSharding(mesh, partition_spec(axes, value.scales.shape, mesh)))
         return type(value)(values=values, scales=scales)
@@ -192,8 +193,8 @@ def param_sharding(mesh: Mesh, module: str, param: str, value: Any) -> Any:
 
 def input_shards(mesh: Mesh, module: str, param: str, stored_shape: Sequence[int]) -> int:
     """Over how many devices the table splits the input axis of a stored weight (the second to
-    last axis, or the last of the [V, d] embedding table): the compute layout's chunks of that
-    axis come in multiples of it."""
+    last axis, or the last of the [V, d] embedding table): each chunk of the compute layout is
+    split as that axis is."""
     spec = partition_spec(logical_axes(module, param), stored_shape, mesh)
     split = spec[-1] if param == "embeddings" else spec[-2]
     names = () if split is None else (split,) if isinstance(split, str) else tuple(split)

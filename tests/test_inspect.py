@@ -147,7 +147,9 @@ def _rope(x):  # [T, heads, K], positions 0..T-1, halves of the head dim rotate
 
 def numpy_forward(params: dict, c: ModelConfig, tokens: list[int]) -> list[dict]:
     """Per layer: router probs, top-k experts and residual RMS of one unpadded row, in numpy."""
-    p = {module: {name: _np(w) for name, w in group.items()} for module, group in params.items()}
+    from grok1.stacking import unstack_layers  # the official names, one module per layer
+    p = {module: {name: _np(w) for name, w in group.items()}
+         for module, group in unstack_layers(params).items()}
     T, H, N, K = len(tokens), c.num_q_heads, c.num_kv_heads, c.key_size
     h = p["language_model/in_out_embed"]["embeddings"][tokens] * c.embedding_multiplier_scale
     causal = np.tril(np.ones((T, T), bool))

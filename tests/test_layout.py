@@ -70,22 +70,35 @@ def test_compute_layout_logits_equal_official_tree(tokens, blocks):
 
 def test_long_input_axes_are_cut_into_chunks_that_nest_with_scale_blocks():
     assert chunk_count(1024) == 1
-    assert chunk_count(5464) == 8             # 683 each: bench-1b's ffn
-    assert chunk_count(32768, blocks=8) == 32  # grok-1's linear_1: chunks of 1024 inside blocks of 4096
+    assert chunk_count(5464) == 8               # 683 each: bench-1b's ffn
+    assert chunk_count(5464, shards=8) == 1     # each of 8 devices holds 683 positions already
+    assert chunk_count(32768, blocks=8) == 32   # grok-1's linear_1: runs of 1024 inside blocks of 4096
+    assert chunk_count(32768, blocks=8, shards=8) == 4
     assert chunk_count(6144) == 6
-    assert chunk_count(6144, shards=8) == 8    # whole chunks per device on an 8-way split
-    assert chunk_count(96, blocks=3) == 1
+    assert chunk_count(96, blocks=3) == 3       # a run may not cross a scale block
 
 
 def test_a_chunked_weight_multiplies_like_the_stored_one():
     rng = np.random.default_rng(3)
     stored = quantize(rng.normal(size=(2, 4096, 40)), num_blocks=8)
     weight = layout.to_linear_weight(stored, chunk_count(4096, 8))
-    assert weight.chunks == 4
+    assert weight.chunks == 8  # runs of 512: one per scale block
     x = jnp.asarray(rng.normal(size=(3, 4096)), jnp.float32)
     for e in range(2):
         want = x @ stored.dequantize(np.float32)[e]
         np.testing.assert_allclose(kernels.linear(x, weight[e], jnp.float32), want, rtol=2e-5, atol=2e-3)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_a_weight_in_chunks_over_device_shares_multiplies_like_the_stored_one(groups):
+    rng = np.random.default_rng(5)
+    stored = quantize(rng.normal(size=(4096, 24)), num_blocks=4)
+    weight = layout.to_linear_weight(stored, chunk_count(4096, 4, groups), groups=groups)
+    x = jnp.asarray(rng.normal(size=(2, 4096)), jnp.float32)
+    np.testing.assert_allclose(kernels.linear(x, weight, jnp.float32), x @ stored.dequantize(np.float32),
+                               rtol=2e-5, atol=2e-3)
+    back = to_official({"m": {"w": weight}})["m"]["w"]
+    np.testing.assert_array_equal(back.weight, stored.weight)
 
 
 def test_to_official_gives_the_stored_tensors_back_exactly():

@@ -361,8 +361,8 @@ class Transformer(hk.Module):
     times by `jax.lax.scan`, so XLA compiles the body once whatever the depth. The residual
     stream and the stacked KV cache are the loop's carry; each layer writes its slice of the
     cache in place. Per layer (`unroll`, the official `transformer/decoder_layer_{i}/...`): the
-    same body in a Python loop, each layer reading its own arrays (the CPU float layout's form:
-    see grok1/stacking.py, and what `grok1.inspect` records layer by layer).
+    same body in a Python loop, each layer reading its own arrays (the official tree, e.g. in
+    training, and what `grok1.inspect` records layer by layer).
     """
 
     def __init__(self, config: ModelConfig, dtype, unroll: bool = False, name: str = "transformer"):

@@ -183,7 +183,7 @@ def param_sharding(mesh: Mesh, module: str, param: str, value: Any) -> Any:
         values = NamedSharding(mesh, P(*spec[:-2], None, split_out, split_in))
         scales = (None if value.scales is None
                   else NamedSharding(mesh, partition_spec(axes, value.scales.shape, mesh)))
-        return type(value)(values=values, scales=scales)
+        return type(value)(values=values, scales=scales, groups=value.groups)
     if isinstance(value, QuantizedWeight8bit):
         return QuantizedWeight8bit(
             weight=NamedSharding(mesh, partition_spec(axes, value.weight.shape, mesh)),

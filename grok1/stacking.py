@@ -5,13 +5,9 @@ module per layer: `transformer/decoder_layer_{i}/moe/linear`. The model runs one
 all layers (grok1/model.py), so it reads each such module once, stacked along a new leading
 layer axis: `transformer/decoder_layers/moe/linear` holds all L layers' tensors as [L, ...].
 
-Which form a loaded model holds is decided in `grok1.load`: stacked, except in the CPU float
-layout of grok1/layout.py. XLA:CPU copies a layer's slice out of a stacked weight before the dot
-that reads it (the scan's dynamic slice is materialised), all E experts of the layer included
-although a decode step reads two of them: bench-1b decoding took 285 ms per step instead of 51
-(shared 2-core machine, back to back). So that layout keeps one module per layer, and the model
-runs its layers unrolled (compile time growing with depth, as before); `grok1.model.transformed`
-runs whichever form it is given.
+`grok1.load` holds the stacked form (in the compute layout of grok1/layout.py, whose int8
+weights XLA streams straight out of the stacked arrays); `grok1.model.transformed` runs
+whichever form it is given, the official one unrolled.
 
 Both directions are generic pytree operations on a module's group of parameters: each leaf is
 stacked (or indexed) on its own, whatever dataclass holds it (`QuantizedWeight8bit`, a layout's

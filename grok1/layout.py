@@ -3,16 +3,18 @@
 Checkpoints hold the official tree: linear weights [..., in, out], int8 `QuantizedWeight8bit` with
 block scales in the release (experts stacked as [E, in, out]). `to_compute_layout` keeps every
 tensor in its stored dtype (int8 stays int8, bfloat16 stays bfloat16: resident at the
-checkpoint's size) and only transposes each linear weight into a `LinearWeight` [..., out, in]:
-XLA's matrix-vector product (a decode step) streams a weight contracted on its last axis at memory
-bandwidth, with the int8 -> float convert fused into it, while the stored [in, out] form runs
-about 30x slower on CPU (benchmarks/products.py). The transpose runs per tensor on the devices
-that hold it, shard by shard (the partition table in sharding.py describes the stored axes; a
-LinearWeight's shards are that table's, transposed), so no full-size float copy ever exists.
-The embedding table [V, d] is already [out, in] for the output projection and stays as stored;
-the router is tiny and float32.
+checkpoint's size) and only rearranges each linear weight into a `LinearWeight`
+[..., chunks, out, run]: its input axis cut into runs of at most MAX_CHUNK positions, each run
+stored transposed. XLA:CPU streams a weight at memory bandwidth, with the int8 -> float convert
+fused in, only as a one-row product over a weight contracted on its last axis and no longer than
+about 1024 (the stored [in, out] form, or a contraction of 4096, runs 30-50x slower;
+benchmarks/products.py). The rearrangement runs per tensor on the devices that hold it, shard by
+shard (the partition table in sharding.py describes the stored axes; a LinearWeight's split is
+derived from it), so no full-size float copy ever exists. The embedding table [V, d] is the
+output projection's [out, in] weight and is cut the same way (`EmbeddingTable`); the router is
+tiny and float32.
 
-`to_official` gives the stored tree back (exactly: it only transposes again), which `Model.save`
+`to_official` gives the stored tree back exactly (it only rearranges again), which `Model.save`
 writes. How rows are multiplied by a LinearWeight is grok1/kernels.py.
 """
 

@@ -1,9 +1,11 @@
-"""int8 weights with block scales, as in the Grok-1 release, and the one matmul that reads them.
+"""int8 weights with block scales, as in the Grok-1 release (the official tree), and the matmul
+that reads them in that form.
 
 A `QuantizedWeight8bit` keeps the full logical shape of the weight in int8; `scales` has shape
 `[..., num_blocks, out]`: the input axis (second to last) is split into `num_blocks` equal blocks
-and block b is scaled by `scales[..., b, :]`. Model code calls `matmul` and never branches on
-whether a weight is quantized.
+and block b is scaled by `scales[..., b, :]`. Loaded models hold their weights in the compute
+layout instead (grok1/layout.py); `matmul` serves the official tree (training, `init`), through
+`kernels.linear`, which model code calls whatever the weight's form.
 """
 
 from __future__ import annotations

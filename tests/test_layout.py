@@ -115,15 +115,21 @@ def test_to_official_gives_the_stored_tensors_back_exactly():
                 np.testing.assert_array_equal(got, value)
 
 
-def test_grouped_experts_continue_in_rounds_when_a_group_overflows_its_window():
-    rng = np.random.default_rng(1)
-    N, d, f, E = 80, 8, 12, 4
-    x = jnp.asarray(rng.normal(size=(N, d)), jnp.float32)
+def expert_stacks(rng, E: int = 4, d: int = 8, f: int = 12) -> tuple:
+    """Random int8 (linear, linear_v, linear_1) stacks of E experts in the compute layout, and
+    the `ffn(rows, e)` that runs expert e on them."""
     stack = lambda shape: layout.to_linear_weight(quantize(rng.normal(size=(E, *shape)), 1), 1)  # noqa: E731
     weights = (stack((d, f)), stack((d, f)), stack((f, d)))
+    return weights, lambda rows, e: expert_kernels.expert_ffn(rows, *(w[e] for w in weights), dtype=jnp.float32)
+
+
+def test_grouped_experts_continue_in_rounds_when_a_group_overflows_its_window():
+    rng = np.random.default_rng(1)
+    N, d, E = 80, 8, 4
+    x = jnp.asarray(rng.normal(size=(N, d)), jnp.float32)
+    weights, ffn = expert_stacks(rng, E, d)
     experts = jnp.stack([jnp.zeros(N, jnp.int32), jnp.asarray(rng.integers(1, E, N), jnp.int32)], 1)
     gates = jnp.asarray(rng.uniform(size=(N, 2)), jnp.float32)
-    ffn = lambda rows, e: expert_kernels.expert_ffn(rows, *(w[e] for w in weights), dtype=jnp.float32)  # noqa: E731
     # expert 0 is chosen by all 80 rows: five rounds of its 16-row window
     got = expert_kernels.grouped_experts(x, gates, experts, ffn, E, capacity=16)
     want = expert_kernels.chosen_experts_dense(x, gates, experts, ffn, E)
@@ -132,13 +138,11 @@ def test_grouped_experts_continue_in_rounds_when_a_group_overflows_its_window():
 
 def test_pairs_of_a_decode_step_equal_every_chosen_expert_on_every_row():
     rng = np.random.default_rng(4)
-    N, d, f, E = 5, 8, 12, 4
+    N, d, E = 5, 8, 4
     x = jnp.asarray(rng.normal(size=(N, d)), jnp.float32)
-    stack = lambda shape: layout.to_linear_weight(quantize(rng.normal(size=(E, *shape)), 1), 1)  # noqa: E731
-    weights = (stack((d, f)), stack((d, f)), stack((f, d)))
+    weights, ffn = expert_stacks(rng, E, d)
     experts = jnp.asarray([rng.choice(E, 2, replace=False) for _ in range(N)], jnp.int32)
     gates = jnp.asarray(rng.uniform(size=(N, 2)), jnp.float32)
-    ffn = lambda rows, e: expert_kernels.expert_ffn(rows, *(w[e] for w in weights), dtype=jnp.float32)  # noqa: E731
     got = expert_kernels.chosen_pairs(x, gates, experts, weights, jnp.float32)
     want = expert_kernels.chosen_experts_dense(x, gates, experts, ffn, E)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)

@@ -118,7 +118,8 @@ def test_to_official_gives_the_stored_tensors_back_exactly():
 def expert_stacks(rng, E: int = 4, d: int = 8, f: int = 12) -> tuple:
     """Random int8 (linear, linear_v, linear_1) stacks of E experts in the compute layout, and
     the `ffn(rows, e)` that runs expert e on them."""
-    stack = lambda shape: layout.to_linear_weight(quantize(rng.normal(size=(E, *shape)), 1), 1)  # noqa: E731
+    stack = lambda shape: jax.tree_util.tree_map(  # noqa: E731  on the device, as a loaded model's
+        jnp.asarray, layout.to_linear_weight(quantize(rng.normal(size=(E, *shape)), 1), 1))
     weights = (stack((d, f)), stack((d, f)), stack((f, d)))
     return weights, lambda rows, e: expert_kernels.expert_ffn(rows, *(w[e] for w in weights), dtype=jnp.float32)
 

@@ -180,8 +180,8 @@ class MultiHeadAttention(hk.Module):
         # official model's softmax weights and weighted sum were never rounded (docs/ARCHITECTURE.md).
         k, v = k.astype(jnp.float32), v.astype(jnp.float32)
         if T > 1 and k.shape[1] > ATTENTION_KEY_BLOCK:  # long prompt: never hold all [T, S] logits
-            out = attention_in_key_blocks(q, k, v, ctx.mask, c.attn_output_multiplier,
-                                          ATTENTION_KEY_BLOCK)
+            out = attention_in_blocks(q, k, v, ctx.mask, c.attn_output_multiplier,
+                                      ATTENTION_KEY_BLOCK)
         else:
             logits = self.attention_logits(q, k)                           # [B, N, G, T, S]
             logits = cap_attention_logits(logits)
@@ -201,17 +201,39 @@ def write_layer(stack: jax.Array, new: jax.Array, layer: jax.Array | int, starts
     """`stack` [L, B, S, N, K] with `new` [B, T, N, K] written into layer `layer`, row b from
     position `starts[b]` on (clamped so that the T positions fit, as dynamic_update_slice does).
 
-    One scatter of B x T [N, K] windows on the stack as it is laid out: in place when XLA may reuse
-    its buffer. (A vmap of dynamic_update_slice over rows made XLA:CPU move the rows axis first,
-    copying the whole cache back and forth around every write: batch-8 decoding of bench-1b took
-    1.8x as long.)
+    One dynamic_update_slice per row, so XLA updates the stack in place on every mesh. (One
+    scatter of all rows made the partitioned program copy the whole cache around the layer loop:
+    2 x 1.07 GB per device for grok-1 at batch 8 and context 8192 on 1x8; a vmap of
+    dynamic_update_slice over rows made XLA:CPU move the rows axis first, copying the whole cache
+    back and forth around every write.)
     """
-    B, T = new.shape[:2]
-    starts = jnp.clip(starts, 0, stack.shape[2] - T)
-    positions = starts[:, None] + jnp.arange(T, dtype=starts.dtype)[None, :]          # [B, T]
-    rows = jnp.broadcast_to(jnp.arange(B, dtype=starts.dtype)[:, None], (B, T))
-    return stack.at[layer, rows, positions].set(new.astype(stack.dtype), indices_are_sorted=True,
-                                                unique_indices=True)
+    new = new.astype(stack.dtype)
+    zero = jnp.zeros((), jnp.int32)
+    layer = jnp.asarray(layer, jnp.int32)
+    for b in range(new.shape[0]):
+        stack = jax.lax.dynamic_update_slice(
+            stack, new[b][None, None], (layer, jnp.int32(b), starts[b].astype(jnp.int32), zero, zero))
+    return stack
+
+
+def attention_in_blocks(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                        multiplier: float, block: int) -> jax.Array:
+    """`attention_in_key_blocks` for `block` queries at a time (a loop over query blocks), so a
+    long prompt holds [B, N, G, block, block] logits at once, whatever its length: each query's
+    attention is its own, so the result is the same. Shapes as in attention_in_key_blocks."""
+    B, T, N, G, K = q.shape
+    if T <= block:
+        return attention_in_key_blocks(q, k, v, mask, multiplier, block)
+    count = -(-T // block)
+    pad = count * block - T
+
+    def query_blocks(x: jax.Array) -> jax.Array:  # [B, T, ...] -> [count, B, block, ...]
+        x = jnp.pad(x, [(0, pad if a == 1 else 0) for a in range(x.ndim)])
+        return jnp.moveaxis(x.reshape(B, count, block, *x.shape[2:]), 1, 0)
+
+    out = jax.lax.map(lambda qm: attention_in_key_blocks(qm[0], k, v, qm[1], multiplier, block),
+                      (query_blocks(q), query_blocks(mask)))                 # [count, B, block, ...]
+    return jnp.moveaxis(out, 0, 1).reshape(B, count * block, N, G, K)[:, :T]
 
 
 def attention_in_key_blocks(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,

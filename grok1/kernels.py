@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from grok1.layout import LinearWeight
 from grok1.quant import Weight, matmul
+from grok1.rows import whole_rows
 
 # Up to this many rows, a product on CPU runs as one-row products (see the module docstring).
 ONE_ROW_PRODUCTS_UP_TO = 16
@@ -45,13 +46,31 @@ def one_row_products(weight_dtype, rows: int) -> bool:
 
 def linear(x: jax.Array, w: Weight | LinearWeight, dtype) -> jax.Array:
     """`x @ w` over the last axis of x, float32 result, for any weight the model may hold: a
-    LinearWeight (loaded for inference), or the official [in, out] tree (training, `init`)."""
+    LinearWeight (loaded for inference), or the official [in, out] tree (training, `init`).
+
+    Each run of a LinearWeight lies inside one scale block. A weight whose input axis is whole
+    (one device, or split along its output) has one run per chunk: its product is summed over
+    the int8 values (converted inside the product) and scaled after, the same sum as the
+    dequantised weight's up to float32 rounding without a multiply per weight element. A chunk
+    holding runs of several devices' shares is dequantised first (a product per run, scaled
+    after, made XLA hold twice the prompt temporaries on 2x4)."""
     if not isinstance(w, LinearWeight):
         return matmul(x, w, dtype, out_dtype=jnp.float32)
+    one_row = one_row_products(w.dtype, math.prod(x.shape[:-1]))
+    run = w.chunk_size // w.groups
     total = None
     for j in range(w.chunks):  # one product per chunk of the input axis (layout.MAX_CHUNK)
-        part = rows_times_transposed(w.rows_of_chunk(x, j), w.dequantized_chunk(j), dtype,
-                                     one_row_products(w.dtype, math.prod(x.shape[:-1])))
+        values = w.values[..., j, :, :]                                       # [..., out, chunk]
+        rows = w.rows_of_chunk(x, j)
+        scales = w.chunk_scales(j)                                            # [..., groups, out]
+        if w.groups == 1 or scales is None:
+            part = rows_times_transposed(rows, values, dtype, one_row)
+            if scales is not None:
+                part = part * scales[..., 0, :]
+        else:  # the chunk holds one run of each device's share, each run scaled on its own
+            weight = values.reshape(*values.shape[:-1], w.groups, run).astype(jnp.float32)
+            weight = weight * jnp.swapaxes(scales, -1, -2)[..., None]
+            part = rows_times_transposed(rows, weight.reshape(values.shape), dtype, one_row)
         total = part if total is None else total + part
     return total
 
@@ -85,7 +104,9 @@ def rows_times_transposed(x: jax.Array, w: jax.Array, dtype,
         one_row_at_a_time = one_row_products(w.dtype, rows.shape[0])
     weight = w.astype(jnp.float32)
     if one_row_at_a_time:
-        rows = jax.lax.optimization_barrier(rows)  # a producer fused into the product slows it too
+        # A producer fused into the product slows it too; rows split over a mesh's data axis are
+        # gathered first (a few rows), else slicing one out makes XLA gather the weight.
+        rows = jax.lax.optimization_barrier(whole_rows(rows))
         y = jnp.concatenate([jax.lax.optimization_barrier(
             jnp.dot(rows[i:i + 1], weight.T, preferred_element_type=jnp.float32))
             for i in range(rows.shape[0])])

@@ -95,19 +95,16 @@ class LinearWeight:
         pieces = x.reshape(*x.shape[:-1], self.groups, self.chunks, run)[..., :, j, :]
         return pieces.reshape(*x.shape[:-1], self.chunk_size)
 
-    def dequantized_chunk(self, j: int) -> jax.Array:
-        """Chunk j as float32 [..., out, chunk] (int8 x scale is exact in float32). Inside a
-        product XLA fuses this into the operand instead of materialising it."""
-        values = self.values[..., j, :, :].astype(jnp.float32)
+    def chunk_scales(self, j: int) -> Optional[jax.Array]:
+        """The scales of chunk j's runs as float32 [..., groups, out] (run g of output column o
+        is scaled by [..., g, o]), or None for a float weight: each run lies inside one scale
+        block, so a run's product can be scaled after it is summed."""
         if self.scales is None:
-            return values
+            return None
         n_in, blocks = self.shape[-2], self.scales.shape[-2]
-        run = self.chunk_size // self.groups       # each run of a chunk lies inside one scale block
+        run = self.chunk_size // self.groups
         block_of_run = self.positions(j)[::run] // (n_in // blocks)                # [groups]
-        scales = jnp.swapaxes(self.scales.astype(jnp.float32)[..., block_of_run, :], -1, -2)
-        *lead, n_out, size = values.shape
-        per_run = values.reshape(*lead, n_out, self.groups, run) * scales[..., None]
-        return per_run.reshape(values.shape)
+        return self.scales.astype(jnp.float32)[..., block_of_run, :]
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["values", "scales"],

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from typing import Any, Optional, Sequence
@@ -152,8 +153,34 @@ def compile_steps(config: ModelConfig, mesh: Mesh, *, batch: int, context: int, 
                          "output": int(stats.output_size_in_bytes), "alias": int(stats.alias_size_in_bytes),
                          "flops": float(cost.get("flops", 0.0)),
                          "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+                         "product_flops": float(product_flops(compiled.as_text())),
                          "compile_seconds": round(seconds, 2)}
     return figures
+
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = \w+\[([\d,]*)\]\S* (\w[\w\-]*)\((.*)$")
+
+
+def product_flops(hlo_text: str) -> int:
+    """2 x (output elements) x (contracted elements) summed over the dot instructions of a
+    compiled program's HLO text: the matrix products alone. XLA's cost analysis also counts one
+    FLOP per element of every elementwise op, each int8/bfloat16 weight element's convert to the
+    compute type included, which for a decode step is as much again as the products."""
+    shapes: dict[str, list[int]] = {}
+    total = 0
+    for line in hlo_text.splitlines():
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        name, dims, opcode, rest = match.groups()
+        shapes[name] = [int(d) for d in dims.split(",") if d]
+        if opcode != "dot":
+            continue
+        lhs = shapes.get(re.match(r"\s*%([\w.\-]+)", rest).group(1), [])
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest).group(1)
+        contracted = math.prod(lhs[int(d)] for d in contracting.split(",") if d)
+        total += 2 * math.prod(shapes[name]) * contracted
+    return total
 
 
 def decode_step_cost(config: ModelConfig, mesh: Mesh, *, batch: int, context: int,
@@ -169,7 +196,7 @@ def decode_step_cost(config: ModelConfig, mesh: Mesh, *, batch: int, context: in
     def cost(layers: int) -> dict[str, float]:
         figures = compile_steps(config.replace(num_layers=layers), mesh, batch=batch, context=context,
                                 dtype=dtype, steps=("decode",), stacked=False)["decode"]
-        return {key: figures[key] for key in ("flops", "bytes_accessed")}
+        return {key: figures[key] for key in ("flops", "product_flops", "bytes_accessed")}
 
     one = cost(1)
     if config.num_layers == 1:
@@ -239,6 +266,10 @@ def make_plan(config: ModelConfig, mesh_spec: str, *, batch: int = 1, context: O
     steps = compile_steps(config, mesh, batch=batch, context=context, dtype=compute)
     temporaries = {name: figures["temp"] for name, figures in steps.items()}
     decode_cost = decode_step_cost(config, mesh, batch=batch, context=context, dtype=compute)
+    # The products a decode step needs at least: every active weight once per row (2 FLOPs per
+    # multiply-add), split over the devices: only the chosen experts computed.
+    from grok1.inspect import describe
+    decode_cost["ideal_product_flops"] = describe(config)["flops_per_token"]["matmul"] * batch / size
     # Cross-check of the byte accounting: XLA's own size of the compiled program's inputs.
     check = {"compiled_argument_bytes": steps["decode"]["argument"],
              "weights_and_cache_bytes": weights + kv_cache}
@@ -288,7 +319,9 @@ def format_plan(plan: dict) -> str:
         f"  temporaries, decode                      {_gib(b['temporaries_decode'])}",
         f"  total (weights + cache + larger step)    {_gib(b['total'])}",
         f"  decode step: {cost['flops'] / 1e9:.3f} GFLOP, {_gib(cost['bytes_accessed']).strip()} accessed "
-        f"(XLA cost analysis, all {c['num_layers']} layers)",
+        f"(XLA cost analysis, all {c['num_layers']} layers); products {cost['product_flops'] / 1e9:.3f} "
+        f"GFLOP = {cost['product_flops'] / cost['ideal_product_flops']:.2f} x 2 x active weights x batch "
+        f"/ devices (the rest is elementwise: XLA counts each weight element's convert as a FLOP)",
         f"expert weights: {replication['explanation']}",
         f"compile time (all {c['num_layers']} layers, one scanned layer body): "
         f"prefill {compile_seconds['prefill']:.1f} s, decode {compile_seconds['decode']:.1f} s",

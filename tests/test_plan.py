@@ -146,6 +146,14 @@ def test_decode_step_flops_per_device_cover_the_active_weights(two_layer_plan):
     assert cost["bytes_accessed"] >= two_layer_plan["bytes_per_device"]["weights"] * 0.5
 
 
+def test_decode_step_products_are_those_of_the_chosen_experts_only(two_layer_plan):
+    # Each row multiplies through its 2 chosen experts, not all 8: the compiled step's products
+    # stay within 1.5x of 2 x active weights x rows per device (a dense MoE would be ~3.5x).
+    cost = two_layer_plan["decode_step_per_device"]
+    assert 0.9 <= cost["product_flops"] / cost["ideal_product_flops"] <= 1.5, cost
+    assert "x 2 x active weights x batch / devices" in two_layer_plan["text"]
+
+
 def abstract_mesh(**sizes: int):
     from jax.sharding import AbstractMesh
     return AbstractMesh(tuple(sizes.values()), tuple(sizes))

@@ -67,8 +67,10 @@ constexpr int64_t kColumnsPerItem = 64;
 // then from L1 for every further tile of rows.
 constexpr int64_t kColumnStep = 4;
 // The weight rows of kColumnStep columns are short streams (R bytes each) that the hardware
-// prefetcher barely learns before they end: the weight this far ahead is prefetched explicitly
-// (a prefetch past the end of the buffer is harmless: it never faults).
+// prefetcher barely learns before they end: the weight this many columns ahead is prefetched
+// explicitly, a line per column as the loop reaches it, and for one or two rows (little compute
+// per byte) also the whole step at once when it starts; measured best of these on Zen 3 (a
+// prefetch past the end of the buffer is harmless: it never faults).
 constexpr int64_t kPrefetchColumns = 2 * kColumnStep;
 
 inline void prefetch_slab(const void* start, int64_t bytes) {
@@ -106,11 +108,17 @@ template <int NR, int NC, typename W>
 inline void tile_dots(const float* const* xs, const W* w, int64_t R, float (*dots)[kColumnStep]) {
   int64_t r = 0;
 #if GROK1_AVX2
+  constexpr int64_t kLine = 64 / sizeof(W);  // weight elements per cache line
   __m256 acc[NR][NC];
   for (int i = 0; i < NR; ++i)
     for (int j = 0; j < NC; ++j) acc[i][j] = _mm256_setzero_ps();
   for (; r + 8 <= R; r += 8) {  // fully unrolled over the tile: the accumulators stay in registers
     __m256 wv[NC];
+    if ((r & (kLine - 1)) == 0) {  // the same line kPrefetchColumns columns ahead
+#pragma GCC unroll 8
+      for (int j = 0; j < NC; ++j)
+        _mm_prefetch(reinterpret_cast<const char*>(w + (j + kPrefetchColumns) * R + r), _MM_HINT_T0);
+    }
 #pragma GCC unroll 8
     for (int j = 0; j < NC; ++j) wv[j] = load8(w + j * R + r);
 #pragma GCC unroll 8
@@ -215,7 +223,8 @@ void run_item(const Problem& pb, int64_t item) {
     const W* chunk = values + (s * pb.C + c) * pb.O * pb.R;
     for (int64_t o = o0; o < o1; o += kColumnStep) {
       const int64_t columns = std::min(kColumnStep, o1 - o);
-      prefetch_slab(chunk + (o + kPrefetchColumns) * pb.R, kColumnStep * pb.R * sizeof(W));
+      if (n_rows <= 2)  // little compute per byte: the in-loop prefetch alone falls behind
+        prefetch_slab(chunk + (o + kPrefetchColumns) * pb.R, kColumnStep * pb.R * sizeof(W));
       float scale[kColumnStep];
       for (int64_t j = 0; j < columns; ++j) scale[j] = pb.scale(s, block, o + j);
       for (int64_t t = 0, start = 0; t < n_tiles; ++t) {

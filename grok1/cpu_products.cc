@@ -68,8 +68,8 @@ constexpr int64_t kColumnsPerItem = 64;
 constexpr int64_t kColumnStep = 4;
 // The weight rows of kColumnStep columns are short streams (R bytes each) that the hardware
 // prefetcher barely learns before they end: the weight this many columns ahead is prefetched
-// explicitly, a line per column as the loop reaches it, and for one or two rows (little compute
-// per byte) also the whole step at once when it starts; measured best of these on Zen 3 (a
+// explicitly, a line per column as the loop reaches it, and for two rows (little compute per
+// byte) also the whole step at once when it starts; measured best of these on Zen 3 (a
 // prefetch past the end of the buffer is harmless: it never faults).
 constexpr int64_t kPrefetchColumns = 2 * kColumnStep;
 
@@ -143,11 +143,38 @@ inline void tile_dots(const float* const* xs, const W* w, int64_t R, float (*dot
   }
 }
 
+#if GROK1_AVX2
+// One row times one column, four accumulators along the input: for one row the columns are read
+// one after another, a single sequential stream the hardware prefetcher follows (measured 1.8x
+// faster for the bfloat16 table than interleaving kColumnStep columns, and no slower for int8).
+template <typename W>
+inline float row_dot(const float* x, const W* w, int64_t R) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t r = 0;
+  for (; r + 32 <= R; r += 32) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + r), load8(w + r), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + r + 8), load8(w + r + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + r + 16), load8(w + r + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + r + 24), load8(w + r + 24), a3);
+  }
+  for (; r + 8 <= R; r += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + r), load8(w + r), a0);
+  float d = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; r < R; ++r) d += x[r] * to_float(w[r]);
+  return d;
+}
+#endif
+
 // NR rows times `columns` (<= kColumnStep) adjacent weight rows: picks a register tile that keeps
 // at most 12 accumulators live.
 template <int NR, typename W>
 inline void step_dots(const float* const* xs, const W* w, int64_t R, int64_t columns,
                       float (*dots)[kColumnStep]) {
+#if GROK1_AVX2
+  if (NR == 1) {
+    for (int64_t j = 0; j < columns; ++j) dots[0][j] = row_dot(xs[0], w + j * R, R);
+    return;
+  }
+#endif
   if (columns == kColumnStep && NR <= 2) {
     tile_dots<NR, 4>(xs, w, R, dots);
   } else if (columns == kColumnStep && NR <= 6) {
@@ -223,7 +250,7 @@ void run_item(const Problem& pb, int64_t item) {
     const W* chunk = values + (s * pb.C + c) * pb.O * pb.R;
     for (int64_t o = o0; o < o1; o += kColumnStep) {
       const int64_t columns = std::min(kColumnStep, o1 - o);
-      if (n_rows <= 2)  // little compute per byte: the in-loop prefetch alone falls behind
+      if (n_rows == 2)  // little compute per byte: the in-loop prefetch alone falls behind
         prefetch_slab(chunk + (o + kPrefetchColumns) * pb.R, kColumnStep * pb.R * sizeof(W));
       float scale[kColumnStep];
       for (int64_t j = 0; j < columns; ++j) scale[j] = pb.scale(s, block, o + j);

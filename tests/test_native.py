@@ -58,9 +58,10 @@ def test_int8_with_float32_scales_matches_reference():
     assert_matches(native.rows_times(x, index, values, scales), x, index, values, scales)
 
 
-def test_bfloat16_weight_without_scales_matches_reference():
-    values, _ = weight(4, 1, 1, 300, 256, None, dtype=jnp.bfloat16)
-    x, index = rows(5, 3, 256), jnp.zeros((3,), jnp.int32)
+@pytest.mark.parametrize("count", [1, 3])
+def test_bfloat16_weight_without_scales_matches_reference(count):
+    values, _ = weight(4, 1, 1, 300, 260, None, dtype=jnp.bfloat16)
+    x, index = rows(5, count, 260), jnp.zeros((count,), jnp.int32)
     assert_matches(native.rows_times(x, index, values), x, index, values)
 
 

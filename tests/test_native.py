@@ -1,0 +1,165 @@
+"""The native CPU kernel (grok1/native.py, grok1/cpu_products.cc) against a float64 numpy reference."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from grok1 import native
+
+if not native.available():
+    pytest.skip(f"native kernel unavailable: {native.unavailable_reason()}", allow_module_level=True)
+
+
+def weight(seed: int, stack: int, chunks: int, n_out: int, run: int, blocks: int | None,
+           dtype=jnp.int8, scale_dtype=jnp.bfloat16):
+    """Random values [stack, chunks, n_out, run] (int8 or bfloat16) and scales [stack, blocks,
+    n_out] (None without blocks), as jax arrays."""
+    rng = np.random.default_rng(seed)
+    if jnp.dtype(dtype) == jnp.dtype(jnp.int8):
+        values = jnp.asarray(rng.integers(-128, 128, (stack, chunks, n_out, run), dtype=np.int8))
+    else:
+        values = jnp.asarray(rng.standard_normal((stack, chunks, n_out, run)), dtype)
+    scales = None
+    if blocks is not None:
+        scales = jnp.asarray(rng.uniform(-2, 2, (stack, blocks, n_out)), scale_dtype)
+    return values, scales
+
+
+def rows(seed: int, count: int, n_in: int) -> jax.Array:
+    return jnp.asarray(np.random.default_rng(seed).standard_normal((count, n_in)), jnp.float32)
+
+
+def assert_matches(y, x, index, values, scales=None) -> None:
+    """y equals the float64 reference within float32 rounding of a sum of n_in products."""
+    expected = native.reference(np.asarray(x), np.asarray(index), values, scales)
+    n_in = x.shape[1]
+    # bound: n_in roundings of float32 (2^-24 each) on the sum of |terms|
+    w = np.asarray(values.astype(jnp.float32), np.float64)
+    magnitude = native.reference(np.abs(np.asarray(x)), np.asarray(index), np.abs(w),
+                                 None if scales is None else np.abs(np.asarray(scales.astype(jnp.float32))))
+    tolerance = 4 * n_in * 2.0 ** -24 * magnitude + 1e-30
+    y = np.asarray(y, np.float64)
+    assert y.shape == expected.shape
+    assert np.all(np.abs(y - expected) <= tolerance), np.max(np.abs(y - expected) / tolerance)
+
+
+def test_int8_with_bfloat16_scales_matches_reference():
+    values, scales = weight(0, 3, 2, 100, 64, 2)
+    x, index = rows(1, 5, 128), jnp.asarray([2, 0, 1, 1, 2], jnp.int32)
+    assert_matches(native.rows_times(x, index, values, scales), x, index, values, scales)
+
+
+def test_int8_with_float32_scales_matches_reference():
+    values, scales = weight(2, 2, 4, 37, 48, 4, scale_dtype=jnp.float32)
+    x, index = rows(3, 4, 192), jnp.asarray([1, 1, 0, 1], jnp.int32)
+    assert_matches(native.rows_times(x, index, values, scales), x, index, values, scales)
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_bfloat16_weight_without_scales_matches_reference(count):
+    values, _ = weight(4, 1, 1, 300, 260, None, dtype=jnp.bfloat16)
+    x, index = rows(5, count, 260), jnp.zeros((count,), jnp.int32)
+    assert_matches(native.rows_times(x, index, values), x, index, values)
+
+
+@pytest.mark.parametrize("count", [1, 2, 7, 8, 16, 33])
+def test_row_counts_match_reference(count):
+    values, scales = weight(6, 1, 2, 70, 96, 1)    # 70 outputs: a partial last column step
+    x, index = rows(7, count, 192), jnp.zeros((count,), jnp.int32)
+    assert_matches(native.rows_times(x, index, values, scales), x, index, values, scales)
+
+
+def test_stack_indices_in_any_order_each_row_uses_its_own():
+    values, scales = weight(8, 5, 1, 130, 80, 1)
+    index = jnp.asarray([4, 0, 4, 2, 1, 0, 3, 4, 2, 2, 0], jnp.int32)
+    x = rows(9, index.shape[0], 80)
+    assert_matches(native.rows_times(x, index, values, scales), x, index, values, scales)
+
+
+def test_several_chunks_per_scale_block():
+    values, scales = weight(10, 2, 6, 50, 40, 3)    # blocks of 80 inputs, two chunks each
+    x, index = rows(11, 3, 240), jnp.asarray([0, 1, 0], jnp.int32)
+    assert_matches(native.rows_times(x, index, values, scales), x, index, values, scales)
+
+
+def test_one_chunk_per_scale_block_with_an_odd_chunk():
+    values, scales = weight(12, 2, 8, 64, 683, 8)   # the down projection's chunking, B == C
+    x, index = rows(13, 4, 8 * 683), jnp.asarray([1, 0, 1, 1], jnp.int32)
+    assert_matches(native.rows_times(x, index, values, scales), x, index, values, scales)
+
+
+def test_inside_jit():
+    values, scales = weight(14, 3, 2, 90, 64, 2)
+    x, index = rows(15, 6, 128), jnp.asarray([0, 1, 2, 2, 1, 0], jnp.int32)
+    y = jax.jit(lambda x, i, v, s: native.rows_times(x * 1.0, i, v, s) + 0.0)(x, index, values, scales)
+    assert_matches(y, x, index, values, scales)
+
+
+def test_inside_scan_indexing_a_closed_over_stack_by_the_loop_counter():
+    values, scales = weight(16, 4, 2, 64, 32, 1)
+    x = rows(17, 2, 64)
+
+    def body(carry, step):
+        y = native.rows_times(x, jnp.full((2,), step, jnp.int32), values, scales)
+        return carry + y.sum(), y
+
+    total, ys = jax.jit(lambda: jax.lax.scan(body, jnp.float32(0), jnp.arange(4)))()
+    for step in range(4):
+        assert_matches(ys[step], x, jnp.full((2,), step, jnp.int32), values, scales)
+    np.testing.assert_allclose(total, np.asarray(ys).sum(), rtol=1e-5)
+
+
+def test_no_rows_gives_an_empty_result():
+    values, scales = weight(18, 1, 1, 16, 32, 1)
+    y = native.rows_times(jnp.zeros((0, 32), jnp.float32), jnp.zeros((0,), jnp.int32), values, scales)
+    assert y.shape == (0, 16)
+
+
+def test_results_do_not_depend_on_the_thread_count(monkeypatch):
+    values, scales = weight(19, 2, 1, 4096, 512, 1)   # large enough to be split over threads
+    x, index = rows(20, 9, 512), jnp.asarray([0, 1] * 4 + [1], jnp.int32)
+    call = jax.jit(native.rows_times)
+    monkeypatch.setenv("GROK1_NATIVE_THREADS", "1")
+    one = np.asarray(call(x, index, values, scales))
+    monkeypatch.setenv("GROK1_NATIVE_THREADS", "2")
+    two = np.asarray(call(x, index, values, scales))
+    np.testing.assert_array_equal(one, two)
+
+
+def test_mismatched_input_length_is_a_clear_error():
+    values, scales = weight(21, 1, 2, 8, 16, 1)
+    with pytest.raises(ValueError, match="inputs per row"):
+        native.rows_times(jnp.zeros((1, 30), jnp.float32), jnp.zeros((1,), jnp.int32), values, scales)
+
+
+def test_mismatched_scales_are_a_clear_error():
+    values, _ = weight(22, 2, 2, 8, 16, None)
+    with pytest.raises(ValueError, match="scales must be"):
+        native.rows_times(jnp.zeros((1, 32), jnp.float32), jnp.zeros((1,), jnp.int32), values,
+                          jnp.ones((2, 1, 9), jnp.float32))
+
+
+def test_chunk_across_scale_blocks_is_a_clear_error():
+    values, _ = weight(23, 1, 2, 8, 16, None)
+    with pytest.raises(ValueError, match="inside one of 4 scale blocks"):
+        native.rows_times(jnp.zeros((1, 32), jnp.float32), jnp.zeros((1,), jnp.int32), values,
+                          jnp.ones((1, 4, 8), jnp.float32))
+
+
+def test_kernel_rejects_an_index_outside_the_stack():
+    values, scales = weight(24, 2, 1, 8, 16, 1)
+    with pytest.raises(Exception, match="outside the stack of 2"):
+        jax.block_until_ready(native.rows_times(jnp.zeros((1, 16), jnp.float32),
+                                                jnp.asarray([2], jnp.int32), values, scales))
+
+
+def test_kernel_checks_shapes_itself():
+    """The C++ side validates too (a caller going around rows_times' checks)."""
+    values, scales = weight(25, 1, 2, 8, 16, 1)
+    call = jax.ffi.ffi_call(native.TARGET_SCALED, jax.ShapeDtypeStruct((1, 8), jnp.float32))
+    with pytest.raises(Exception, match="inputs per row"):
+        jax.block_until_ready(call(jnp.zeros((1, 30), jnp.float32), jnp.zeros((1,), jnp.int32),
+                                   values, scales))

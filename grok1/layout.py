@@ -38,7 +38,7 @@ from grok1.quant import QuantizedWeight8bit
 MAX_CHUNK = 1024
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["values", "scales"],
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["values", "scales", "picked"],
                    meta_fields=["groups"])
 @dataclasses.dataclass(frozen=True)
 class LinearWeight:
@@ -47,11 +47,15 @@ class LinearWeight:
     each stored transposed; with `groups` > 1, the devices' shares of the axis each cut so, see
     `chunk_count`), and for int8 weights the stored block `scales`
     [..., blocks, out] (input block b of output column o is scaled by scales[..., b, o]); None
-    for float weights. Leading axes (experts) index as usual."""
+    for float weights. Leading axes (layers, experts) index as usual; an index by a single
+    (possibly traced) integer is only recorded in `picked` and applied where the weight is
+    multiplied (`resolved`), so a kernel can read the entry straight out of the whole stack
+    instead of a copy of it (grok1/kernels.py)."""
 
     values: jax.Array
     scales: Optional[jax.Array] = None
     groups: int = 1
+    picked: tuple = ()  # indices into the leading axes of `values`, not yet applied
 
     @property
     def chunks(self) -> int:
@@ -63,9 +67,9 @@ class LinearWeight:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """The logical [..., in, out] shape."""
+        """The logical [..., in, out] shape (of the picked entry)."""
         *lead, chunks, n_out, size = self.values.shape
-        return (*lead, chunks * size, n_out)
+        return (*lead[len(self.picked):], chunks * size, n_out)
 
     @property
     def dtype(self):
@@ -76,9 +80,21 @@ class LinearWeight:
         return int(self.values.nbytes) + (0 if self.scales is None else int(self.scales.nbytes))
 
     def __getitem__(self, index: Any) -> "LinearWeight":
-        """The weight of one expert (or a slice of experts) of a stacked weight."""
-        return type(self)(self.values[index], None if self.scales is None else self.scales[index],
-                          self.groups)
+        """The weight of one expert or layer (recorded, see the class docstring), or of a slice
+        of them."""
+        if isinstance(index, (int, np.integer)) or (hasattr(index, "shape") and index.shape == ()):
+            return dataclasses.replace(self, picked=(*self.picked, index))
+        whole = self.resolved()
+        return dataclasses.replace(whole, values=whole.values[index],
+                                   scales=None if whole.scales is None else whole.scales[index])
+
+    def resolved(self) -> "LinearWeight":
+        """This weight with its picked indices applied (the picked entry on its own)."""
+        if not self.picked:
+            return self
+        pick = lambda a: a[tuple(self.picked)]  # noqa: E731 - integer indices of the leading axes
+        return dataclasses.replace(self, values=pick(self.values), picked=(),
+                                   scales=None if self.scales is None else pick(self.scales))
 
     def positions(self, j: int) -> np.ndarray:
         """The input positions chunk j holds, in its order (see `chunk_count`)."""
@@ -98,7 +114,7 @@ class LinearWeight:
     def chunk_scales(self, j: int) -> Optional[jax.Array]:
         """The scales of chunk j's runs as float32 [..., groups, out] (run g of output column o
         is scaled by [..., g, o]), or None for a float weight: each run lies inside one scale
-        block, so a run's product can be scaled after it is summed."""
+        block, so a run's product can be scaled after it is summed. (Of a resolved weight.)"""
         if self.scales is None:
             return None
         n_in, blocks = self.shape[-2], self.scales.shape[-2]
@@ -107,7 +123,7 @@ class LinearWeight:
         return self.scales.astype(jnp.float32)[..., block_of_run, :]
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["values", "scales"],
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["values", "scales", "picked"],
                    meta_fields=["groups"])
 @dataclasses.dataclass(frozen=True)
 class EmbeddingTable(LinearWeight):

@@ -29,7 +29,7 @@ from grok1.kernels import linear, table_rows, times_table
 from grok1.layout import LinearWeight
 from grok1.quant import Weight
 from grok1.rows import split_rows
-from grok1.stacking import LAYERS_MODULE, has_stacked_layers, layer_module
+from grok1.stacking import LAYERS_MODULE, has_stacked_layers, layer_module, layer_of
 
 RMS_NORM_EPS = 1e-5
 ROPE_BASE = 10000.0
@@ -419,11 +419,10 @@ class Transformer(hk.Module):
         rng = hk.next_rng_key() if hk.running_init() else None
         params = hk.experimental.transparent_lift(init_stacked)(rng, h, kv)
 
-        def one_layer(carry, per_layer):
-            layer_params, index = per_layer
-            return layer.apply(layer_params, None, *carry, index), None
+        def one_layer(carry, index):
+            return layer.apply(layer_of(params, index), None, *carry, index), None
 
-        (h, kv), _ = jax.lax.scan(one_layer, (h, kv), (params, jnp.arange(num_layers)))
+        (h, kv), _ = jax.lax.scan(one_layer, (h, kv), jnp.arange(num_layers))
         return h, kv
 
 

@@ -11,7 +11,9 @@ whichever form it is given, the official one unrolled.
 
 Both directions are generic pytree operations on a module's group of parameters: each leaf is
 stacked (or indexed) on its own, whatever dataclass holds it (`QuantizedWeight8bit`, a layout's
-own registered dataclass, ...), so a new parameter layout needs nothing here.
+own registered dataclass, ...), so a new parameter layout needs nothing here. Inside the layer
+loop, `layer_of` picks one layer: a LinearWeight only records the layer (grok1/layout.py), so the
+kernel that multiplies by it reads the layer out of the stack where it lies.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from grok1.layout import LinearWeight
 
 LAYERS_MODULE = "decoder_layers"                  # the model's module name for all layers at once
 STACKED_PREFIX = f"transformer/{LAYERS_MODULE}/"
@@ -97,6 +101,13 @@ def unstack_layers(params: dict) -> dict:
         for i in range(num_layers):
             official[official_module(i, inner)] = jax.tree_util.tree_map(lambda x: x[i], group)
     return official
+
+
+def layer_of(params: dict, index: jax.Array) -> dict:
+    """Layer `index` (traced, inside the layer loop) of a stacked module group's params: each
+    array's entry, and each LinearWeight with the layer recorded rather than sliced out."""
+    return jax.tree_util.tree_map(lambda leaf: leaf[index], params,
+                                  is_leaf=lambda leaf: isinstance(leaf, LinearWeight))
 
 
 def _stack(xs: tuple[Any, ...]) -> Any:

@@ -1,7 +1,9 @@
 """How the chosen experts are computed (the routing itself is in model.py).
 
 - The compute layout (grok1/layout.py: each expert stack a LinearWeight [E, out, in], int8 as
-  stored): a few tokens (a decode step) run each (token, expert) pair on its own, the expert's
+  stored): where the native CPU kernel runs (grok1/kernels.py), a decode step's (token, expert)
+  pairs are the rows of one native product per matrix, each reading its own expert. Otherwise a
+  few tokens (a decode step) run each (token, expert) pair on its own, the expert's
   matrices picked by index, so only the chosen experts are read or computed, on one device and
   on a mesh alike; many tokens (a prompt) are grouped by expert, each expert running once on a
   window of its rows (`grouped_experts`).
@@ -17,7 +19,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from grok1.kernels import linear, one_row_products
+from grok1.kernels import linear, native_linear, native_products, one_row_products
 from grok1.layout import LinearWeight
 from grok1.quant import QuantizedWeight8bit, Weight
 
@@ -85,8 +87,10 @@ def moe(x: jax.Array, gates: jax.Array, experts: jax.Array,
     if not isinstance(weights[0], LinearWeight):
         return sorted_ragged(x, gates, experts, weights, dtype)
     N, k = experts.shape
-    E = weights[0].values.shape[0]
+    E = weights[0].shape[0]
     ffn = lambda rows, e: expert_ffn(rows, *(w[e] for w in weights), dtype=dtype)  # noqa: E731
+    if native_products(weights[0], N * k):
+        return native_pairs(x, gates, experts, weights, dtype)
     if N * k <= PAIRS_UP_TO:
         if one_row_products(weights[0].dtype, N):
             return chosen_pairs(x, gates, experts, weights, dtype)
@@ -100,6 +104,21 @@ def expert_ffn(x: jax.Array, w_gate: LinearWeight, w_up: LinearWeight, w_down: L
     kernels.linear computes them (operands in `dtype`, float32 results)."""
     h = jax.nn.gelu(linear(x, w_gate, dtype)) * linear(x, w_up, dtype)
     return linear(h, w_down, dtype)
+
+
+def native_pairs(x: jax.Array, gates: jax.Array, experts: jax.Array,
+                 weights: tuple[LinearWeight, LinearWeight, LinearWeight], dtype) -> jax.Array:
+    """The N*k (token, expert) pairs as rows of one native product per matrix, each row reading
+    its own expert's matrices out of the stack (grok1/kernels.py, `native_linear`): each chosen
+    expert is read once per step, whatever the number of rows that chose it."""
+    N, k = experts.shape
+    pairs = experts.reshape(-1)                                             # [N*k]
+    rows = jnp.repeat(x, k, axis=0)                                         # pair i: token i // k
+    w_gate, w_up, w_down = weights
+    h = (jax.nn.gelu(native_linear(rows, w_gate, dtype, pairs))
+         * native_linear(rows, w_up, dtype, pairs))
+    y = native_linear(h, w_down, dtype, pairs)                              # [N*k, d]
+    return jnp.sum(y.reshape(N, k, -1) * gates.astype(jnp.float32)[..., None], axis=1)
 
 
 def chosen_pairs(x: jax.Array, gates: jax.Array, experts: jax.Array,

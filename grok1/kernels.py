@@ -15,6 +15,10 @@ What XLA:CPU runs fast, measured on this project's 2-core machines (benchmarks/p
 - A product fused with what produces its rows or with what consumes its result (an add, a
   multiply) is emitted as a plain loop or reads a transposed copy of the weight (20-50x slower),
   so the rows and each one-row product are fenced by optimization barriers.
+Where grok1/native.py's kernel is available (CPU with AVX2, a C++ compiler; one device), up to
+NATIVE_ROWS_UP_TO rows of an int8/bfloat16 weight run through it instead: all rows in one pass
+over the weight, on all cores, and each row may pick its own entry of a stack (a layer, an
+expert) straight out of the whole stack (`LinearWeight.picked`): nothing is sliced or copied.
 Many rows (prompts) run one product with the dequantised weight, which XLA materialises once,
 and so do any rows of a float32 weight (a float checkpoint: XLA's float32 product of a few rows
 reads the weight once). Accelerators compile one product in every case.
@@ -28,12 +32,50 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from grok1 import native
 from grok1.layout import LinearWeight
 from grok1.quant import Weight, matmul
 from grok1.rows import whole_rows
 
 # Up to this many rows, a product on CPU runs as one-row products (see the module docstring).
 ONE_ROW_PRODUCTS_UP_TO = 16
+# Up to this many rows (a decode step's rows, or its (token, expert) pairs), a product runs
+# through the native kernel where it is available.
+NATIVE_ROWS_UP_TO = 64
+
+
+def native_products(w: LinearWeight, rows: int) -> bool:
+    """Whether `rows` rows times `w` run through grok1/native.py's kernel: on CPU, one device,
+    an int8 or bfloat16 weight whose input axis is whole (`groups` 1), at most NATIVE_ROWS_UP_TO
+    rows, and the kernel built and loaded."""
+    if (jax.default_backend() != "cpu" or rows > NATIVE_ROWS_UP_TO or w.groups != 1
+            or jnp.dtype(w.dtype) not in (jnp.dtype(jnp.int8), jnp.dtype(jnp.bfloat16))):
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:  # a custom call has no rule for partitioning it
+        return False
+    return native.available()
+
+
+def native_linear(x: jax.Array, w: LinearWeight, dtype, entries: Optional[jax.Array] = None
+                  ) -> jax.Array:
+    """`x @ w` through the native kernel, float32 [..., out]: the rows rounded to `dtype` as in
+    every product. With `entries` [rows] (ints), row i multiplies entry entries[i] of the leading
+    axis left after `w.picked` (e.g. its expert); the kernel reads each entry from the stack."""
+    n_in, n_out = w.chunks * w.chunk_size, w.values.shape[-2]  # (the table's `shape` is [V, d])
+    rows = x.reshape(-1, n_in).astype(dtype).astype(jnp.float32)
+    lead = w.values.shape[:-3]
+    picks = [*w.picked, *([] if entries is None else [entries])]
+    if len(picks) != len(lead):
+        raise ValueError(f"weight of stack shape {lead} picked by {len(picks)} indices")
+    flat = jnp.zeros((rows.shape[0],), jnp.int32)
+    for size, pick in zip(lead, picks):
+        flat = flat * size + jnp.asarray(pick, jnp.int32)
+    stack = math.prod(lead)
+    values = w.values.reshape(stack, *w.values.shape[-3:])
+    scales = None if w.scales is None else w.scales.reshape(stack, *w.scales.shape[-2:])
+    y = native.rows_times(rows, flat, values, scales)
+    return y.reshape(*x.shape[:-1], n_out)
 
 
 def one_row_products(weight_dtype, rows: int) -> bool:
@@ -56,6 +98,9 @@ def linear(x: jax.Array, w: Weight | LinearWeight, dtype) -> jax.Array:
     after, made XLA hold twice the prompt temporaries on 2x4)."""
     if not isinstance(w, LinearWeight):
         return matmul(x, w, dtype, out_dtype=jnp.float32)
+    if native_products(w, math.prod(x.shape[:-1])):
+        return native_linear(x, w, dtype)
+    w = w.resolved()
     one_row = one_row_products(w.dtype, math.prod(x.shape[:-1]))
     run = w.chunk_size // w.groups
     total = None

@@ -23,8 +23,10 @@ average at start and end is part of the report.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -118,6 +120,14 @@ def read_bandwidth(repeat: int) -> dict[str, float]:
             lambda: matvec(device, device_vector).block_until_ready(), repeat),
     }
     return {**rates, "best": max(rates.values())}
+
+
+def machine_limits(repeat: int, emb_size: int, ffn_size: int, dtypes: list[str]) -> dict:
+    """The machine's read bandwidth and matmul rates (a prefill-sized product per dtype)."""
+    import jax.numpy as jnp
+    return {"read_bandwidth": read_bandwidth(repeat),
+            **{f"matmul_{name}": matmul_rate(512, emb_size, ffn_size, jnp.dtype(name), repeat)
+               for name in dtypes}}
 
 
 def matmul_rate(m: int, k: int, n: int, dtype, repeat: int) -> float:
@@ -256,10 +266,12 @@ def run(args: argparse.Namespace) -> dict:
     r = args.repeat
 
     def measure_limits() -> dict:
-        dtypes = {compute, jnp.dtype(jnp.bfloat16)}
-        return {"read_bandwidth": read_bandwidth(r),
-                **{f"matmul_{dt.name}": matmul_rate(512, config.emb_size, config.ffn_size, dt, r)
-                   for dt in dtypes}}
+        # In a process of its own, so that its arrays (512 MiB read twice) do not count in the
+        # model's peak RSS.
+        dtypes = sorted({compute.name, "bfloat16"})
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+            return pool.submit(machine_limits, r, config.emb_size, config.ffn_size, dtypes).result()
 
     # Limits are measured before and after the workload and the best of both is used: other
     # processes on the machine can only lower them.
@@ -298,6 +310,8 @@ def run(args: argparse.Namespace) -> dict:
         "limits_after": limits_after, "prefill": prefill, "decode": decode,
         "decode_chunk": args.chunk, "decode_context": args.context,
         "time_to_first_token_s": first_token, "peak_rss_bytes": peak_rss_bytes(),
+        "checkpoint_bytes": sum(os.path.getsize(os.path.join(folder, name))
+                                for folder, _, names in os.walk(path) for name in names),
     }
 
 
@@ -324,7 +338,9 @@ def format_report(res: dict) -> str:
     for n, s in res["time_to_first_token_s"].items():
         lines.append(f"{f'time to first token ({n})':<28}{s * 1e3:>11.0f} ms")
     lines.append(f"{'load (grok1.load)':<28}{res['load_seconds']:>12.1f} s")
-    lines.append(f"{'peak RSS':<28}{res['peak_rss_bytes'] / 2 ** 30:>10.2f} GiB")
+    lines.append(f"{'peak RSS':<28}{res['peak_rss_bytes'] / 2 ** 30:>10.2f} GiB   "
+                 f"{res['peak_rss_bytes'] / res['checkpoint_bytes']:.2f} x the checkpoint on disk "
+                 f"(load, prompts and decoding; the machine's limits are measured in another process)")
     return "\n".join(lines)
 
 

@@ -17,9 +17,10 @@ after the other:
 
 Before each process it waits for the 1-minute load average to drop below `--max-load` (at most
 `--max-wait` seconds, then times anyway and marks the load with `!`), so that one engine's load
-does not weigh on the next. Peak RSS is each process's own (`wait4`), the larger of an engine's
-processes. Raw outputs go to benchmarks/.cache/peer-DATE/. When the tool, the tokenizer or the
-llama.cpp build is missing, it says so in one line and exits 0 (nothing to compare).
+does not weigh on the next. Peak RSS is each process's own (`wait4`; grok1's as bench.py
+reports it, without its probe process), the larger of an engine's processes. Raw outputs go to
+benchmarks/.cache/peer-DATE/. When the tool, the tokenizer or the llama.cpp build is missing, it
+says so in one line and exits 0 (nothing to compare).
 """
 
 from __future__ import annotations
@@ -193,13 +194,15 @@ def time_grok1(args: argparse.Namespace, out: str) -> tuple[Row, dict]:
     row.load_before = wait_for_quiet(args.max_load, args.max_wait)
     print(f"grok1: bench.py (load {row.load_before})", flush=True)
     result_path = os.path.join(out, "grok1.json")
-    _, row.peak_rss_bytes = run_measured(
+    run_measured(
         [sys.executable, os.path.join(REPO, "benchmarks", "bench.py"), "--prefill", "512",
          "--batch", "1", "8", "--repeat", str(args.repeat), "--json", result_path],
         os.path.join(out, "grok1.log"))
     row.load_after = f"{os.getloadavg()[0]:.2f}"
     with open(result_path) as f:
         result = json.load(f)
+    # bench.py's own peak (its machine-limit probes run in a child, which wait4 would count).
+    row.peak_rss_bytes = result["peak_rss_bytes"]
     row.prefill_512, row.decode_b1, row.decode_b8 = grok1_figures(result)
     return row, result
 
@@ -267,7 +270,7 @@ def format_report(rows: list[Row], llama_record: dict | None, grok1_result: dict
               "decode b1/b8: tokens/s summed over the batch, after a 128-token prompt (llama.cpp: 64 "
               "generated tokens per sequence; grok1: median decode step at context 128).",
               "peak RSS: the process's own maximum (llama.cpp: the larger of its two processes; grok1: "
-              "bench.py, which also holds its bandwidth and matmul probes).",
+              "bench.py's own, its bandwidth and matmul probes run in a process of their own).",
               f"load: 1-minute load average when the engine's first timing started / after its last "
               f"(! = still >= {args.max_load} after waiting {args.max_wait:.0f} s)."]
     return "\n".join(lines)

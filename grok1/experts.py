@@ -89,7 +89,7 @@ def moe(x: jax.Array, gates: jax.Array, experts: jax.Array,
     N, k = experts.shape
     E = weights[0].shape[0]
     ffn = lambda rows, e: expert_ffn(rows, *(w[e] for w in weights), dtype=dtype)  # noqa: E731
-    if native_products(weights[0], N * k):
+    if all(native_products(w, N * k) for w in weights):
         return native_pairs(x, gates, experts, weights, dtype)
     if N * k <= PAIRS_UP_TO:
         if one_row_products(weights[0].dtype, N):

@@ -27,6 +27,7 @@ from grok1 import model as model_lib
 from grok1.config import ModelConfig
 from grok1.model import (DecoderLayer, LanguageModel, MultiHeadAttention, Router, attention_context,
                          cap_attention_logits, forward, param_shapes)
+from grok1.rows import on_mesh
 from grok1.stacking import unstack_layers
 
 # Storage of the release: int8 linear weights with bfloat16 block scales, bfloat16 embeddings and
@@ -354,8 +355,9 @@ def _plain_attention(keys: int):
 
 
 @functools.lru_cache(maxsize=8)
-def _traced_apply(config: ModelConfig, dtype):
-    """jit of the model's forward pass that also returns per-layer summaries."""
+def _traced_apply(config: ModelConfig, dtype, mesh: Optional[jax.sharding.Mesh] = None):
+    """jit of the model's forward pass that also returns per-layer summaries, traced with `mesh`
+    in context as the model's own steps are (grok1/rows.py)."""
 
     def traced(tokens: jax.Array):
         records: dict[str, Any] = {}
@@ -379,13 +381,13 @@ def _traced_apply(config: ModelConfig, dtype):
     apply = hk.without_apply_rng(hk.transform(traced)).apply
     # One layer at a time, under the official names: stacked layers are taken apart inside the
     # program (grok1/stacking.py), so no copy of the weights is ever made outside it.
-    return jax.jit(lambda params, tokens: apply(unstack_layers(params), tokens))
+    return jax.jit(on_mesh(lambda params, tokens: apply(unstack_layers(params), tokens), mesh))
 
 
 def trace(model: Any, tokens: Any) -> Trace:
     """Run `model` (a grok1.Model) on tokens [B, T] and return what every layer did."""
     tokens = model.check_tokens(tokens)
-    apply = _traced_apply(model.config, model.dtype)
+    apply = _traced_apply(model.config, model.dtype, model.mesh)
     if model.mesh is None:
         outputs = apply(model.params, jnp.asarray(tokens))
         logits, embedding_rms, layers = jax.tree_util.tree_map(np.asarray, outputs)

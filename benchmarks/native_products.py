@@ -232,6 +232,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeat", type=int, default=9, help="calls timed per figure (median)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
     result = run(args.repeat)
     print(format_result(result))
     if args.json:

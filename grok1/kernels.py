@@ -1,9 +1,10 @@
 """How rows are multiplied by a weight: the one place that knows the compute layout and the
 platform (model.py calls `linear` and `rows_times_transposed`, and never branches on either).
 
-A product is computed as the official model defines it: the weight dequantised (int8 x scale,
-exact in float32), the rows rounded to the compute dtype, products accumulated in float32 and
-returned in float32 (docs/ARCHITECTURE.md, "Where the model rounds to bfloat16").
+A product is computed as the official model defines it, up to float32 rounding: the rows
+rounded to the compute dtype, int8 values (exact in float32) times their block scale, products
+accumulated in float32 and returned in float32 (docs/ARCHITECTURE.md, "Where the model rounds to
+bfloat16"); a run of the input axis inside one scale block is scaled after its product.
 
 What XLA:CPU runs fast, measured on this project's 2-core machines (benchmarks/products.py):
 - One row times a weight stored [out, in] (`row @ w.T`) is a matrix-vector product that streams

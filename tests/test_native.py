@@ -163,3 +163,31 @@ def test_kernel_checks_shapes_itself():
     with pytest.raises(Exception, match="inputs per row"):
         jax.block_until_ready(call(jnp.zeros((1, 30), jnp.float32), jnp.zeros((1,), jnp.int32),
                                    values, scales))
+
+
+def test_loaded_model_decodes_through_the_kernel_with_the_logits_of_xla_products(monkeypatch):
+    # The shipped int8 model's own decode step (rows of the bf16 table, layers picked out of the
+    # stack, each (token, expert) pair reading its expert) against the same step with the kernel
+    # turned off.
+    import pathlib
+    import grok1
+    from grok1 import kernels
+    from grok1.model import transformed
+
+    model = grok1.load(pathlib.Path(__file__).resolve().parents[1] / "checkpoints" / "small",
+                       dtype="float32", progress=False)
+    tokens = np.random.default_rng(0).integers(3, model.config.vocab_size, size=(4, 6))
+    apply = jax.jit(transformed(model.config, model.dtype).apply)
+    experts = model.params["transformer/decoder_layers/moe/linear_1"]["w"]
+    assert experts.dtype == jnp.int8 and kernels.native_products(experts, 8)
+
+    def decode_step_logits() -> np.ndarray:
+        _, cache = apply(model.params, jnp.asarray(tokens[:, :-1]), model.init_cache(4))
+        logits, _ = apply(model.params, jnp.asarray(tokens[:, -1:]), cache)
+        return np.asarray(logits)
+
+    native_logits = decode_step_logits()
+    monkeypatch.setattr(kernels, "native_products", lambda w, rows: False)
+    monkeypatch.setattr(grok1.experts, "native_products", lambda w, rows: False)
+    apply = jax.jit(transformed(model.config, model.dtype).apply)  # traced again, without it
+    np.testing.assert_allclose(native_logits, decode_step_logits(), rtol=0, atol=1e-4)

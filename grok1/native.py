@@ -24,6 +24,7 @@ import pathlib
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from typing import Optional
@@ -108,6 +109,9 @@ def _load() -> None:
         raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH")
     path = library_path(compiler, flags)
     if not path.exists():
+        if sys.stderr.isatty():  # a pause of several seconds, once per machine: say why
+            print(f"grok1: compiling the native CPU kernel into {path.parent} (once)",
+                  file=sys.stderr, flush=True)
         _build(compiler, path)
     library = ctypes.CDLL(str(path))
     if library.grok1_native_simd() != 1:

@@ -358,7 +358,8 @@ class ExpertWeight(hk.Module):
 class DecoderLayer(hk.Module):
     """Pre- and post-norm around both sublayers: four RMSNorms per layer. `layer` says which
     layer of the stacked KV cache it writes and reads. Named `decoder_layers` it is the scanned
-    body of all layers (parameters [L, ...], sliced per step); `decoder_layer_{i}` is layer i."""
+    body of all layers (parameters [L, ...], one layer picked per step); `decoder_layer_{i}` is
+    layer i."""
 
     def __init__(self, config: ModelConfig, dtype, name: str = LAYERS_MODULE):
         super().__init__(name=name)

@@ -176,7 +176,7 @@ def product_flops(hlo_text: str) -> int:
         shapes[name] = [int(d) for d in dims.split(",") if d]
         if opcode != "dot":
             continue
-        lhs = shapes.get(re.match(r"\s*%([\w.\-]+)", rest).group(1), [])
+        lhs = shapes[re.match(r"\s*%([\w.\-]+)", rest).group(1)]  # defined above it (SSA)
         contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest).group(1)
         contracted = math.prod(lhs[int(d)] for d in contracting.split(",") if d)
         total += 2 * math.prod(shapes[name]) * contracted

@@ -103,7 +103,6 @@ def linear(x: jax.Array, w: Weight | LinearWeight, dtype) -> jax.Array:
         return native_linear(x, w, dtype)
     w = w.resolved()
     one_row = one_row_products(w.dtype, math.prod(x.shape[:-1]))
-    run = w.chunk_size // w.groups
     total = None
     for j in range(w.chunks):  # one product per chunk of the input axis (layout.MAX_CHUNK)
         values = w.values[..., j, :, :]                                       # [..., out, chunk]
@@ -114,7 +113,7 @@ def linear(x: jax.Array, w: Weight | LinearWeight, dtype) -> jax.Array:
             if scales is not None:
                 part = part * scales[..., 0, :]
         else:  # the chunk holds one run of each device's share, each run scaled on its own
-            weight = values.reshape(*values.shape[:-1], w.groups, run).astype(jnp.float32)
+            weight = values.reshape(*values.shape[:-1], w.groups, w.run).astype(jnp.float32)
             weight = weight * jnp.swapaxes(scales, -1, -2)[..., None]
             part = rows_times_transposed(rows, weight.reshape(values.shape), dtype, one_row)
         total = part if total is None else total + part
@@ -134,8 +133,7 @@ def table_rows(table: jax.Array | LinearWeight, tokens: jax.Array) -> jax.Array:
     if not isinstance(table, LinearWeight):
         return table[tokens]
     rows = table.values[:, tokens, :]                                   # [chunks, ..., chunk]
-    run = table.chunk_size // table.groups
-    rows = rows.reshape(table.chunks, *tokens.shape, table.groups, run)   # [j, ..., g, u]
+    rows = rows.reshape(table.chunks, *tokens.shape, table.groups, table.run)  # [j, ..., g, u]
     return jnp.moveaxis(rows, 0, -2).reshape(*tokens.shape, table.shape[-1])  # [..., g, j, u]
 
 

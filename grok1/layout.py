@@ -66,6 +66,11 @@ class LinearWeight:
         return self.values.shape[-1]
 
     @property
+    def run(self) -> int:
+        """Positions of one device's share in a chunk (the whole chunk when `groups` is 1)."""
+        return self.chunk_size // self.groups
+
+    @property
     def shape(self) -> tuple[int, ...]:
         """The logical [..., in, out] shape (of the picked entry)."""
         *lead, chunks, n_out, size = self.values.shape
@@ -99,16 +104,14 @@ class LinearWeight:
     def positions(self, j: int) -> np.ndarray:
         """The input positions chunk j holds, in its order (see `chunk_count`)."""
         n_in = self.shape[-2]
-        run = self.chunk_size // self.groups
-        starts = np.arange(self.groups) * (n_in // self.groups) + j * run
-        return (starts[:, None] + np.arange(run)[None, :]).reshape(-1)
+        starts = np.arange(self.groups) * (n_in // self.groups) + j * self.run
+        return (starts[:, None] + np.arange(self.run)[None, :]).reshape(-1)
 
     def rows_of_chunk(self, x: jax.Array, j: int) -> jax.Array:
         """x [..., in] restricted to chunk j's input positions, in the chunk's order."""
         if self.chunks == 1:
             return x
-        run = self.chunk_size // self.groups
-        pieces = x.reshape(*x.shape[:-1], self.groups, self.chunks, run)[..., :, j, :]
+        pieces = x.reshape(*x.shape[:-1], self.groups, self.chunks, self.run)[..., :, j, :]
         return pieces.reshape(*x.shape[:-1], self.chunk_size)
 
     def chunk_scales(self, j: int) -> Optional[jax.Array]:
@@ -118,8 +121,7 @@ class LinearWeight:
         if self.scales is None:
             return None
         n_in, blocks = self.shape[-2], self.scales.shape[-2]
-        run = self.chunk_size // self.groups
-        block_of_run = self.positions(j)[::run] // (n_in // blocks)                # [groups]
+        block_of_run = self.positions(j)[::self.run] // (n_in // blocks)           # [groups]
         return self.scales.astype(jnp.float32)[..., block_of_run, :]
 
 

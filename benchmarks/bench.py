@@ -45,6 +45,14 @@ CACHE = os.path.join(REPO, "benchmarks", ".cache")
 READ_BYTES = 512 * 2 ** 20
 
 
+def write_atomically(path: str, text: str) -> None:
+    """Write `path` under a temporary name, then rename it: a reader never sees half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 # ---- the checkpoint ---------------------------------------------------------------------------
 
 def random_params(config, seed: int = 0) -> dict:
@@ -375,10 +383,7 @@ def main(argv=None) -> dict:
     print(format_report(res))
     text = json.dumps(res, indent=1, default=str)
     if args.json:
-        tmp = f"{args.json}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text + "\n")
-        os.replace(tmp, args.json)
+        write_atomically(args.json, text + "\n")
     print(text)
     return res
 

@@ -42,6 +42,7 @@ from grok1 import experts as grok_experts  # noqa: E402
 from grok1 import native  # noqa: E402
 from grok1.kernels import linear  # noqa: E402
 from grok1.layout import LinearWeight  # noqa: E402
+from bench import write_atomically  # noqa: E402 - benchmarks/bench.py, beside this script
 
 barrier = jax.lax.optimization_barrier
 
@@ -237,10 +238,7 @@ def main(argv=None) -> dict:
     result = run(args.repeat)
     print(format_result(result))
     if args.json:
-        tmp = f"{args.json}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, args.json)
+        write_atomically(args.json, json.dumps(result, indent=1))
     return result
 
 

@@ -127,14 +127,6 @@ def run_measured(command: list[str], stdout_path: str, stderr_path: str | None =
     return output, usage.ru_maxrss * 1024  # Linux reports kilobytes
 
 
-def write_atomically(path: str, text: str) -> None:
-    """Write `path` under a temporary name, then rename it: a reader never sees half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 # ---- reading each engine's output -------------------------------------------------------------
 
 def llama_bench_prefill(output: str) -> tuple[float, dict]:
@@ -334,12 +326,12 @@ def main(argv=None) -> int:
     ended = time.strftime("%H:%M UTC", time.gmtime())
 
     report = format_report(rows, llama_record, grok1_result, args, started, ended, checkpoint)
-    write_atomically(os.path.join(out, "summary.txt"), report + "\n")
+    bench.write_atomically(os.path.join(out, "summary.txt"), report + "\n")
     print("\n" + report + f"\n\nraw outputs: {out}")
     if args.json:
         figures = {"started": started, "ended": ended, "machine": machine_description(),
                    "rows": [vars(r) for r in rows]}
-        write_atomically(args.json, json.dumps(figures, indent=1) + "\n")
+        bench.write_atomically(args.json, json.dumps(figures, indent=1) + "\n")
     return 0
 
 

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench import write_atomically  # benchmarks/bench.py, beside this script
+
 OUT, IN, WEIGHTS = 5464, 1024, 16
 ROWS = (1, 2, 8, 16)
 barrier = jax.lax.optimization_barrier
@@ -112,10 +114,7 @@ def main(argv=None) -> dict:
     result = run(args.repeat)
     print(format_table(result))
     if args.json:
-        tmp = f"{args.json}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, args.json)
+        write_atomically(args.json, json.dumps(result, indent=1))
     return result
 
 

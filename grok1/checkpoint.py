@@ -689,7 +689,9 @@ _ALIGNMENT = 64
 _MAPPED_BYTES = 1 << 20
 
 
-def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised host array aligned for XLA:CPU, which then takes it over without a copy."""
+    dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes >= _MAPPED_BYTES:
         return np.frombuffer(mmap.mmap(-1, nbytes), dtype).reshape(shape)
@@ -740,7 +742,7 @@ def read_box(ref: ArrayRef, box: Optional[Sequence[slice]] = None) -> np.ndarray
     """The part `box` (a slice per axis; None: all) of a located array, read from the file straight
     into a new aligned array: the only copy is the one from the page cache."""
     box = _normalise(box, ref.shape)
-    out = _aligned_empty(tuple(s.stop - s.start for s in box), ref.dtype)
+    out = aligned_empty(tuple(s.stop - s.start for s in box), ref.dtype)
     if out.size:
         dest = memoryview(out.reshape(-1).view(np.uint8))
         runs = list(_runs(ref.shape, ref.dtype.itemsize, box))
@@ -760,6 +762,30 @@ def _read_located(located: Located) -> np.ndarray | QuantizedWeight8bit:
     if isinstance(located, QuantizedWeight8bit):
         return QuantizedWeight8bit(weight=read_box(located.weight), scales=read_box(located.scales))
     return read_box(located)
+
+
+def _rows_reader(entry: CheckedTensor) -> Callable[[Optional[slice]], np.ndarray | QuantizedWeight8bit]:
+    """`read(rows)` for `load_params`'s `place`: the tensor, or the slice `rows` of its first axis."""
+    located = entry.located
+    if located is None:  # an unusual layout: unpickled whole once, then sliced
+        value = _unpickle(entry.path)
+        check_tensor(value, entry.spec, entry.path)
+        return lambda rows=None: value if rows is None else _rows_of(value, rows)
+
+    def read(rows: Optional[slice] = None) -> np.ndarray | QuantizedWeight8bit:
+        def part(ref: ArrayRef) -> np.ndarray:
+            return read_box(ref, None if rows is None else (rows,))
+        if isinstance(located, QuantizedWeight8bit):
+            return QuantizedWeight8bit(weight=part(located.weight), scales=part(located.scales))
+        return part(located)
+    return read
+
+
+def _rows_of(value: np.ndarray | QuantizedWeight8bit, rows: slice) -> np.ndarray | QuantizedWeight8bit:
+    """Rows `rows` of the first axis of a tensor (of weight and scales alike)."""
+    if isinstance(value, QuantizedWeight8bit):
+        return QuantizedWeight8bit(weight=value.weight[rows], scales=value.scales[rows])
+    return value[rows]
 
 
 def read_tensor(path: str | os.PathLike, spec: Optional[TensorSpec] = None
@@ -1039,25 +1065,26 @@ def load_params(path: str | os.PathLike, config: ModelConfig,
     The whole checkpoint is validated first (files, sizes, globals, shapes, dtypes, and whether the
     parameters fit the devices), then `workers` threads read tensors, each straight into its final
     sharding over `mesh` (None: the first device), reading only what this process's devices hold.
-    At most `workers` tensors are in host memory at once. `place(spec, value)`, when given,
-    replaces the placement and receives each whole tensor as numpy. `progress`: a bar (tensors, GB,
-    GB/s, ETA) when stderr is a terminal, unless False.
+    At most `workers` tensors are in host memory at once. `place(spec, read)`, when given,
+    replaces the placement: `read(rows)` gives the tensor as numpy, or the slice `rows` of its
+    first axis (of weight and scales alike for a QuantizedWeight8bit), each read from the file as
+    asked, so a tensor can be taken in pieces. `progress`: a bar (tensors, GB,
+    GB/s, ETA) when stderr is a terminal, unless False. The memory check assumes the tensors end
+    up as `mesh` (or one device) would hold them, `place` or not.
     """
     ckpt = checkpoint_dir(path)
     checked = check_checkpoint(ckpt, config)
+    if memory_check:
+        shardings = [_sharding_for(mesh, e.spec, e.located if e.located is not None
+                                   else _ShapeOnly(e.spec.shape)) for e in checked]
+        largest = max(e.file_bytes for e in checked)
+        check_memory(ckpt, checked, shardings, in_flight_bytes=workers * largest)
     if place is not None:
         def work(entry: CheckedTensor) -> Any:
-            value = _unpickle(entry.path) if entry.located is None else _read_located(entry.located)
-            check_tensor(value, entry.spec, entry.path)
-            return place(entry.spec, value)
+            return place(entry.spec, _rows_reader(entry))
     else:
         def work(entry: CheckedTensor) -> Any:
             return _load_one(entry, mesh)
-        if memory_check:
-            shardings = [_sharding_for(mesh, e.spec, e.located if e.located is not None
-                                       else _ShapeOnly(e.spec.shape)) for e in checked]
-            largest = max(e.file_bytes for e in checked)
-            check_memory(ckpt, checked, shardings, in_flight_bytes=workers * largest)
     return _load_in_parallel(checked, work, workers, progress)
 
 

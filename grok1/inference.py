@@ -13,10 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from grok1 import checkpoint
+from grok1.compiling import jit
 from grok1.config import ModelConfig
 from grok1.layout import to_compute_layout, to_official
 from grok1.model import KVCache, transformed
-from grok1.stacking import stack_layers, unstack_layers
+from grok1.stacking import HostStack, stack_layers, unstack_layers
 
 if TYPE_CHECKING:
     from grok1.inspect import Trace
@@ -85,7 +86,7 @@ class Model:
     @functools.cached_property
     def _forward(self):
         from grok1.rows import on_mesh
-        return jax.jit(on_mesh(transformed(self.config, self.dtype).apply, self.mesh))
+        return jit(on_mesh(transformed(self.config, self.dtype).apply, self.mesh))
 
     def logits(self, tokens: Any) -> np.ndarray:
         """Full forward without cache: int tokens [B, T] (rows right-padded with the pad token)
@@ -180,11 +181,18 @@ def load(path: str | os.PathLike, *, mesh: Optional[jax.sharding.Mesh | str] = N
         raise TypeError(f"tokenizer must be the path of a tokenizer.model or None (the one in the "
                         f"checkpoint folder, if any), got {type(tokenizer).__name__}")
     config = resolve_config(config) or checkpoint.read_config(path)
-    # Each tensor goes straight into its final sharding over `mesh` (one device without a mesh),
-    # each linear weight is laid out for compute where it lies, then the layers are stacked for
-    # the model's one compiled layer body.
-    params = stack_layers(to_compute_layout(
-        checkpoint.load_params(path, config, mesh=mesh, progress=progress), mesh))
+    if mesh is None:
+        # Read into host buffers of the stacked compute layout, then placed on the device (on
+        # CPU: the same memory): the weights are held once.
+        stack = HostStack(config.num_layers)
+        checkpoint.load_params(path, config, stack, progress=progress)
+        params = stack.placed(jax.devices()[0])
+    else:
+        # Each tensor goes straight into its final sharding over `mesh`, each linear weight is
+        # laid out for compute where it lies, then the layers are stacked for the model's one
+        # compiled layer body.
+        params = stack_layers(to_compute_layout(
+            checkpoint.load_params(path, config, mesh=mesh, progress=progress), mesh))
     tok = None
     tokenizer_path = tokenizer or os.path.join(path, TOKENIZER_FILE)
     if tokenizer is not None or os.path.isfile(tokenizer_path):

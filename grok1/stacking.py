@@ -7,7 +7,10 @@ layer axis: `transformer/decoder_layers/moe/linear` holds all L layers' tensors 
 
 `grok1.load` holds the stacked form (in the compute layout of grok1/layout.py, whose int8
 weights XLA streams straight out of the stacked arrays); `grok1.model.transformed` runs
-whichever form it is given, the official one unrolled.
+whichever form it is given, the official one unrolled. Onto one device, `HostStack` assembles
+that form on the host as the checkpoint is read, each tensor written once into its layer's slot;
+over a mesh each tensor is placed where it belongs, laid out there, then stacked
+(`stack_layers`).
 
 Both directions are generic pytree operations on a module's group of parameters: each leaf is
 stacked (or indexed) on its own, whatever dataclass holds it (`QuantizedWeight8bit`, a layout's
@@ -19,14 +22,16 @@ kernel that multiplies by it reads the layer out of the stack where it lies.
 from __future__ import annotations
 
 import re
-from typing import Any
+import dataclasses
+import threading
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from grok1.layout import LinearWeight
+from grok1.layout import EmbeddingTable, LinearWeight, compute_layout_structs, write_compute_layout
 
 LAYERS_MODULE = "decoder_layers"                  # the model's module name for all layers at once
 STACKED_PREFIX = f"transformer/{LAYERS_MODULE}/"
@@ -101,6 +106,72 @@ def unstack_layers(params: dict) -> dict:
         for i in range(num_layers):
             official[official_module(i, inner)] = jax.tree_util.tree_map(lambda x: x[i], group)
     return official
+
+
+class HostStack:
+    """The `place` of `checkpoint.load_params` for one device: each tensor is read in pieces
+    (an expert, a band of the embedding table) and each piece written, in its compute layout,
+    into its layer's slot of host buffers already shaped as the stacked tree; `placed` then puts
+    them on the device, which on CPU takes the buffers over without a copy. So the weights are
+    held once, never copied to be stacked, and nothing is compiled to load
+    (`stack_layers(to_compute_layout(...))` holds a module's layers twice)."""
+
+    PIECE_BYTES = 8 << 20  # at most this much of a tensor is in host memory besides its slot
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.buffers: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()  # load_params calls from several threads
+
+    def __call__(self, spec: Any, read: Callable[[Optional[slice]], Any]) -> None:
+        match = _OFFICIAL_LAYER.match(spec.module)
+        module = stacked_module(match.group(2)) if match else spec.module
+        # Expert stacks [E, in, out] and the embedding table [V, d] are read a band of their
+        # first axis at a time (the rows of weight and scales alike); anything else whole.
+        banded = len(spec.shape) == 3 or spec.param == "embeddings"
+        rows = spec.shape[0]
+        first = read(slice(0, 1) if banded else None)
+        slot = self._slot(module, spec, first, rows if banded else None)
+        if match:
+            layer = int(match.group(1))
+            slot = jax.tree_util.tree_map(lambda buffer: buffer[layer], slot)
+        if not banded:
+            write_compute_layout(first, slot)
+            return
+        row_bytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(first))
+        step = max(1, self.PIECE_BYTES // row_bytes)
+        for start in range(0, rows, step):
+            band = slice(start, min(rows, start + step))
+            if isinstance(slot, EmbeddingTable):                  # [chunks, V, run]: V is axis 1
+                part = dataclasses.replace(slot, values=slot.values[:, band])
+            elif isinstance(slot, LinearWeight):
+                part = dataclasses.replace(slot, values=slot.values[band], scales=None
+                                           if slot.scales is None else slot.scales[band])
+            else:
+                part = slot[band]
+            write_compute_layout(first if band.stop - band.start == 1 and start == 0 else read(band), part)
+
+    def _slot(self, module: str, spec: Any, first: Any, rows: Optional[int]) -> Any:
+        """The host buffers of params[module][spec.param] (all layers), made on first use from
+        `first`: the tensor, or (`rows` given) its first row along the first axis."""
+        from grok1.checkpoint import aligned_empty
+        with self._lock:
+            group = self.buffers.setdefault(module, {})
+            if spec.param not in group:
+                whole = jax.tree_util.tree_map(
+                    lambda a: jax.ShapeDtypeStruct(a.shape if rows is None else (rows, *a.shape[1:]), a.dtype),
+                    first)
+                struct = compute_layout_structs({spec.module: {spec.param: whole}})[spec.module][spec.param]
+                lead = (self.num_layers,) if is_stacked(module) else ()
+                group[spec.param] = jax.tree_util.tree_map(
+                    lambda s: aligned_empty(lead + tuple(s.shape), s.dtype), struct)
+            return group[spec.param]
+
+    def placed(self, device: Any) -> dict:
+        """The stacked params dict on `device` (the buffers are handed over: use it once)."""
+        params = jax.tree_util.tree_map(lambda buffer: jax.device_put(buffer, device), self.buffers)
+        self.buffers = {}
+        return jax.block_until_ready(params)
 
 
 def layer_of(params: dict, index: jax.Array) -> dict:

@@ -117,3 +117,44 @@ def test_loaded_int8_model_keeps_layers_stacked_and_saves_the_checkpoint_byte_fo
     loaded.save(tmp_path / "copy")
     for name in sorted(os.listdir(SHIPPED / "ckpt-0")):
         assert (tmp_path / "copy" / "ckpt-0" / name).read_bytes() == (SHIPPED / "ckpt-0" / name).read_bytes(), name
+
+
+def write_wide_checkpoint(path: Path, blocks: int) -> ModelConfig:
+    """An int8 checkpoint whose table and expert weights are cut into several chunks (input axes
+    over MAX_CHUNK) with `blocks` scale blocks: every case of the one-device load's layout."""
+    from grok1 import checkpoint
+    config = ModelConfig(vocab_size=64, emb_size=2048, num_q_heads=8, num_kv_heads=1, key_size=256,
+                         num_layers=2, widening_factor=1, num_experts=2, num_selected_experts=1,
+                         sequence_len=16)
+    params = official_params(config)
+    checkpoint.save(checkpoint.quantize_params(params, config, num_blocks=blocks), path, config)
+    return config
+
+
+def leaves_equal(a: dict, b: dict) -> bool:
+    flat_a, tree_a = jax.tree_util.tree_flatten(a)
+    flat_b, tree_b = jax.tree_util.tree_flatten(b)
+    return tree_a == tree_b and all(
+        x.dtype == y.dtype and x.shape == y.shape and np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(flat_a, flat_b))
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_loading_onto_one_device_gives_the_params_of_the_mesh_path_exactly(tmp_path, blocks, monkeypatch):
+    from grok1.stacking import HostStack
+    write_wide_checkpoint(tmp_path / "wide", blocks)
+    monkeypatch.setattr(HostStack, "PIECE_BYTES", 1000)  # the table in many bands
+    one = grok1.load(tmp_path / "wide", progress=False)
+    mesh = grok1.load(tmp_path / "wide", mesh="1x1", progress=False)
+    assert leaves_equal(one.params, mesh.params)
+
+
+def test_loading_onto_one_device_compiles_nothing():
+    compiles = []
+    listener = lambda event, *_, **__: compiles.append(event) if event.endswith("backend_compile_duration") else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        grok1.load(SHIPPED, progress=False)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []

@@ -196,9 +196,10 @@ def measure_prefill(model, tokens: int, repeat: int) -> float:
     """Seconds to run a `tokens`-long prompt into a fresh cache (logits of its last position)."""
     import jax
     import jax.numpy as jnp
+    from grok1.compiling import jit
     from grok1.model import transformed
 
-    apply = jax.jit(transformed(model.config, model.dtype).apply)
+    apply = jit(transformed(model.config, model.dtype).apply)
     prompt = jnp.asarray(np.random.default_rng(1).integers(1, model.config.vocab_size, (1, tokens)),
                          jnp.int32)
     last = jnp.asarray([tokens - 1], jnp.int32)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grok1 import model as model_lib
+from grok1.compiling import jit
 from grok1.config import ModelConfig
 from grok1.model import (DecoderLayer, LanguageModel, MultiHeadAttention, Router, attention_context,
                          cap_attention_logits, forward, param_shapes)
@@ -381,7 +382,7 @@ def _traced_apply(config: ModelConfig, dtype, mesh: Optional[jax.sharding.Mesh] 
     apply = hk.without_apply_rng(hk.transform(traced)).apply
     # One layer at a time, under the official names: stacked layers are taken apart inside the
     # program (grok1/stacking.py), so no copy of the weights is ever made outside it.
-    return jax.jit(on_mesh(lambda params, tokens: apply(unstack_layers(params), tokens), mesh))
+    return jit(on_mesh(lambda params, tokens: apply(unstack_layers(params), tokens), mesh))
 
 
 def trace(model: Any, tokens: Any) -> Trace:

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grok1.compiling import jit
 from grok1.config import ModelConfig
 from grok1.model import KVCache, transformed
 from grok1.rows import on_mesh
@@ -555,11 +556,11 @@ class Runner:
         # On a mesh the outputs keep the input shardings, so every call reuses one compilation.
         placement = {} if model.mesh is None else dict(out_shardings=(
             self._state_sharding, self._state_sharding.tokens, self._state_sharding.tokens))
-        self.decode = jax.jit(functools.partial(decode_steps, apply, constrain, int(decode_chunk)),
+        self.decode = jit(functools.partial(decode_steps, apply, constrain, int(decode_chunk)),
                               donate_argnums=(1,), **placement)
-        self.prefill = jax.jit(functools.partial(prefill_slot, apply, config, model.dtype, constrain),
+        self.prefill = jit(functools.partial(prefill_slot, apply, config, model.dtype, constrain),
                                donate_argnums=(1,), **placement)
-        self.prefill_chunk = jax.jit(functools.partial(prefill_chunk, apply, constrain),
+        self.prefill_chunk = jit(functools.partial(prefill_chunk, apply, constrain),
                                      donate_argnums=(1,), **placement)
         self._state: Optional[SlotState] = None
 

@@ -17,6 +17,7 @@ from grok1.compiling import jit
 from grok1.config import ModelConfig
 from grok1.layout import to_compute_layout, to_official
 from grok1.model import KVCache, transformed
+from grok1.sharding import record_splits
 from grok1.stacking import HostStack, stack_layers, unstack_layers
 
 if TYPE_CHECKING:
@@ -191,8 +192,8 @@ def load(path: str | os.PathLike, *, mesh: Optional[jax.sharding.Mesh | str] = N
         # Each tensor goes straight into its final sharding over `mesh`, each linear weight is
         # laid out for compute where it lies, then the layers are stacked for the model's one
         # compiled layer body.
-        params = stack_layers(to_compute_layout(
-            checkpoint.load_params(path, config, mesh=mesh, progress=progress), mesh))
+        params = record_splits(stack_layers(to_compute_layout(
+            checkpoint.load_params(path, config, mesh=mesh, progress=progress), mesh)))
     tok = None
     tokenizer_path = tokenizer or os.path.join(path, TOKENIZER_FILE)
     if tokenizer is not None or os.path.isfile(tokenizer_path):

@@ -16,7 +16,7 @@ What XLA:CPU runs fast, measured on this project's 2-core machines (benchmarks/p
 - A product fused with what produces its rows or with what consumes its result (an add, a
   multiply) is emitted as a plain loop or reads a transposed copy of the weight (20-50x slower),
   so the rows and each one-row product are fenced by optimization barriers.
-Where grok1/native.py's kernel is available (CPU with AVX2, a C++ compiler; one device), up to
+Where grok1/native.py's kernel is available (CPU with AVX2, a C++ compiler), up to
 NATIVE_ROWS_UP_TO rows of an int8/bfloat16 weight run through it instead: all rows in one pass
 over the weight, on all cores, and each row may pick its own entry of a stack (a layer, an
 expert) straight out of the whole stack (`LinearWeight.picked`): nothing is sliced or copied.
@@ -28,10 +28,11 @@ reads the weight once). Accelerators compile one product in every case.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from grok1 import native
 from grok1.layout import LinearWeight
@@ -46,23 +47,81 @@ NATIVE_ROWS_UP_TO = 64
 
 
 def native_products(w: LinearWeight, rows: int) -> bool:
-    """Whether `rows` rows times `w` run through grok1/native.py's kernel: on CPU, one device,
-    an int8 or bfloat16 weight whose input axis is whole (`groups` 1), at most NATIVE_ROWS_UP_TO
-    rows, and the kernel built and loaded."""
-    if (jax.default_backend() != "cpu" or rows > NATIVE_ROWS_UP_TO or w.groups != 1
+    """Whether `rows` rows times `w` run through grok1/native.py's kernel: on CPU, an int8 or
+    bfloat16 weight, at most NATIVE_ROWS_UP_TO rows, the kernel built and loaded; on one device
+    a weight whose input axis is whole (`groups` 1), on a mesh a weight whose every device's
+    shard is a weight of its own (`device_split`)."""
+    if (jax.default_backend() != "cpu" or rows > NATIVE_ROWS_UP_TO
             or jnp.dtype(w.dtype) not in (jnp.dtype(jnp.int8), jnp.dtype(jnp.bfloat16))):
         return False
     mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:  # a custom call has no rule for partitioning it
+    if not mesh.empty and mesh.size > 1:
+        if device_split(w) is None:
+            return False
+    elif w.groups != 1:
         return False
     return native.available()
+
+
+def device_split(w: LinearWeight) -> Optional[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """(mesh axes splitting w's output axis, mesh axes splitting its input axis) when each
+    device's shard of `w` is a LinearWeight by itself (leading axes and chunks whole, the
+    input share's scale blocks its own), as `mesh_split` records; else None."""
+    if not w.mesh_split:
+        return None
+    values_spec, scales_spec = w.mesh_split
+    if len(values_spec) != w.values.ndim:
+        return None
+    *lead, chunks, out_split, in_split = values_spec
+    if any(lead) or chunks:
+        return None
+    out_axes, in_axes = _axes(out_split), _axes(in_split)
+    if scales_spec is not None:
+        if len(scales_spec) != w.scales.ndim:
+            return None
+        *scale_lead, blocks, scale_out = scales_spec
+        whole_block = w.scales.shape[-2] == 1 and not blocks
+        if any(scale_lead) or _axes(scale_out) != out_axes or not (whole_block or _axes(blocks) == in_axes):
+            return None
+    return out_axes, in_axes
+
+
+def _axes(entry: Any) -> tuple[str, ...]:
+    """A PartitionSpec entry as a tuple of mesh axis names."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def native_linear(x: jax.Array, w: LinearWeight, dtype, entries: Optional[jax.Array] = None
                   ) -> jax.Array:
     """`x @ w` through the native kernel, float32 [..., out]: the rows rounded to `dtype` as in
     every product. With `entries` [rows] (ints), row i multiplies entry entries[i] of the leading
-    axis left after `w.picked` (e.g. its expert); the kernel reads each entry from the stack."""
+    axis left after `w.picked` (e.g. its expert); the kernel reads each entry from the stack.
+    On a mesh, each device multiplies the rows (its share of their input axis) by its own shard
+    (a custom call has no rule for partitioning it: `shard_map`), and the devices sharing the
+    input axis add up their parts (`device_split`)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return _native_linear_here(x, w, dtype, entries)
+    out_axes, in_axes = device_split(w)
+    values_spec, scales_spec = w.mesh_split
+    picks = tuple(jnp.asarray(p, jnp.int32) for p in w.picked)
+    lead = (None,) * (x.ndim - 1)
+
+    def on_device(x, values, scales, picks, entries):
+        shard = LinearWeight(values, scales, picked=picks)
+        y = _native_linear_here(x, shard, dtype, entries)
+        return jax.lax.psum(y, in_axes) if in_axes else y
+
+    return jax.shard_map(
+        on_device, mesh=mesh, check_vma=False,
+        in_specs=(P(*lead, in_axes or None), P(*values_spec),
+                  None if scales_spec is None else P(*scales_spec), P(), P()),
+        out_specs=P(*lead, out_axes or None))(x, w.values, w.scales, picks, entries)
+
+
+def _native_linear_here(x: jax.Array, w: LinearWeight, dtype, entries: Optional[jax.Array]
+                        ) -> jax.Array:
+    """`native_linear` of a weight all on this device (or of one device's own shard)."""
     n_in, n_out = w.chunks * w.chunk_size, w.values.shape[-2]  # (the table's `shape` is [V, d])
     rows = x.reshape(-1, n_in).astype(dtype).astype(jnp.float32)
     lead = w.values.shape[:-3]

@@ -39,7 +39,7 @@ MAX_CHUNK = 1024
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["values", "scales", "picked"],
-                   meta_fields=["groups"])
+                   meta_fields=["groups", "mesh_split"])
 @dataclasses.dataclass(frozen=True)
 class LinearWeight:
     """A weight in the compute layout, for `x @ w` with w [..., in, out] as the checkpoint has it:
@@ -50,12 +50,15 @@ class LinearWeight:
     for float weights. Leading axes (layers, experts) index as usual; an index by a single
     (possibly traced) integer is only recorded in `picked` and applied where the weight is
     multiplied (`resolved`), so a kernel can read the entry straight out of the whole stack
-    instead of a copy of it (grok1/kernels.py)."""
+    instead of a copy of it (grok1/kernels.py). On a mesh, `mesh_split` records how `values` and
+    `scales` are split (a PartitionSpec's entries per axis, grok1/sharding.record_splits), so a
+    kernel can run on each device's shard."""
 
     values: jax.Array
     scales: Optional[jax.Array] = None
     groups: int = 1
     picked: tuple = ()  # indices into the leading axes of `values`, not yet applied
+    mesh_split: tuple = ()  # (values' spec, scales' spec or None), full rank; () unknown
 
     @property
     def chunks(self) -> int:
@@ -90,7 +93,7 @@ class LinearWeight:
         if isinstance(index, (int, np.integer)) or (hasattr(index, "shape") and index.shape == ()):
             return dataclasses.replace(self, picked=(*self.picked, index))
         whole = self.resolved()
-        return dataclasses.replace(whole, values=whole.values[index],
+        return dataclasses.replace(whole, values=whole.values[index], mesh_split=(),
                                    scales=None if whole.scales is None else whole.scales[index])
 
     def resolved(self) -> "LinearWeight":
@@ -98,7 +101,7 @@ class LinearWeight:
         if not self.picked:
             return self
         pick = lambda a: a[tuple(self.picked)]  # noqa: E731 - integer indices of the leading axes
-        return dataclasses.replace(self, values=pick(self.values), picked=(),
+        return dataclasses.replace(self, values=pick(self.values), picked=(), mesh_split=(),
                                    scales=None if self.scales is None else pick(self.scales))
 
     def positions(self, j: int) -> np.ndarray:
@@ -126,7 +129,7 @@ class LinearWeight:
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["values", "scales", "picked"],
-                   meta_fields=["groups"])
+                   meta_fields=["groups", "mesh_split"])
 @dataclasses.dataclass(frozen=True)
 class EmbeddingTable(LinearWeight):
     """The [V, d] embedding table in the compute layout: the weight of the output projection

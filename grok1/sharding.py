@@ -9,6 +9,7 @@ the weights and the step inputs. No regexes over parameter paths.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any, Optional, Sequence
@@ -189,6 +190,21 @@ def param_sharding(mesh: Mesh, module: str, param: str, value: Any) -> Any:
             weight=NamedSharding(mesh, partition_spec(axes, value.weight.shape, mesh)),
             scales=NamedSharding(mesh, partition_spec(axes, value.scales.shape, mesh)))
     return NamedSharding(mesh, partition_spec(axes, value.shape, mesh))
+
+
+def record_splits(params: dict) -> dict:
+    """`params` (placed on a mesh) with each LinearWeight's `mesh_split` set from its arrays'
+    shardings, so that kernels.py can run the native kernel on each device's shard."""
+    def spec(array: jax.Array) -> tuple:
+        entries = tuple(array.sharding.spec) if isinstance(array.sharding, NamedSharding) else ()
+        return entries + (None,) * (array.ndim - len(entries))
+
+    def record(leaf: Any) -> Any:
+        if not isinstance(leaf, LinearWeight) or not isinstance(leaf.values, jax.Array):
+            return leaf
+        return dataclasses.replace(leaf, mesh_split=(
+            spec(leaf.values), None if leaf.scales is None else spec(leaf.scales)))
+    return jax.tree_util.tree_map(record, params, is_leaf=lambda leaf: isinstance(leaf, LinearWeight))
 
 
 def input_shards(mesh: Mesh, module: str, param: str, stored_shape: Sequence[int]) -> int:

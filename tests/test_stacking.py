@@ -132,6 +132,10 @@ def write_wide_checkpoint(path: Path, blocks: int) -> ModelConfig:
 
 
 def leaves_equal(a: dict, b: dict) -> bool:
+    """Same arrays in the same tree (whatever a mesh recorded of how they are split)."""
+    import dataclasses
+    unsplit = lambda leaf: dataclasses.replace(leaf, mesh_split=()) if isinstance(leaf, LinearWeight) else leaf  # noqa: E731
+    a, b = (jax.tree_util.tree_map(unsplit, t, is_leaf=lambda x: isinstance(x, LinearWeight)) for t in (a, b))
     flat_a, tree_a = jax.tree_util.tree_flatten(a)
     flat_b, tree_b = jax.tree_util.tree_flatten(b)
     return tree_a == tree_b and all(

@@ -46,6 +46,16 @@ def whole_rows(x: jax.Array) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, P(None, *[P.UNCONSTRAINED] * (x.ndim - 1)))
 
 
+def spread_rows(x: jax.Array) -> jax.Array:
+    """`x` [rows, ...] split by rows over every axis of the mesh in context, when they divide:
+    for per-row work that no weight splits (sampling over the vocabulary), which otherwise every
+    device would repeat for all rows. (Identity without a mesh, or when the rows do not divide.)"""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or x.shape[0] % mesh.size:
+        return x
+    return jax.lax.with_sharding_constraint(x, P(tuple(mesh.axis_names), *[None] * (x.ndim - 1)))
+
+
 def on_mesh(fn: Callable[..., Any], mesh: Optional[jax.sharding.Mesh]) -> Callable[..., Any]:
     """`fn`, traced with `mesh` in context so that `split_rows` applies (`fn` itself if no mesh)."""
     if mesh is None:

@@ -26,7 +26,7 @@ import numpy as np
 from grok1.compiling import jit
 from grok1.config import ModelConfig
 from grok1.model import KVCache, transformed
-from grok1.rows import on_mesh
+from grok1.rows import on_mesh, spread_rows
 from grok1.tokenizer import IncrementalDecoder
 
 MAX_SEED = 2 ** 32
@@ -358,7 +358,8 @@ def decode_steps(apply, constrain, num_steps: int, params: dict, state: SlotStat
     def step(state: SlotState, _):
         logits, cache = apply(params, state.tokens[:, None], state.cache,
                               jnp.zeros_like(state.tokens))
-        logits = penalize(logits, state.counts, state.frequency_penalty, state.presence_penalty)
+        logits = penalize(spread_rows(logits), state.counts, state.frequency_penalty,
+                          state.presence_penalty)
         tokens, logprobs = sample(logits, request_keys(state.seeds, state.steps),
                                   state.temperature, state.top_p, state.top_k)
         counts = state.counts.at[jnp.arange(tokens.shape[0]), tokens].add(1)
@@ -556,7 +557,8 @@ class Runner:
         # On a mesh the outputs keep the input shardings, so every call reuses one compilation.
         placement = {} if model.mesh is None else dict(out_shardings=(
             self._state_sharding, self._state_sharding.tokens, self._state_sharding.tokens))
-        self.decode = jit(functools.partial(decode_steps, apply, constrain, int(decode_chunk)),
+        self.decode = jit(on_mesh(functools.partial(decode_steps, apply, constrain, int(decode_chunk)),
+                                  model.mesh),
                               donate_argnums=(1,), **placement)
         self.prefill = jit(functools.partial(prefill_slot, apply, config, model.dtype, constrain),
                                donate_argnums=(1,), **placement)

@@ -45,3 +45,21 @@ def test_logits_of_four_rows_on_2x4_equal_one_device(two_layer):
 def test_batch_8_prefill_on_2x4_holds_at_most_60_percent_of_the_temporaries_of_1x8():
     temporaries = json.loads(run_with_devices(TEMPORARIES.format(context=8192)).splitlines()[-1])
     assert temporaries["2x4"] <= 0.6 * temporaries["1x8"], temporaries
+
+
+SPREAD = """
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from grok1.rows import on_mesh, spread_rows
+from grok1.sharding import make_mesh
+for spec, rows in (("1x8", 8), ("2x4", 16), ("1x8", 4)):
+    mesh = make_mesh(spec)
+    f = jax.jit(on_mesh(lambda x: spread_rows(x * 2), mesh))
+    y = f(jax.device_put(jnp.ones((rows, 1024)), NamedSharding(mesh, P())))  # replicated, as logits
+    print(spec, rows, y.sharding.shard_shape(y.shape)[0], bool((y == 2).all()))
+"""
+
+
+def test_per_row_work_is_split_by_rows_over_every_device_when_the_rows_divide():
+    lines = run_with_devices(SPREAD).splitlines()
+    assert lines[:3] == ["1x8 8 1 True", "2x4 16 2 True", "1x8 4 4 True"]

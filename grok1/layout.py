@@ -8,9 +8,10 @@ checkpoint's size) and only rearranges each linear weight into a `LinearWeight`
 stored transposed. XLA:CPU streams a weight at memory bandwidth, with the int8 -> float convert
 fused in, only as a one-row product over a weight contracted on its last axis and no longer than
 about 1024 (the stored [in, out] form, or a contraction of 4096, runs 30-50x slower;
-benchmarks/products.py). The rearrangement runs per tensor on the devices that hold it, shard by
-shard (the partition table in sharding.py describes the stored axes; a LinearWeight's split is
-derived from it), so no full-size float copy ever exists. The embedding table [V, d] is the
+benchmarks/products.py). Onto one device the rearrangement is done on the host as the checkpoint
+is read (`write_compute_layout`, a piece of a tensor at a time); on a mesh it runs per tensor on
+the devices that hold it, shard by shard (the partition table in sharding.py describes the
+stored axes; a LinearWeight's split is derived from it). No full-size float copy ever exists. The embedding table [V, d] is the
 output projection's [out, in] weight and is cut the same way (`EmbeddingTable`); the router is
 tiny and float32.
 

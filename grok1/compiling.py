@@ -24,7 +24,8 @@ def compiler_options(backend: str) -> dict[str, Any]:
     if backend != "cpu":
         return {}
     try:
-        jax.jit(lambda x: x + 1, compiler_options=CPU_OPTIONS, backend=backend)(0).block_until_ready()
+        one = jax.device_put(1, jax.local_devices(backend=backend)[0])
+        jax.jit(lambda x: x + 1, compiler_options=CPU_OPTIONS)(one).block_until_ready()
     except Exception:  # noqa: BLE001 - an XLA without the option: its defaults
         return {}
     return dict(CPU_OPTIONS)

@@ -11,9 +11,9 @@ about 1024 (the stored [in, out] form, or a contraction of 4096, runs 30-50x slo
 benchmarks/products.py). Onto one device the rearrangement is done on the host as the checkpoint
 is read (`write_compute_layout`, a piece of a tensor at a time); on a mesh it runs per tensor on
 the devices that hold it, shard by shard (the partition table in sharding.py describes the
-stored axes; a LinearWeight's split is derived from it). No full-size float copy ever exists. The embedding table [V, d] is the
-output projection's [out, in] weight and is cut the same way (`EmbeddingTable`); the router is
-tiny and float32.
+stored axes; a LinearWeight's split is derived from it). No full-size float copy ever exists.
+The embedding table [V, d] is the output projection's [out, in] weight and is cut the same way
+(`EmbeddingTable`); the router is tiny and float32.
 
 `to_official` gives the stored tree back exactly (it only rearranges again), which `Model.save`
 writes. How rows are multiplied by a LinearWeight is grok1/kernels.py.

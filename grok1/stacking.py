@@ -21,8 +21,8 @@ kernel that multiplies by it reads the layer out of the stack where it lies.
 
 from __future__ import annotations
 
-import re
 import dataclasses
+import re
 import threading
 from typing import Any, Callable, Optional
 

@@ -163,20 +163,20 @@ def is_linear(module: str, name: str) -> bool:
     return (name == "w" and not module.endswith("/router")) or name == "embeddings"
 
 
-def _chunked(value: jax.Array, chunks: int, groups: int, stored_transposed: bool) -> jax.Array:
+def _chunked(value: Any, chunks: int, groups: int, stored_transposed: bool) -> Any:
     """[..., in, out] (or [out, in] when `stored_transposed`) -> [..., chunks, out, in / chunks]:
     the input axis as `groups` contiguous shares of `chunks` runs each, chunk j = run j of every
-    share."""
+    share. A jax array, or a numpy one (with `groups` 1: a view of it, nothing copied)."""
     if stored_transposed:
         n_out, n_in = value.shape
         split = value.reshape(n_out, groups, chunks, n_in // (groups * chunks))    # [V, g, j, u]
-        return jnp.transpose(split, (2, 0, 1, 3)).reshape(chunks, n_out, n_in // chunks)
+        return split.transpose(2, 0, 1, 3).reshape(chunks, n_out, n_in // chunks)
     *lead, n_in, n_out = value.shape
     run = n_in // (groups * chunks)
     split = value.reshape(*lead, groups, chunks, run, n_out)                       # [..., g, j, u, out]
     k = len(lead)
     order = (*range(k), k + 1, k + 3, k, k + 2)                                    # [..., j, out, g, u]
-    return jnp.transpose(split, order).reshape(*lead, chunks, n_out, n_in // chunks)
+    return split.transpose(order).reshape(*lead, chunks, n_out, n_in // chunks)
 
 
 def _unchunked(values: np.ndarray, groups: int, stored_transposed: bool) -> np.ndarray:
@@ -202,7 +202,7 @@ def to_linear_weight(value: Any, chunks: int, stored_transposed: bool = False,
     weight = value.weight if quantized else value
     chunked = lambda w: _chunked(w, chunks, groups, stored_transposed)  # noqa: E731
     if isinstance(weight, np.ndarray):
-        values = np.asarray(chunked(jnp.asarray(weight)))
+        values = np.ascontiguousarray(chunked(weight))
     else:
         values = jax.jit(chunked, out_shardings=None if sharding is None else sharding.values)(weight)
     if stored_transposed:
@@ -220,11 +220,8 @@ def write_compute_layout(value: Any, out: Any) -> None:
         return
     quantized = isinstance(value, QuantizedWeight8bit)
     weight = np.asarray(value.weight if quantized else value)
-    chunks, n_out, run = out.values.shape[-3:]
-    if isinstance(out, EmbeddingTable):                                    # [V, d] -> [j, V, u]
-        pieces = weight.reshape(n_out, chunks, run).transpose(1, 0, 2)
-    else:                                                                  # [..., in, out] -> [..., j, out, u]
-        pieces = weight.reshape(*weight.shape[:-2], chunks, run, n_out).swapaxes(-1, -2)
+    pieces = _chunked(weight, out.chunks, 1, isinstance(out, EmbeddingTable))  # a view
+    n_out = out.values.shape[-2]
     # Transposed in bands of output rows: a band's source columns stay in cache (4x faster than
     # one strided copy of the whole tensor).
     for start in range(0, n_out, _BAND):

@@ -1,5 +1,6 @@
-"""How rows are multiplied by a weight: the one place that knows the compute layout and the
-platform (model.py calls `linear` and `rows_times_transposed`, and never branches on either).
+"""How rows are multiplied by a weight, and how a decode step attends over the KV cache: the one
+place that knows the compute layout and the platform (model.py calls `linear`,
+`rows_times_transposed` and `attention_over_cache`, and never branches on either).
 
 A product is computed as the official model defines it, up to float32 rounding: the rows
 rounded to the compute dtype, int8 values (exact in float32) times their block scale, products
@@ -28,7 +29,7 @@ reads the weight once). Accelerators compile one product in every case.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,10 @@ ONE_ROW_PRODUCTS_UP_TO = 16
 # Up to this many rows (a decode step's rows, or its (token, expert) pairs), a product runs
 # through the native kernel where it is available.
 NATIVE_ROWS_UP_TO = 64
+# Up to this many queries per row and kv head (new tokens x query heads per kv head: a decode
+# step), attention over the cache runs through the native kernel where it is available; a
+# prompt's many queries are products XLA runs well, and its per-query logits would not fit.
+NATIVE_QUERIES_UP_TO = 64
 
 
 def native_products(w: LinearWeight, rows: int) -> bool:
@@ -136,6 +141,32 @@ def _native_linear_here(x: jax.Array, w: LinearWeight, dtype, entries: Optional[
     scales = None if w.scales is None else w.scales.reshape(stack, *w.scales.shape[-2:])
     y = native.rows_times(rows, flat, values, scales)
     return y.reshape(*x.shape[:-1], n_out)
+
+
+def attention_over_cache(q: jax.Array, keys: jax.Array, values: jax.Array, layer: jax.Array | int,
+                         mask: jax.Array, attend: Callable[..., jax.Array], *, multiplier: float,
+                         cap: float, masked_logit: float) -> jax.Array:
+    """`attend(q, keys[layer], values[layer], mask)` for queries q [B, T, N, G, K] over the stacked
+    cache [L, B, S, N, K]. On CPU, for a decode step's few queries on one device, grok1/native.py's
+    `cached_attention` computes the same softmax(masked(cap * tanh(multiplier * q.k / cap))) @ v
+    (float32, up to rounding) from the cache in place; `multiplier`, `cap` and `masked_logit`
+    are attend's constants, which it needs to know."""
+    if native_attention(q, keys):
+        return native.cached_attention(q, keys, values, layer, mask, multiplier, cap, masked_logit)
+    k, v = (jax.lax.dynamic_index_in_dim(stack, layer, keepdims=False) for stack in (keys, values))
+    return attend(q, k, v, mask)
+
+
+def native_attention(q: jax.Array, keys: jax.Array) -> bool:
+    """Whether attention of q [B, T, N, G, K] over the cache `keys` runs through the native
+    kernel: on CPU, one device (a mesh's sharded cache would need a per-device call), at most
+    NATIVE_QUERIES_UP_TO queries per row and kv head, a float32 or bfloat16 cache, the kernel
+    built and loaded."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return (jax.default_backend() == "cpu" and (mesh.empty or mesh.size == 1)
+            and q.shape[1] * q.shape[3] <= NATIVE_QUERIES_UP_TO
+            and jnp.dtype(keys.dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+            and native.available())
 
 
 def one_row_products(weight_dtype, rows: int) -> bool:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from grok1.config import ModelConfig
 from grok1 import experts as expert_kernels
-from grok1.kernels import linear, table_rows, times_table
+from grok1.kernels import attention_over_cache, linear, table_rows, times_table
 from grok1.layout import LinearWeight
 from grok1.quant import Weight
 from grok1.rows import split_rows
@@ -169,27 +169,33 @@ class MultiHeadAttention(hk.Module):
         q = rotary_embedding(q.astype(self.dtype), ctx.positions)
         k = rotary_embedding(k.astype(self.dtype), ctx.positions)
 
+        q = q.reshape(B, T, N, c.q_per_kv, K)                               # [B, T, N, G, K]
         kv = None
-        if ctx.cache is not None:  # write this step's keys at each row's own offset, read the layer
+        if ctx.cache is None:
+            out = self.attend(q, k, v, ctx.mask)
+        else:  # write this step's keys at each row's own offset, attend over the layer's
             kv = (write_layer(ctx.cache.keys, k, layer, ctx.cache.length),
                   write_layer(ctx.cache.values, v, layer, ctx.cache.length))
-            k, v = (jax.lax.dynamic_index_in_dim(stack, layer, keepdims=False) for stack in kv)
+            out = attention_over_cache(q, *kv, layer, ctx.mask, self.attend,
+                                       multiplier=c.attn_output_multiplier,
+                                       cap=ATTN_LOGIT_CAP, masked_logit=MASKED_LOGIT)
+        out = out.reshape(B, T, H * K)
+        return Linear(c.emb_size, self.dtype, name="linear")(out), kv
 
-        q = q.reshape(B, T, N, c.q_per_kv, K)                               # [B, T, N, G, K]
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+        """softmax(masked(cap(q . k * multiplier))) @ v: q [B, T, N, G, K], k and v [B, S, N, K],
+        mask [B, T, S] -> [B, T, N, G, K] float32."""
         # Attention runs in float32 on the (possibly bfloat16-cached) keys and values: the
         # official model's softmax weights and weighted sum were never rounded (docs/ARCHITECTURE.md).
         k, v = k.astype(jnp.float32), v.astype(jnp.float32)
-        if T > 1 and k.shape[1] > ATTENTION_KEY_BLOCK:  # long prompt: never hold all [T, S] logits
-            out = attention_in_blocks(q, k, v, ctx.mask, c.attn_output_multiplier,
-                                      ATTENTION_KEY_BLOCK)
-        else:
-            logits = self.attention_logits(q, k)                           # [B, N, G, T, S]
-            logits = cap_attention_logits(logits)
-            logits = jnp.where(ctx.mask[:, None, None, :, :], logits, MASKED_LOGIT)
-            weights = jax.nn.softmax(logits, axis=-1)
-            out = jnp.einsum("bngts,bsnk->btngk", weights, v)
-        out = out.reshape(B, T, H * K)
-        return Linear(c.emb_size, self.dtype, name="linear")(out), kv
+        if q.shape[1] > 1 and k.shape[1] > ATTENTION_KEY_BLOCK:  # long prompt: never hold all [T, S] logits
+            return attention_in_blocks(q, k, v, mask, self.config.attn_output_multiplier,
+                                       ATTENTION_KEY_BLOCK)
+        logits = self.attention_logits(q, k)                                # [B, N, G, T, S]
+        logits = cap_attention_logits(logits)
+        logits = jnp.where(mask[:, None, None, :, :], logits, MASKED_LOGIT)
+        weights = jax.nn.softmax(logits, axis=-1)
+        return jnp.einsum("bngts,bsnk->btngk", weights, v)
 
     def attention_logits(self, q: jax.Array, k: jax.Array) -> jax.Array:
         """(q . k) * attn_output_multiplier in float32, before capping and masking."""

@@ -1,15 +1,18 @@
-"""A native CPU kernel for a few rows times a chunked int8 or bfloat16 weight (grok1/cpu_products.cc).
+"""Native CPU kernels, called from jitted code through the XLA FFI (grok1/kernels.py decides when).
 
-Why: XLA:CPU streams an int8/bfloat16 weight at memory bandwidth only in a one-row product, so a
-few rows run as one-row products, each reading the weight again (grok1/kernels.py). The kernel
-multiplies all rows that use one weight in one pass over it, on all cores, and is called from
-jitted code through the XLA FFI.
+- `rows_times` (grok1/cpu_products.cc): a few rows times a chunked int8 or bfloat16 weight.
+  XLA:CPU streams such a weight at memory bandwidth only in a one-row product, so a few rows ran
+  as one-row products, each reading the weight again; the kernel multiplies all rows that use one
+  weight in one pass over it, on all cores.
+- `cached_attention` (grok1/cpu_attention.cc): a decode step's attention over one layer of the
+  stacked KV cache, read in place (XLA:CPU copies the layer into another order first, every
+  layer of every step) and only as far as the queries may see.
 
     from grok1 import native
     if native.available():
         y = native.rows_times(x, index, w.values, w.scales)   # x [P, n_in] -> y float32 [P, O]
 
-The source is compiled with g++ on first use into a cache folder (GROK1_NATIVE_CACHE, else
+The sources are compiled with g++ on first use into a cache folder (GROK1_NATIVE_CACHE, else
 ~/.cache/grok1/native), keyed by the source, the compiler and its flags, the jax version and the
 CPU's flags, and loaded with ctypes. `available()` says whether that worked (never raises);
 `unavailable_reason()` says why not. GROK1_NATIVE=0 turns the kernel off.
@@ -33,9 +36,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = pathlib.Path(__file__).with_name("cpu_products.cc")
+SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("cpu_products.cc", "cpu_attention.cc"))
+HEADERS = (pathlib.Path(__file__).with_name("cpu_common.h"),)
 TARGET_SCALED = "grok1_rows_times_scaled"
 TARGET_UNSCALED = "grok1_rows_times_unscaled"
+TARGET_ATTENTION = "grok1_cached_attention"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread",
          "-fvisibility=hidden", "-fno-math-errno")
 
@@ -70,7 +75,7 @@ def library_path(compiler: str, cpu_flags: str) -> pathlib.Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              check=False).stdout.splitlines()[:1]
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), repr(FLAGS).encode(), compiler.encode(), repr(version).encode(),
+    for part in (*(f.read_bytes() for f in SOURCES + HEADERS), repr(FLAGS).encode(), compiler.encode(), repr(version).encode(),
                  jax.__version__.encode(), jax.ffi.include_dir().encode(), cpu_flags.encode()):
         key.update(part)
         key.update(b"\0")
@@ -78,13 +83,13 @@ def library_path(compiler: str, cpu_flags: str) -> pathlib.Path:
 
 
 def _build(compiler: str, path: pathlib.Path) -> None:
-    """Compiles SOURCE to `path` through a temporary file in the same folder, renamed into place
+    """Compiles SOURCES to `path` through a temporary file in the same folder, renamed into place
     (a reader never sees a half-written library)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        command = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+        command = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), *map(str, SOURCES), "-o", tmp]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
@@ -119,6 +124,8 @@ def _load() -> None:
     jax.ffi.register_ffi_target(TARGET_SCALED, jax.ffi.pycapsule(library.Grok1RowsTimesScaled),
                                 platform="cpu")
     jax.ffi.register_ffi_target(TARGET_UNSCALED, jax.ffi.pycapsule(library.Grok1RowsTimesUnscaled),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(TARGET_ATTENTION, jax.ffi.pycapsule(library.Grok1CachedAttention),
                                 platform="cpu")
     _state.update(library=library, path=path)
 
@@ -191,3 +198,43 @@ def reference(x: np.ndarray, index: np.ndarray, values: np.ndarray,
         w = w * s[:, block, :, None]
     dense = np.transpose(w, (0, 2, 1, 3)).reshape(stack, n_out, chunks * run)   # [S, O, n_in]
     return np.einsum("pi,poi->po", x, dense[np.asarray(index)])
+
+
+def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, layer: jax.Array,
+                     mask: jax.Array, multiplier: float, cap: float, masked_logit: float
+                     ) -> jax.Array:
+    """Attention of queries q [B, T, N, G, K] over layer `layer` of the stacked cache `keys`,
+    `values` [L, B, S, N, K] (float32 or bfloat16) -> float32 [B, T, N, G, K]: softmax over s of
+    cap * tanh(multiplier * q.k[s] / cap), `masked_logit` where mask [B, T, S] is False, times
+    the values (grok1/cpu_attention.cc). Reads the cache in place: pass the whole stack."""
+    if not available():
+        raise RuntimeError(f"grok1 native kernel unavailable: {unavailable_reason()}")
+    q = jnp.asarray(q, jnp.float32)
+    if q.ndim != 5 or keys.ndim != 5 or keys.shape != values.shape or keys.dtype != values.dtype:
+        raise ValueError(f"q must be [B, T, N, G, K] and keys, values alike [L, B, S, N, K], got "
+                         f"{q.shape}, {keys.dtype} {keys.shape}, {values.dtype} {values.shape}")
+    B, T, N, G, K = q.shape
+    if (keys.shape[1], keys.shape[3], keys.shape[4]) != (B, N, K):
+        raise ValueError(f"q {q.shape} does not match the cache {keys.shape}")
+    if jnp.dtype(keys.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"the cache must be float32 or bfloat16, got {keys.dtype}")
+    if mask.shape != (B, T, keys.shape[2]):
+        raise ValueError(f"mask must be [B, T, S] = {(B, T, keys.shape[2])}, got {mask.shape}")
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    return jax.ffi.ffi_call(TARGET_ATTENTION, out, vmap_method="sequential")(
+        q, keys, values, jnp.asarray(layer, jnp.int32), jnp.asarray(mask, bool),
+        multiplier=np.float32(multiplier), cap=np.float32(cap), masked_logit=np.float32(masked_logit))
+
+
+def attention_reference(q: np.ndarray, keys: np.ndarray, values: np.ndarray, layer: int,
+                        mask: np.ndarray, multiplier: float, cap: float, masked_logit: float
+                        ) -> np.ndarray:
+    """`cached_attention` in numpy float64: the tests' check."""
+    q = np.asarray(q, np.float64)
+    k = np.asarray(np.asarray(keys[layer]).astype(np.float32), np.float64)     # [B, S, N, K]
+    v = np.asarray(np.asarray(values[layer]).astype(np.float32), np.float64)
+    logits = np.einsum("btngk,bsnk->btngs", q, k) * multiplier
+    logits = np.where(np.asarray(mask)[:, :, None, None, :], cap * np.tanh(logits / cap), masked_logit)
+    weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    weights /= weights.sum(axis=-1, keepdims=True)
+    return np.einsum("btngs,bsnk->btngk", weights, v)

@@ -1,4 +1,4 @@
-"""The native CPU kernel (grok1/native.py, grok1/cpu_products.cc) against a float64 numpy reference."""
+"""The native CPU kernels (grok1/native.py: cpu_products.cc, cpu_attention.cc) against float64 numpy references."""
 
 from __future__ import annotations
 
@@ -190,6 +190,88 @@ def test_loaded_model_decodes_through_the_kernel_with_the_logits_of_xla_products
     monkeypatch.setattr(kernels, "native_products", lambda w, rows: False)
     monkeypatch.setattr(grok1.experts, "native_products", lambda w, rows: False)
     apply = jax.jit(transformed(model.config, model.dtype).apply)  # traced again, without it
+    np.testing.assert_allclose(native_logits, decode_step_logits(), rtol=0, atol=1e-4)
+
+
+def cache(seed: int, shape: tuple[int, ...], dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(2))
+
+
+def assert_attention_matches(q, keys, values, layer, mask, multiplier=0.125, cap=30.0) -> None:
+    got = native.cached_attention(q, keys, values, layer, mask, multiplier, cap, -1e30)
+    expected = native.attention_reference(np.asarray(q), keys, values, layer, np.asarray(mask),
+                                          multiplier, cap, -1e30)
+    assert got.shape == expected.shape and got.dtype == jnp.float32
+    # float32 dots, exp and tanh (a few ulps each) on outputs of magnitude ~1
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=2e-5)
+
+
+def test_cached_attention_matches_reference_on_every_layer():
+    keys, values = cache(30, (3, 2, 37, 2, 64))                      # [L, B, S, N, K]
+    q = jnp.asarray(np.random.default_rng(31).standard_normal((2, 1, 2, 3, 64)), jnp.float32)
+    mask = jnp.asarray(np.random.default_rng(32).random((2, 1, 37)) < 0.7)
+    for layer in range(3):
+        assert_attention_matches(q, keys, values, layer, mask)
+
+
+def test_cached_attention_reads_a_bfloat16_cache():
+    keys, values = cache(33, (2, 2, 50, 2, 128), jnp.bfloat16)
+    q = jnp.asarray(np.random.default_rng(34).standard_normal((2, 1, 2, 6, 128)), jnp.float32)
+    assert_attention_matches(q, keys, values, 1, jnp.ones((2, 1, 50), bool))
+
+
+def test_cached_attention_caps_logits_past_thirty():
+    keys, values = cache(35, (1, 1, 24, 1, 32))
+    q = 40 * jnp.asarray(np.random.default_rng(36).standard_normal((1, 1, 1, 2, 32)), jnp.float32)
+    assert_attention_matches(q, keys, values, 0, jnp.ones((1, 1, 24), bool), multiplier=1.0)
+
+
+def test_cached_attention_of_several_queries_with_their_own_masks_and_an_odd_key_size():
+    keys, values = cache(37, (2, 3, 9, 1, 20))
+    q = jnp.asarray(np.random.default_rng(38).standard_normal((3, 2, 1, 4, 20)), jnp.float32)
+    mask = np.tril(np.ones((2, 9), bool), 6)[None].repeat(3, 0)          # causal, 2 new tokens
+    assert_attention_matches(q, keys, values, 1, jnp.asarray(mask))
+
+
+def test_cached_attention_averages_all_values_for_a_query_that_sees_no_key():
+    # as the model does: every logit is the masked one, so the softmax is uniform
+    keys, values = cache(39, (1, 1, 16, 1, 8))
+    q = jnp.ones((1, 1, 1, 1, 8), jnp.float32)
+    got = native.cached_attention(q, keys, values, 0, jnp.zeros((1, 1, 16), bool), 0.125, 30.0, -1e30)
+    np.testing.assert_allclose(np.asarray(got)[0, 0, 0, 0], np.asarray(values)[0, 0, :, 0].mean(0),
+                               atol=1e-6)
+
+
+def test_cached_attention_rejects_a_layer_outside_the_cache():
+    keys, values = cache(40, (2, 1, 8, 1, 8))
+    with pytest.raises(Exception, match="outside the cache's 2 layers"):
+        jax.block_until_ready(native.cached_attention(jnp.ones((1, 1, 1, 1, 8)), keys, values, 2,
+                                                      jnp.ones((1, 1, 8), bool), 0.125, 30.0, -1e30))
+
+
+def test_decode_step_through_the_attention_kernel_has_the_logits_of_xla_attention(monkeypatch):
+    import pathlib
+    import grok1
+    from grok1 import kernels
+    from grok1.model import transformed
+
+    model = grok1.load(pathlib.Path(__file__).resolve().parents[1] / "checkpoints" / "small",
+                       dtype="float32", progress=False)
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(3, model.config.vocab_size, size=(4, 9))
+    tokens[1, :3] = model.config.pad_token                              # a left-padded row
+
+    def decode_step_logits() -> np.ndarray:
+        apply = jax.jit(transformed(model.config, model.dtype).apply)
+        _, cache = apply(model.params, jnp.asarray(tokens[:, :-1]), model.init_cache(4))
+        logits, _ = apply(model.params, jnp.asarray(tokens[:, -1:]), cache)
+        return np.asarray(logits)
+
+    probe = jnp.zeros((4, 1, model.config.num_kv_heads, model.config.q_per_kv, model.config.key_size))
+    assert kernels.native_attention(probe, jnp.zeros((1,), jnp.float32))
+    native_logits = decode_step_logits()
+    monkeypatch.setattr(kernels, "native_attention", lambda q, keys: False)
     np.testing.assert_allclose(native_logits, decode_step_logits(), rtol=0, atol=1e-4)
 
 

@@ -310,3 +310,47 @@ def test_a_mesh_decodes_through_the_kernel_on_each_devices_shard_with_the_logits
     calls, diff = run_with_devices(MESH_DECODE.format(path=path, spec=spec), devices=8).split()
     assert int(calls) == 8
     assert float(diff) < 1e-4
+
+
+MESH_ATTENTION = """
+import re, numpy as np, jax, jax.numpy as jnp
+from grok1 import kernels
+from grok1.model import MASKED_LOGIT, cap_attention_logits
+from grok1.rows import on_mesh
+from grok1.sharding import ACTIVATION_AXES, activation_sharding, make_mesh
+mesh = make_mesh({spec!r})
+L, B, S, N, G, K = 2, {rows}, 40, {heads}, 3, 16
+rng = np.random.default_rng(0)
+keys, values = (rng.standard_normal((L, B, S, N, K)).astype(np.float32) for _ in range(2))
+q = rng.standard_normal((B, 1, N, G, K)).astype(np.float32)
+mask = rng.random((B, 1, S)) < 0.8
+
+def attend(q, k, v, mask):  # the model's formula, multiplier 0.125
+    logits = cap_attention_logits(jnp.einsum("btngk,bsnk->bngts", q, k) * 0.125)
+    logits = jnp.where(mask[:, None, None], logits, MASKED_LOGIT)
+    return jnp.einsum("bngts,bsnk->btngk", jax.nn.softmax(logits, axis=-1), v)
+
+def step(q, keys, values, mask):
+    return kernels.attention_over_cache(q, keys, values, 1, mask, attend, multiplier=0.125,
+                                        cap=30.0, masked_logit=MASKED_LOGIT)
+
+cache = activation_sharding(mesh, "cache_kv", keys.shape)
+args = (q, jax.device_put(keys, cache), jax.device_put(values, cache), mask)
+call = jax.jit(on_mesh(step, mesh))
+print(len(re.findall(r"custom_call_target=.grok1_cached_attention", call.lower(*args).compile().as_text())))
+print(np.abs(np.asarray(call(*args)) - np.asarray(attend(q, keys[1], values[1], mask))).max())
+"""
+
+
+@pytest.mark.parametrize("spec, rows, heads, kernel_calls", [
+    ("1x8", 2, 8, 1),   # kv heads over model: each device its own head
+    ("2x4", 4, 4, 1),   # rows over data, kv heads over model
+    ("1x8", 2, 4, 0),   # 4 kv heads on 8 devices: the cache is replicated, XLA splits the work
+])
+def test_mesh_attention_runs_the_kernel_per_device_where_each_holds_its_own_cache_shard(
+        spec, rows, heads, kernel_calls):
+    from conftest import run_with_devices
+    out = run_with_devices(MESH_ATTENTION.format(spec=spec, rows=rows, heads=heads), devices=8)
+    calls, diff = out.split()
+    assert int(calls) == kernel_calls
+    assert float(diff) < 1e-5

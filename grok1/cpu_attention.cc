@@ -132,9 +132,55 @@ inline void softmax_in_place(float* x, const bool* seen, int64_t n, float multip
   for (int64_t i = 0; i < n; ++i) x[i] /= total;
 }
 
+// A head's keys (values) of successive positions lie N * K apart: a stride the hardware
+// prefetcher does not follow across pages, so each position's is fetched this many ahead (a
+// prefetch past the end of the buffer is harmless: it never faults).
+constexpr int64_t kPrefetchPositions = 8;
+
+template <typename C>
+inline void prefetch_row(const C* start, int64_t K) {
+#if GROK1_AVX2
+  const char* p = reinterpret_cast<const char*>(start);
+  for (int64_t b = 0; b < K * static_cast<int64_t>(sizeof(C)); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+#else
+  (void)start, (void)K;
+#endif
+}
+
+// out[0, K) = sum over positions s in `used` of w[s] * v[s * stride + (0, K)]: 64 outputs at a
+// time held in eight registers through all positions (the rows come from L2 after the first
+// query of a head read them).
+template <typename C>
+void weigh_values(const float* w, const std::vector<int32_t>& used, const C* v, int64_t stride,
+                  int64_t K, float* out) {
+  int64_t k0 = 0;
+#if GROK1_AVX2
+  for (; k0 + 64 <= K; k0 += 64) {
+    __m256 acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+    for (size_t i = 0; i < used.size(); ++i) {
+      const int64_t s = used[i];
+      if (i + kPrefetchPositions < used.size())
+        prefetch_row(v + used[i + kPrefetchPositions] * stride + k0, 64);
+      const __m256 w8 = _mm256_set1_ps(w[s]);
+      const C* row = v + s * stride + k0;
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(w8, load8(row + 8 * j), acc[j]);
+    }
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + k0 + 8 * j, acc[j]);
+  }
+#endif
+  for (int64_t k = k0; k < K; ++k) {  // what is left of K (all of it without AVX2), in order
+    float sum = 0.0f;
+    for (int32_t s : used) sum += w[s] * to_float(v[s * stride + k]);
+    out[k] = sum;
+  }
+}
+
 // One work item: every query of row b that reads kv head n.
 template <typename C>
-void run_item(const Problem& pb, int64_t item, std::vector<float>& weights) {
+void run_item(const Problem& pb, int64_t item, std::vector<float>& weights,
+              std::vector<int32_t>& positions) {
   const int64_t b = item / pb.N, n = item % pb.N;
   const int64_t Q = pb.T * pb.G, S = pb.S, K = pb.K;
   const C* keys = static_cast<const C*>(pb.keys);
@@ -151,6 +197,7 @@ void run_item(const Problem& pb, int64_t item, std::vector<float>& weights) {
     for (int64_t t = 0; t < pb.T; ++t) any |= mask[t * S + s];
     if (!any) continue;
     const C* k = keys + base + s * stride;
+    prefetch_row(keys + base + (s + kPrefetchPositions) * stride, K);
     for (int64_t t = 0; t < pb.T; ++t)
       for (int64_t g = 0; g < pb.G; ++g) weights[(t * pb.G + g) * S + s] = dot(query(t, g), k, K);
   }
@@ -159,31 +206,19 @@ void run_item(const Problem& pb, int64_t item, std::vector<float>& weights) {
       softmax_in_place(weights.data() + (t * pb.G + g) * S, mask + t * S, S, pb.multiplier, pb.cap,
                        pb.masked_logit);
 
-  for (int64_t t = 0; t < pb.T; ++t)
-    for (int64_t g = 0; g < pb.G; ++g) {
-      float* o = pb.out + (((b * pb.T + t) * pb.N + n) * pb.G + g) * K;
-      std::fill(o, o + K, 0.0f);
-    }
   // Values weighed exactly 0 by every query (the unseen positions, unless a query sees none)
   // are not read.
+  std::vector<int32_t>& used = positions;
+  used.clear();
   for (int64_t s = 0; s < S; ++s) {
     bool any = false;
     for (int64_t i = 0; i < Q; ++i) any |= weights[i * S + s] != 0.0f;
-    if (!any) continue;
-    const C* v = values + base + s * stride;
-    for (int64_t t = 0; t < pb.T; ++t)
-      for (int64_t g = 0; g < pb.G; ++g) {
-        const float w = weights[(t * pb.G + g) * S + s];
-        float* o = pb.out + (((b * pb.T + t) * pb.N + n) * pb.G + g) * K;
-        int64_t i = 0;
-#if GROK1_AVX2
-        const __m256 w8 = _mm256_set1_ps(w);
-        for (; i + 8 <= K; i += 8)
-          _mm256_storeu_ps(o + i, _mm256_fmadd_ps(w8, load8(v + i), _mm256_loadu_ps(o + i)));
-#endif
-        for (; i < K; ++i) o[i] += w * to_float(v[i]);
-      }
+    if (any) used.push_back(static_cast<int32_t>(s));
   }
+  for (int64_t t = 0; t < pb.T; ++t)
+    for (int64_t g = 0; g < pb.G; ++g)
+      weigh_values(weights.data() + (t * pb.G + g) * S, used, values + base, stride, K,
+                   pb.out + (((b * pb.T + t) * pb.N + n) * pb.G + g) * K);
 }
 
 ffi::Error invalid(const std::string& message) {
@@ -238,8 +273,9 @@ ffi::Error cached_attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuff
   const int64_t item_bytes = 2 * pb.S * pb.K * (bf16 ? 2 : 4);
   auto work = [&pb, bf16](int64_t item) {
     thread_local std::vector<float> weights;
-    if (bf16) run_item<bf16_bits>(pb, item, weights);
-    else run_item<float>(pb, item, weights);
+    thread_local std::vector<int32_t> positions;
+    if (bf16) run_item<bf16_bits>(pb, item, weights, positions);
+    else run_item<float>(pb, item, weights, positions);
   };
   run_parallel(pool, items, item_bytes, work);
   return ffi::Error::Success();

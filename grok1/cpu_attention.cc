@@ -190,9 +190,25 @@ void run_item(const Problem& pb, int64_t item, std::vector<float>& weights,
   const bool* mask = pb.mask + b * pb.T * S;        // [T, S]
   auto query = [&](int64_t t, int64_t g) { return pb.q + (((b * pb.T + t) * pb.N + n) * pb.G + g) * K; };
 
-  weights.assign(Q * S, 0.0f);
+  // Positions from `seen_end` on are seen by no query of this row (typically the cache past the
+  // row's length): their logit is masked_logit for every query, so they weigh exactly 0 for a
+  // query that sees any position, and the work below stops there. A query that sees none
+  // weighs all S positions alike (every logit is masked_logit), as the model does.
+  int64_t seen_end = 0;
+  bool query_seeing_none = false;
+  for (int64_t t = 0; t < pb.T; ++t) {
+    int64_t last = -1;
+    for (int64_t s = 0; s < S; ++s)
+      if (mask[t * S + s]) last = s;
+    seen_end = std::max(seen_end, last + 1);
+    query_seeing_none |= last < 0;
+  }
+  const int64_t span = query_seeing_none ? S : seen_end;  // positions some weight may touch
+  weights.resize(Q * S);
+  if (query_seeing_none) std::fill(weights.begin(), weights.end(), 0.0f);
+
   // A position no query of this row sees is left out of the dots: its logit is masked_logit.
-  for (int64_t s = 0; s < S; ++s) {
+  for (int64_t s = 0; s < seen_end; ++s) {
     bool any = false;
     for (int64_t t = 0; t < pb.T; ++t) any |= mask[t * S + s];
     if (!any) continue;
@@ -201,16 +217,23 @@ void run_item(const Problem& pb, int64_t item, std::vector<float>& weights,
     for (int64_t t = 0; t < pb.T; ++t)
       for (int64_t g = 0; g < pb.G; ++g) weights[(t * pb.G + g) * S + s] = dot(query(t, g), k, K);
   }
-  for (int64_t t = 0; t < pb.T; ++t)
-    for (int64_t g = 0; g < pb.G; ++g)
-      softmax_in_place(weights.data() + (t * pb.G + g) * S, mask + t * S, S, pb.multiplier, pb.cap,
-                       pb.masked_logit);
+  for (int64_t t = 0; t < pb.T; ++t) {
+    bool sees_any = false;
+    for (int64_t s = 0; s < seen_end && !sees_any; ++s) sees_any = mask[t * S + s];
+    for (int64_t g = 0; g < pb.G; ++g) {
+      float* w = weights.data() + (t * pb.G + g) * S;
+      if (sees_any)
+        softmax_in_place(w, mask + t * S, seen_end, pb.multiplier, pb.cap, pb.masked_logit);
+      else
+        std::fill(w, w + S, 1.0f / static_cast<float>(S));
+    }
+  }
 
   // Values weighed exactly 0 by every query (the unseen positions, unless a query sees none)
   // are not read.
   std::vector<int32_t>& used = positions;
   used.clear();
-  for (int64_t s = 0; s < S; ++s) {
+  for (int64_t s = 0; s < span; ++s) {
     bool any = false;
     for (int64_t i = 0; i < Q; ++i) any |= weights[i * S + s] != 0.0f;
     if (any) used.push_back(static_cast<int32_t>(s));

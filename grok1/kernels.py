@@ -155,8 +155,9 @@ def attention_over_cache(q: jax.Array, keys: jax.Array, values: jax.Array, layer
     from other rows or heads."""
     mesh = jax.sharding.get_abstract_mesh()
     on_mesh = not mesh.empty and mesh.size > 1
-    cache_spec = _cache_split(mesh, keys.shape) if on_mesh else None
-    if not native_attention(q, keys) or (on_mesh and cache_spec is None):
+    kernel = native_attention(q, keys)
+    cache_spec = _cache_split(mesh, keys.shape) if kernel and on_mesh else None
+    if not kernel or (on_mesh and cache_spec is None):
         k, v = (jax.lax.dynamic_index_in_dim(stack, layer, keepdims=False) for stack in (keys, values))
         return attend(q, k, v, mask)
 

@@ -13,9 +13,9 @@
         y = native.rows_times(x, index, w.values, w.scales)   # x [P, n_in] -> y float32 [P, O]
 
 The sources are compiled with g++ on first use into a cache folder (GROK1_NATIVE_CACHE, else
-~/.cache/grok1/native), keyed by the source, the compiler and its flags, the jax version and the
+~/.cache/grok1/native), keyed by the sources, the compiler and its flags, the jax version and the
 CPU's flags, and loaded with ctypes. `available()` says whether that worked (never raises);
-`unavailable_reason()` says why not. GROK1_NATIVE=0 turns the kernel off.
+`unavailable_reason()` says why not. GROK1_NATIVE=0 turns the kernels off.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCES = tuple(pathlib.Path(__file__).with_name(name) for name in ("cpu_products.cc", "cpu_attention.cc"))
+SOURCES = tuple(pathlib.Path(__file__).with_name(name)
+                for name in ("cpu_products.cc", "cpu_attention.cc"))
 HEADERS = (pathlib.Path(__file__).with_name("cpu_common.h"),)
 TARGET_SCALED = "grok1_rows_times_scaled"
 TARGET_UNSCALED = "grok1_rows_times_unscaled"
@@ -75,8 +76,9 @@ def library_path(compiler: str, cpu_flags: str) -> pathlib.Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                              check=False).stdout.splitlines()[:1]
     key = hashlib.sha256()
-    for part in (*(f.read_bytes() for f in SOURCES + HEADERS), repr(FLAGS).encode(), compiler.encode(), repr(version).encode(),
-                 jax.__version__.encode(), jax.ffi.include_dir().encode(), cpu_flags.encode()):
+    for part in (*(f.read_bytes() for f in SOURCES + HEADERS), repr(FLAGS).encode(),
+                 compiler.encode(), repr(version).encode(), jax.__version__.encode(),
+                 jax.ffi.include_dir().encode(), cpu_flags.encode()):
         key.update(part)
         key.update(b"\0")
     return cache_dir() / f"grok1_cpu_products-{key.hexdigest()[:20]}.so"
@@ -100,7 +102,7 @@ def _build(compiler: str, path: pathlib.Path) -> None:
 
 
 def _load() -> None:
-    """Builds (if not cached), loads and registers the kernel; records why not on failure."""
+    """Builds (if not cached), loads and registers the kernels; records why not on failure."""
     if os.environ.get("GROK1_NATIVE", "1") == "0":
         raise RuntimeError("turned off by GROK1_NATIVE=0")
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
@@ -115,7 +117,7 @@ def _load() -> None:
     path = library_path(compiler, flags)
     if not path.exists():
         if sys.stderr.isatty():  # a pause of several seconds, once per machine: say why
-            print(f"grok1: compiling the native CPU kernel into {path.parent} (once)",
+            print(f"grok1: compiling the native CPU kernels into {path.parent} (once)",
                   file=sys.stderr, flush=True)
         _build(compiler, path)
     library = ctypes.CDLL(str(path))
@@ -131,7 +133,7 @@ def _load() -> None:
 
 
 def available() -> bool:
-    """Whether the kernel is built, loaded and registered (tried once per process; never raises)."""
+    """Whether the kernels are built, loaded and registered (once per process; never raises)."""
     with _lock:
         if not _state["tried"]:
             _state["tried"] = True

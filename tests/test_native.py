@@ -243,6 +243,27 @@ def test_cached_attention_averages_all_values_for_a_query_that_sees_no_key():
                                atol=1e-6)
 
 
+def test_cached_attention_of_a_query_that_sees_no_key_beside_one_that_sees_some():
+    # one row, two new tokens: the first sees nothing (uniform over all 12 positions), the
+    # second sees positions 0-4 only
+    keys, values = cache(41, (1, 1, 12, 1, 8))
+    q = jnp.asarray(np.random.default_rng(42).standard_normal((1, 2, 1, 2, 8)), jnp.float32)
+    mask = np.zeros((1, 2, 12), bool)
+    mask[0, 1, :5] = True
+    assert_attention_matches(q, keys, values, 0, jnp.asarray(mask))
+
+
+def test_cached_attention_ignores_stale_entries_past_what_the_queries_see():
+    keys, values = cache(43, (2, 2, 30, 2, 64))
+    q = jnp.asarray(np.random.default_rng(44).standard_normal((2, 1, 2, 2, 64)), jnp.float32)
+    mask = jnp.asarray(np.arange(30)[None, None, :] < np.asarray([7, 19])[:, None, None])
+    clean = native.cached_attention(q, keys, values, 1, mask, 0.125, 30.0, -1e30)
+    stale = jnp.asarray(np.arange(30)[None, :] >= np.asarray([7, 19])[:, None])[None, :, :, None, None]
+    dirty = [jnp.where(stale, 1e6, a) for a in (keys, values)]
+    np.testing.assert_array_equal(
+        np.asarray(native.cached_attention(q, *dirty, 1, mask, 0.125, 30.0, -1e30)), np.asarray(clean))
+
+
 def test_cached_attention_rejects_a_layer_outside_the_cache():
     keys, values = cache(40, (2, 1, 8, 1, 8))
     with pytest.raises(Exception, match="outside the cache's 2 layers"):

@@ -18,7 +18,7 @@ from grok1.model import KVCache, param_shapes
 from grok1.quant import QuantizedWeight8bit
 
 MESHES = ("1x8", "2x4", "8x1", "1x2x4")
-LARGE = ("query", "key", "value", "linear", "linear_v", "linear_1", "in_out_embed")
+LARGE = ("query", "linear", "linear_v", "linear_1", "in_out_embed")
 
 
 def abstract_mesh(spec: str) -> AbstractMesh:
@@ -81,6 +81,20 @@ def test_every_large_grok1_weight_is_split_over_all_eight_devices(spec, grok1_la
         for name, struct in group.items():
             pspec = sharding.partition_spec(sharding.logical_axes(module, name), struct.shape, mesh)
             assert math.prod(mesh.shape[a] for a in mesh_axes_of(pspec)) == 8, (module, pspec)
+
+
+@pytest.mark.parametrize("spec, split", [("1x8", 8), ("2x4", 4), ("8x1", 1), ("1x2x4", 8)])
+def test_key_and_value_projections_split_whole_kv_heads_over_expert_and_model_only(
+        spec, split, grok1_layer_shapes):
+    # 8 kv heads of 128 (1024 columns): never cut within a head, and not split over data
+    mesh = abstract_mesh(spec)
+    for name in ("key", "value"):
+        module = next(m for m in grok1_layer_shapes if m.endswith("multi_head_attention/" + name))
+        shape = grok1_layer_shapes[module]["w"].shape
+        pspec = sharding.partition_spec(sharding.logical_axes(module, "w"), shape, mesh)
+        assert "data" not in mesh_axes_of(pspec)
+        assert math.prod(mesh.shape[a] for a in mesh_axes_of(pspec)) == split
+        assert shape[-1] // split % PRESETS["grok-1"].key_size == 0
 
 
 @pytest.mark.parametrize("spec", MESHES)
@@ -190,7 +204,9 @@ def test_sharded_logits_equal_one_device(two_layer_results, spec):
 @pytest.mark.parametrize("spec", MESHES)
 def test_each_device_holds_an_eighth_of_every_large_weight(two_layer_results, spec):
     fractions = two_layer_results[spec]["fractions"]
-    assert len(fractions) == 7 + 1  # 7 large weights, each stacked over both layers, and the table
+    # query, the attention and expert `linear`, linear_v, linear_1 (each stacked over both
+    # layers) and the table; key and value split only over expert and model (the next test)
+    assert len(fractions) == 5 + 1
     assert all(f == [1 / 8] for f in fractions.values()), fractions
 
 

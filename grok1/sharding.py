@@ -58,11 +58,12 @@ LOGICAL_TO_MESH: dict[str, Any] = {
     # row-parallel out, one all-reduce per sublayer. They are also split over "data" (ZeRO-3 /
     # FSDP style): data-parallel replicas share one copy of the weights, which XLA gathers per layer.
     "heads": ("data", "expert", "model"),
-    # The key and value projections are the exception: split over data too, their few heads
-    # (Grok-1: 8 of 128) get cut within a head (bench-1b's 4 x 64 on 2x4: 32 columns each), and
-    # every decode step then reshards each row's new keys for RoPE and the cache write (about 30
-    # collectives per layer on 2x4, measured 15 % of a step). They are small (Grok-1: 0.8 GB in
-    # all), so data-parallel replicas each hold them, split like the cache's heads.
+    # The key and value projections are the exception: split over data too, their few heads get
+    # cut within a head once the devices outnumber them (bench-1b's 4 x 64 on 2x4: 32 columns
+    # each; Grok-1's 8 x 128 on 2x8), and every decode step then reshards each row's new keys for
+    # RoPE and the cache write (about 30 collectives per layer on 2x4, measured 15 % of a step).
+    # They are small (Grok-1: 0.8 GB in all), so data-parallel replicas each hold them. (The
+    # model axis alone still cuts heads where it outnumbers them: bench-1b's 4 on 1x8.)
     "kv_heads": ("expert", "model"),
     "ffn": ("data", "model"),
     # Experts go to the expert axis (expert parallelism); with no expert axis it has size 1.

@@ -180,7 +180,7 @@ void weigh_values(const float* w, const std::vector<int32_t>& used, const C* v, 
 // One work item: every query of row b that reads kv head n.
 template <typename C>
 void run_item(const Problem& pb, int64_t item, std::vector<float>& weights,
-              std::vector<int32_t>& positions) {
+              std::vector<int32_t>& positions, std::vector<char>& query_sees_any) {
   const int64_t b = item / pb.N, n = item % pb.N;
   const int64_t Q = pb.T * pb.G, S = pb.S, K = pb.K;
   const C* keys = static_cast<const C*>(pb.keys);
@@ -196,11 +196,14 @@ void run_item(const Problem& pb, int64_t item, std::vector<float>& weights,
   // weighs all S positions alike (every logit is masked_logit), as the model does.
   int64_t seen_end = 0;
   bool query_seeing_none = false;
+  std::vector<char>& sees_any = query_sees_any;  // [T]: whether token t sees any position
+  sees_any.assign(pb.T, 0);
   for (int64_t t = 0; t < pb.T; ++t) {
     int64_t last = -1;
     for (int64_t s = 0; s < S; ++s)
       if (mask[t * S + s]) last = s;
     seen_end = std::max(seen_end, last + 1);
+    sees_any[t] = last >= 0;
     query_seeing_none |= last < 0;
   }
   const int64_t span = query_seeing_none ? S : seen_end;  // positions some weight may touch
@@ -218,11 +221,9 @@ void run_item(const Problem& pb, int64_t item, std::vector<float>& weights,
       for (int64_t g = 0; g < pb.G; ++g) weights[(t * pb.G + g) * S + s] = dot(query(t, g), k, K);
   }
   for (int64_t t = 0; t < pb.T; ++t) {
-    bool sees_any = false;
-    for (int64_t s = 0; s < seen_end && !sees_any; ++s) sees_any = mask[t * S + s];
     for (int64_t g = 0; g < pb.G; ++g) {
       float* w = weights.data() + (t * pb.G + g) * S;
-      if (sees_any)
+      if (sees_any[t])
         softmax_in_place(w, mask + t * S, seen_end, pb.multiplier, pb.cap, pb.masked_logit);
       else
         std::fill(w, w + S, 1.0f / static_cast<float>(S));
@@ -297,8 +298,9 @@ ffi::Error cached_attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuff
   auto work = [&pb, bf16](int64_t item) {
     thread_local std::vector<float> weights;
     thread_local std::vector<int32_t> positions;
-    if (bf16) run_item<bf16_bits>(pb, item, weights, positions);
-    else run_item<float>(pb, item, weights, positions);
+    thread_local std::vector<char> sees_any;
+    if (bf16) run_item<bf16_bits>(pb, item, weights, positions, sees_any);
+    else run_item<float>(pb, item, weights, positions, sees_any);
   };
   run_parallel(pool, items, item_bytes, work);
   return ffi::Error::Success();
@@ -306,7 +308,6 @@ ffi::Error cached_attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuff
 
 }  // namespace
 
-#define GROK1_EXPORT extern "C" __attribute__((visibility("default")))
 GROK1_EXPORT XLA_FFI_Error* Grok1CachedAttention(XLA_FFI_CallFrame* call_frame);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Grok1CachedAttention, cached_attention,

@@ -27,6 +27,9 @@
 
 #include "xla/ffi/api/ffi.h"
 
+// The library is built with -fvisibility=hidden: only symbols marked so are exported.
+#define GROK1_EXPORT extern "C" __attribute__((visibility("default")))
+
 namespace grok1_cpu {
 
 namespace ffi = xla::ffi;

@@ -321,8 +321,6 @@ ffi::Error rows_times_unscaled(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyB
 
 }  // namespace
 
-// Built with -fvisibility=hidden: only these symbols are exported.
-#define GROK1_EXPORT extern "C" __attribute__((visibility("default")))
 GROK1_EXPORT XLA_FFI_Error* Grok1RowsTimesScaled(XLA_FFI_CallFrame* call_frame);
 GROK1_EXPORT XLA_FFI_Error* Grok1RowsTimesUnscaled(XLA_FFI_CallFrame* call_frame);
 

@@ -559,11 +559,11 @@ class Runner:
             self._state_sharding, self._state_sharding.tokens, self._state_sharding.tokens))
         self.decode = jit(on_mesh(functools.partial(decode_steps, apply, constrain, int(decode_chunk)),
                                   model.mesh),
-                              donate_argnums=(1,), **placement)
+                          donate_argnums=(1,), **placement)
         self.prefill = jit(functools.partial(prefill_slot, apply, config, model.dtype, constrain),
-                               donate_argnums=(1,), **placement)
+                           donate_argnums=(1,), **placement)
         self.prefill_chunk = jit(functools.partial(prefill_chunk, apply, constrain),
-                                     donate_argnums=(1,), **placement)
+                                 donate_argnums=(1,), **placement)
         self._state: Optional[SlotState] = None
 
     def _sharding(self):

@@ -72,7 +72,7 @@ def random_params(config, seed: int = 0) -> dict:
         elif spec.param == "embeddings":
             value = rng.standard_normal(spec.shape, dtype=np.float32).astype(ml_dtypes.bfloat16)
         elif spec.quantized:
-            weight = rng.integers(-127, 128, spec.shape, dtype=np.int8)
+            weight = random_int8(rng, spec.shape)
             scales_shape = spec.shape[:-2] + (1, spec.shape[-1])
             scales = np.full(scales_shape, std * 3 ** 0.5 / 127, ml_dtypes.bfloat16)
             value = QuantizedWeight8bit(weight=weight, scales=scales)
@@ -80,6 +80,29 @@ def random_params(config, seed: int = 0) -> dict:
             value = std * rng.standard_normal(spec.shape, dtype=np.float32)
         params.setdefault(spec.module, {})[spec.param] = value
     return params
+
+
+# Tensors larger than this draw from a pool of random int8 values instead of value by value
+# (numpy draws about 0.15 G int8/s: a minute for a 2-layer Grok-1-width checkpoint); smaller
+# ones, every bench-1b tensor included, are drawn as before, so that checkpoint is unchanged.
+POOL_ABOVE = 2 ** 28
+POOL_SIZE = 2 ** 26 + 2 ** 16 + 1
+
+
+def random_int8(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Uniform int8 values in [-127, 127] of `shape`; above POOL_ABOVE elements, runs of a
+    random pool at random offsets (values only decide speed through routing, which the
+    float32 router draws)."""
+    size = int(np.prod(shape))
+    if size <= POOL_ABOVE:
+        return rng.integers(-127, 128, shape, dtype=np.int8)
+    pool = rng.integers(-127, 128, POOL_SIZE, dtype=np.int8)
+    out = np.empty(size, np.int8)
+    for start in range(0, size, POOL_SIZE // 2):
+        n = min(POOL_SIZE // 2, size - start)
+        offset = int(rng.integers(0, POOL_SIZE - n + 1))
+        out[start:start + n] = pool[offset:offset + n]
+    return out.reshape(shape)
 
 
 def bench_checkpoint(config, name: str) -> str:
@@ -95,10 +118,18 @@ def bench_checkpoint(config, name: str) -> str:
 
 # ---- timing and the machine's limits ----------------------------------------------------------
 
-def median_seconds(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> float:
-    """Median wall time of `fn()` (which must block until its work is done)."""
+# Wall seconds of each measurement's warm-up calls (compilation included), by measurement name.
+FIRST_CALLS: dict[str, float] = {}
+
+
+def median_seconds(fn: Callable[[], Any], repeat: int, warmup: int = 1, name: str = "") -> float:
+    """Median wall time of `fn()` (which must block until its work is done); the warm-up calls'
+    total time is kept in FIRST_CALLS[name] when `name` is given."""
+    start = time.perf_counter()
     for _ in range(warmup):
         fn()
+    if name:
+        FIRST_CALLS[name] = time.perf_counter() - start
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
@@ -111,22 +142,28 @@ def read_bandwidth(repeat: int) -> dict[str, float]:
     """Bytes/s of reading a 512 MiB float32 array several ways; "best" is the machine's figure.
 
     numpy max (one thread), numpy and XLA matrix-vector products (what a decode step does) and
-    an XLA sum: on this kind of machine the XLA matvec reads fastest.
+    an XLA sum: on this kind of machine the XLA matvec reads fastest. On an accelerator, XLA's
+    sum and matvec of a 4 GiB array in device memory.
     """
     import jax
     import jax.numpy as jnp
 
-    host = np.ones((READ_BYTES // 4 // 8192, 8192), np.float32)
-    vector = np.ones(8192, np.float32)
-    device, device_vector = jnp.asarray(host), jnp.asarray(vector)
     total, matvec = jax.jit(jnp.sum), jax.jit(jnp.dot)
-    rates = {
-        "numpy_max": READ_BYTES / median_seconds(lambda: host.max(), repeat),
-        "numpy_matvec": READ_BYTES / median_seconds(lambda: host @ vector, repeat),
-        "xla_sum": READ_BYTES / median_seconds(lambda: total(device).block_until_ready(), repeat),
-        "xla_matvec": READ_BYTES / median_seconds(
-            lambda: matvec(device, device_vector).block_until_ready(), repeat),
-    }
+    rates = {}
+    if jax.default_backend() == "cpu":
+        nbytes = READ_BYTES
+        host = np.ones((nbytes // 4 // 8192, 8192), np.float32)
+        vector = np.ones(8192, np.float32)
+        device, device_vector = jnp.asarray(host), jnp.asarray(vector)
+        rates["numpy_max"] = nbytes / median_seconds(lambda: host.max(), repeat)
+        rates["numpy_matvec"] = nbytes / median_seconds(lambda: host @ vector, repeat)
+    else:  # an accelerator reads 512 MiB in about 0.1 ms, near the launch overhead: read 8x more
+        nbytes = 8 * READ_BYTES
+        device = jnp.ones((nbytes // 4 // 8192, 8192), jnp.float32)
+        device_vector = jnp.ones(8192, jnp.float32)
+    rates["xla_sum"] = nbytes / median_seconds(lambda: total(device).block_until_ready(), repeat)
+    rates["xla_matvec"] = nbytes / median_seconds(
+        lambda: matvec(device, device_vector).block_until_ready(), repeat)
     return {**rates, "best": max(rates.values())}
 
 
@@ -207,7 +244,7 @@ def measure_prefill(model, tokens: int, repeat: int) -> float:
     def run():
         logits, _ = apply(model.params, prompt, model.init_cache(1, tokens), last)
         logits.block_until_ready()
-    return median_seconds(run, repeat)
+    return median_seconds(run, repeat, name=f"prefill {tokens}")
 
 
 def measure_decode(model, batch: int, chunk: int, repeat: int, context: int) -> float:
@@ -230,7 +267,7 @@ def measure_decode(model, batch: int, chunk: int, repeat: int, context: int) -> 
     # The first call's state was made outside jit (committed differently), so the second
     # call compiles once more: two warm-up calls.
     repeat = min(repeat, (model.config.sequence_len - context) // chunk - 2)
-    return median_seconds(run, repeat, warmup=2) / chunk
+    return median_seconds(run, repeat, warmup=2, name=f"decode batch {batch}") / chunk
 
 
 def measure_first_token(model, prompt_len: int, repeat: int) -> float:
@@ -241,6 +278,13 @@ def measure_first_token(model, prompt_len: int, repeat: int) -> float:
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_device_bytes() -> int | None:
+    """Peak bytes in use on the first device, where its backend reports it (GPUs; not CPU)."""
+    import jax
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
 
 
 # ---- the report -------------------------------------------------------------------------------
@@ -318,7 +362,8 @@ def run(args: argparse.Namespace) -> dict:
         "load_seconds": load_seconds, "limits": limits, "limits_before": limits_before,
         "limits_after": limits_after, "prefill": prefill, "decode": decode,
         "decode_chunk": args.chunk, "decode_context": args.context,
-        "time_to_first_token_s": first_token, "peak_rss_bytes": peak_rss_bytes(),
+        "time_to_first_token_s": first_token, "first_call_seconds": dict(FIRST_CALLS),
+        "peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": peak_device_bytes(),
         "checkpoint_bytes": sum(os.path.getsize(os.path.join(folder, name))
                                 for folder, _, names in os.walk(path) for name in names),
     }
@@ -347,6 +392,10 @@ def format_report(res: dict) -> str:
     for n, s in res["time_to_first_token_s"].items():
         lines.append(f"{f'time to first token ({n})':<28}{s * 1e3:>11.0f} ms")
     lines.append(f"{'load (grok1.load)':<28}{res['load_seconds']:>12.1f} s")
+    for name, seconds in res.get("first_call_seconds", {}).items():
+        lines.append(f"{f'first calls, {name}':<28}{seconds:>12.1f} s   (compilation included)")
+    if res.get("peak_device_bytes"):
+        lines.append(f"{'peak device memory':<28}{res['peak_device_bytes'] / 2 ** 30:>10.2f} GiB")
     lines.append(f"{'peak RSS':<28}{res['peak_rss_bytes'] / 2 ** 30:>10.2f} GiB   "
                  f"{res['peak_rss_bytes'] / res['checkpoint_bytes']:.2f} x the checkpoint on disk "
                  f"(load, prompts and decoding; the machine's limits are measured in another process)")

@@ -204,6 +204,19 @@ def one_row_products(weight_dtype, rows: int) -> bool:
             and jnp.dtype(weight_dtype) != jnp.dtype(jnp.float32))
 
 
+def product_dtype(weight_dtype, dtype):
+    """The dtype a weight of `weight_dtype` is converted to inside a product whose rows are in
+    `dtype`. On CPU float32: XLA:CPU fuses that convert into its one-row products. On
+    accelerators the compute dtype when it holds the weight's values exactly (int8 or bfloat16
+    values into bfloat16): the products of two bfloat16 operands are exact in float32, so the
+    float32-accumulated sum is the same, and it runs on the matrix units instead of as a float32
+    product."""
+    exact = jnp.dtype(weight_dtype) in (jnp.dtype(jnp.int8), jnp.dtype(jnp.bfloat16))
+    if jax.default_backend() != "cpu" and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and exact:
+        return jnp.bfloat16
+    return jnp.float32
+
+
 def linear(x: jax.Array, w: Weight | LinearWeight, dtype) -> jax.Array:
     """`x @ w` over the last axis of x, float32 result, for any weight the model may hold: a
     LinearWeight (loaded for inference), or the official [in, out] tree (training, `init`).
@@ -263,7 +276,7 @@ def rows_times_transposed(x: jax.Array, w: jax.Array, dtype,
     rows = x.reshape(-1, n_in).astype(dtype)
     if one_row_at_a_time is None:
         one_row_at_a_time = one_row_products(w.dtype, rows.shape[0])
-    weight = w.astype(jnp.float32)
+    weight = w.astype(product_dtype(w.dtype, dtype))
     if one_row_at_a_time:
         # A producer fused into the product slows it too; rows split over a mesh's data axis are
         # gathered first (a few rows), else slicing one out makes XLA gather the weight.

@@ -89,6 +89,27 @@ def test_a_chunked_weight_multiplies_like_the_stored_one():
         np.testing.assert_allclose(kernels.linear(x, weight[e], jnp.float32), want, rtol=2e-5, atol=2e-3)
 
 
+@pytest.mark.parametrize("rows", [1, 40])
+def test_accelerators_multiply_int8_and_bfloat16_weights_in_bfloat16_with_the_same_sums(monkeypatch, rows):
+    # On accelerators an int8 or bfloat16 weight is converted to bfloat16 (exact) rather than
+    # float32 inside a bfloat16 product: float32-accumulated products of the same values.
+    rng = np.random.default_rng(11)
+    stored = quantize(rng.normal(size=(2048, 48)), num_blocks=2)
+    weight = layout.to_linear_weight(stored, chunk_count(2048, 2))
+    table = jnp.asarray(rng.normal(size=(48, 2048)), jnp.bfloat16)
+    x = jnp.asarray(rng.normal(size=(rows, 2048)), jnp.float32)
+    on_cpu = (kernels.linear(x, weight, jnp.bfloat16), kernels.rows_times_transposed(x, table, jnp.bfloat16))
+    monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
+    assert kernels.product_dtype(jnp.int8, jnp.bfloat16) == jnp.bfloat16
+    assert kernels.product_dtype(jnp.bfloat16, jnp.bfloat16) == jnp.bfloat16
+    assert kernels.product_dtype(jnp.int8, jnp.float32) == jnp.float32
+    assert kernels.product_dtype(jnp.float32, jnp.bfloat16) == jnp.float32
+    on_gpu = (kernels.linear(x, weight, jnp.bfloat16), kernels.rows_times_transposed(x, table, jnp.bfloat16))
+    for cpu, gpu in zip(on_cpu, on_gpu):
+        assert gpu.dtype == jnp.float32
+        np.testing.assert_allclose(gpu, cpu, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("groups", [1, 2, 4])
 def test_a_weight_in_chunks_over_device_shares_multiplies_like_the_stored_one(groups):
     rng = np.random.default_rng(5)

@@ -43,8 +43,11 @@ bench.bench_checkpoint(*bench.bench_config(bench.parse_args(sys.argv[1:])))
 PY
 writer=$!
 echo "== 1. tests on the GPU"
-timeout "${GPU_TESTS_S:-200}" "$py" -m pytest -q -p no:cacheprovider tests/test_model.py \
-    tests/test_sampler.py tests/test_layout.py tests/test_quant.py 2>&1 | tee "$out/gpu-tests.log" | tail -25
+# Compilation dominates these tests: several workers where pytest-xdist is installed.
+workers=(); "$py" -c "import xdist" 2>/dev/null && workers=(-n "${GPU_TEST_WORKERS:-6}")
+timeout "${GPU_TESTS_S:-200}" "$py" -m pytest -q -rf --tb=line -p no:cacheprovider "${workers[@]}" \
+    tests/test_model.py tests/test_sampler.py tests/test_layout.py tests/test_quant.py 2>&1 \
+    | tee "$out/gpu-tests.log" | tail -25
 [[ ${PIPESTATUS[0]} == 0 ]] || status=1
 echo "== 2. product forms and MoE kernels"
 timeout "${GPU_KERNELS_S:-150}" "$py" benchmarks/gpu_kernels.py --json "$out/gpu-kernels.json" || status=1

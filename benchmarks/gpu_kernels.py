@@ -80,10 +80,10 @@ def int8_weight(shape: tuple[int, ...], seed: int) -> QuantizedWeight8bit:
     return jax.device_put(QuantizedWeight8bit(weight=weight, scales=scales))
 
 
-def product_forms(n_in: int, n_out: int, seed: int) -> dict[str, tuple[Callable, tuple]]:
-    """name -> (f(x, *weights), weights) for the product x [n, n_in] @ w [n_in, n_out]."""
+def product_forms(n_in: int, n_out: int, seed: int) -> dict[str, tuple[Callable, tuple, int]]:
+    """name -> (f(x, *weights), weights, most rows) for x [n, n_in] @ w [n_in, n_out]."""
     stored = int8_weight((n_in, n_out), seed)
-    chunked = layout.to_linear_weight(stored, layout.chunk_count(n_in))
+    chunked = layout.to_linear_weight(stored, n_in // min(n_in, layout.MAX_CHUNK))
     whole = layout.to_linear_weight(stored, 1)
     scale = stored.scales[0].astype(F32)
     w_in_out = stored.weight
@@ -99,16 +99,21 @@ def product_forms(n_in: int, n_out: int, seed: int) -> dict[str, tuple[Callable,
             return total * w.scales[0].astype(F32)
         return f
 
+    def multiply_and_sum(x, w):  # a row reduction per output instead of a product
+        rows = x.astype(BF16).astype(F32)
+        return jnp.sum(rows[:, None, :] * w.values[0].astype(F32)[None], axis=-1) * w.scales[0].astype(F32)
+
+    many = 1 << 30
     return {
-        "grok1 layout (chunks of 1024), int8 -> float32": (layout_product(F32), (chunked,)),
-        "grok1 layout (chunks of 1024), int8 -> bfloat16": (layout_product(BF16), (chunked,)),
-        "kernels.linear on the grok1 layout": (lambda x, w: kernels.linear(x, w, BF16), (chunked,)),
-        "one chunk [out, in], int8 -> bfloat16": (layout_product(BF16), (whole,)),
+        "chunks of 1024 [out, chunk], int8 -> float32 (before)": (layout_product(F32), (chunked,), many),
+        "kernels.linear on grok1's layout (one chunk here)": (
+            lambda x, w: kernels.linear(x, w, BF16), (layout.to_linear_weight(stored, layout.chunk_count(n_in)),), many),
+        "one chunk [out, in], multiply and sum": (multiply_and_sum, (whole,), 8),
         "stored [in, out], int8 -> bfloat16": (
             lambda x, w, s: jnp.dot(x.astype(BF16), w.astype(BF16), preferred_element_type=F32) * s,
-            (w_in_out, scale)),
+            (w_in_out, scale), many),
         "bfloat16 weight [in, out] (2 bytes)": (
-            lambda x, w: jnp.dot(x.astype(BF16), w, preferred_element_type=F32), (w_bf16,)),
+            lambda x, w: jnp.dot(x.astype(BF16), w, preferred_element_type=F32), (w_bf16,), many),
     }
 
 
@@ -120,7 +125,9 @@ def products(small: bool, rows: list[int], repeat: int) -> list[dict]:
         reference = None
         for n in rows:
             x = jax.random.normal(jax.random.key(n), (n, n_in), F32)
-            for name, (fn, weights) in forms.items():
+            for name, (fn, weights, most_rows) in forms.items():
+                if n > most_rows:
+                    continue
                 run = jax.jit(fn)
                 y = run(x, *weights)
                 if reference is None or reference[0] != n:
@@ -138,35 +145,51 @@ def products(small: bool, rows: list[int], repeat: int) -> list[dict]:
 
 
 def moe_layers(small: bool, tokens: list[int], repeat: int) -> list[dict]:
-    d, f, E, k = (6144, 32768, 8, 2) if not small else (256, 1024, 8, 2)
-    shapes = {"linear": (E, d, f), "linear_v": (E, d, f), "linear_1": (E, f, d)}
-    official, compute = [], []
+    """The MoE layer as the model runs it: layer 1 of a 2-layer stack, picked by a traced index
+    (the layer loop's), through `experts.moe` and through each of its paths forced; and
+    `ragged_dot` over the official [E, in, out] stack, routed over all 8 experts and over 2."""
+    d, f, E, k, L = (6144, 32768, 8, 2, 2) if not small else (256, 1024, 8, 2, 2)
+    shapes = {"linear": (L, E, d, f), "linear_v": (L, E, d, f), "linear_1": (L, E, f, d)}
+    official, stacks = [], []
     for i, (name, shape) in enumerate(shapes.items()):
         q = int8_weight(shape, 100 + i)
-        compute.append(layout.to_linear_weight(q, layout.chunk_count(shape[1])))
-        official.append(q)
-    paths = {"grok1 (experts.moe, compute layout)": (lambda x, g, e, ws: experts.moe(x, g, e, tuple(ws), BF16), compute),
-             "ragged_dot (official [E, in, out])": (lambda x, g, e, ws: experts.sorted_ragged(x, g, e, tuple(ws), BF16), official)}
+        stacks.append(layout.to_linear_weight(q, layout.chunk_count(shape[-2])))
+        official.append(QuantizedWeight8bit(weight=q.weight[1], scales=q.scales[1]))
+    ffn = lambda ws: lambda rows, e: experts.expert_ffn(rows, *(w[e] for w in ws), dtype=BF16)  # noqa: E731
+    paths = {
+        "experts.moe (the model's choice)": lambda x, g, c, ws: experts.moe(x, g, c, ws, BF16),
+        "ragged_pairs (grouped products)": lambda x, g, c, ws: experts.ragged_pairs(x, g, c, ws, BF16),
+        "chosen_experts_dense (one expert at a time)": lambda x, g, c, ws: experts.chosen_experts_dense(
+            x, g, c, ffn(ws), E),
+        "grouped_experts (windows per expert)": lambda x, g, c, ws: experts.grouped_experts(
+            x, g, c, ffn(ws), E, experts.group_capacity(x.shape[0], E, k)),
+    }
     results = []
+    layer = jnp.int32(1)
     for n in tokens:
         x = jax.random.normal(jax.random.key(n), (n, d), F32)
         gates = jnp.full((n, k), 0.5, F32)
         routing = {"uniform over 8": jax.random.randint(jax.random.key(7), (n, k), 0, E),
                    "only experts 0 and 1": jnp.tile(jnp.arange(k), (n, 1))}
-        for path, (fn, weights) in paths.items():
-            run = jax.jit(fn)
-            for how, chosen in routing.items():
-                ms = median_ms(lambda: run(x, gates, chosen, weights), repeat)
+        runs = [(path, jax.jit(lambda x, g, c, ws, i, fn=fn: fn(x, g, c, tuple(w[i] for w in ws))),
+                 (stacks, layer), ["uniform over 8"]) for path, fn in paths.items()]
+        runs.append(("ragged_dot (official [E, in, out])",
+                     jax.jit(lambda x, g, c, ws: experts.sorted_ragged(x, g, c, tuple(ws), BF16)),
+                     (official,), list(routing) if n >= 512 else ["uniform over 8"]))
+        for path, run, weights, hows in runs:
+            for how in hows:
+                chosen = routing[how]
+                ms = median_ms(lambda: run(x, gates, chosen, *weights), repeat)
                 results.append({"tokens": n, "path": path, "routing": how, "ms": ms})
-                print(f"moe {n:>6} tokens  {path:<40}{how:<24}{ms:>9.3f} ms", flush=True)
+                print(f"moe {n:>6} tokens  {path:<46}{how:<24}{ms:>9.3f} ms", flush=True)
     return results
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="a small width (checks the probe anywhere)")
-    parser.add_argument("--rows", type=int, nargs="*", default=[1, 8, 32, 512, 2048])
-    parser.add_argument("--tokens", type=int, nargs="*", default=[8, 32, 512, 2048])
+    parser.add_argument("--rows", type=int, nargs="*", default=[1, 8, 32, 2048])
+    parser.add_argument("--tokens", type=int, nargs="*", default=[1, 8, 32, 512])
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)

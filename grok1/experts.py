@@ -19,9 +19,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from grok1.kernels import linear, native_linear, native_products, one_row_products
+from grok1.kernels import (linear, native_linear, native_products, one_row_products, ragged_linear,
+                           ragged_products)
 from grok1.layout import LinearWeight
-from grok1.quant import QuantizedWeight8bit, Weight
+from grok1.quant import QuantizedWeight8bit, Weight, precision
 
 def grouped_matmul(xs: jax.Array, w: Weight, group_sizes: jax.Array, row_expert: jax.Array,
                    dtype) -> jax.Array:
@@ -33,8 +34,9 @@ def grouped_matmul(xs: jax.Array, w: Weight, group_sizes: jax.Array, row_expert:
     """
     acc = jnp.float32
     xs = xs.astype(dtype)
+    exactly = precision(dtype)
     if not isinstance(w, QuantizedWeight8bit):
-        return jax.lax.ragged_dot(xs, w.astype(dtype), group_sizes, preferred_element_type=acc)
+        return jax.lax.ragged_dot(xs, w.astype(dtype), group_sizes, precision=exactly, preferred_element_type=acc)
     E, n_in, n_out = w.weight.shape
     blocks = w.num_blocks
     size = n_in // blocks
@@ -42,7 +44,7 @@ def grouped_matmul(xs: jax.Array, w: Weight, group_sizes: jax.Array, row_expert:
     for b in range(blocks):
         part = jax.lax.ragged_dot(xs[:, b * size:(b + 1) * size],
                                   w.weight[:, b * size:(b + 1) * size, :].astype(dtype), group_sizes,
-                                  preferred_element_type=acc)
+                                  precision=exactly, preferred_element_type=acc)
         part = part * w.scales[:, b, :].astype(acc)[row_expert]
         out = part if out is None else out + part
     return out
@@ -91,6 +93,8 @@ def moe(x: jax.Array, gates: jax.Array, experts: jax.Array,
     ffn = lambda rows, e: expert_ffn(rows, *(w[e] for w in weights), dtype=dtype)  # noqa: E731
     if all(native_products(w, N * k) for w in weights):
         return native_pairs(x, gates, experts, weights, dtype)
+    if ragged_products(N, N * k) and all(w.groups == 1 for w in weights):
+        return ragged_pairs(x, gates, experts, weights, dtype)
     if N * k <= PAIRS_UP_TO:
         if one_row_products(weights[0].dtype, N):
             return chosen_pairs(x, gates, experts, weights, dtype)
@@ -119,6 +123,21 @@ def native_pairs(x: jax.Array, gates: jax.Array, experts: jax.Array,
          * native_linear(rows, w_up, dtype, pairs))
     y = native_linear(h, w_down, dtype, pairs)                              # [N*k, d]
     return jnp.sum(y.reshape(N, k, -1) * gates.astype(jnp.float32)[..., None], axis=1)
+
+
+def ragged_pairs(x: jax.Array, gates: jax.Array, experts: jax.Array,
+                 weights: tuple[LinearWeight, LinearWeight, LinearWeight], dtype) -> jax.Array:
+    """The N*k (token, expert) pairs sorted by expert, each matrix one grouped product over the
+    whole stack (grok1/kernels.py, `ragged_linear`): a decode step's few rows on an accelerator."""
+    N, k = experts.shape
+    order, sizes = sort_pairs_by_expert(experts, weights[0].shape[0])
+    sizes = sizes.astype(jnp.int32)
+    row_expert = experts.reshape(-1)[order]
+    xs = x[order // k]                                                      # [N*k, d]
+    w_gate, w_up, w_down = weights
+    h = (jax.nn.gelu(ragged_linear(xs, w_gate, sizes, row_expert, dtype))
+         * ragged_linear(xs, w_up, sizes, row_expert, dtype))
+    return combine_pairs(ragged_linear(h, w_down, sizes, row_expert, dtype), gates, order, k)
 
 
 def chosen_pairs(x: jax.Array, gates: jax.Array, experts: jax.Array,

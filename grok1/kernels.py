@@ -37,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from grok1 import native
 from grok1.layout import LinearWeight
-from grok1.quant import Weight, matmul
+from grok1.quant import Weight, matmul, precision
 from grok1.rows import whole_rows
 
 # Up to this many rows, a product on CPU runs as one-row products (see the module docstring).
@@ -49,6 +49,9 @@ NATIVE_ROWS_UP_TO = 64
 # step), attention over the cache runs through the native kernel where it is available; a
 # prompt's many queries are products XLA runs well, and its per-query logits would not fit.
 NATIVE_QUERIES_UP_TO = 64
+# Up to this many (token, expert) pairs, a MoE layer on one accelerator runs as grouped products
+# over the whole expert stack (`ragged_products`); more (a prompt) group rows per expert.
+RAGGED_PAIRS_UP_TO = 128
 
 
 def native_products(w: LinearWeight, rows: int) -> bool:
@@ -217,6 +220,41 @@ def product_dtype(weight_dtype, dtype):
     return jnp.float32
 
 
+def ragged_products(tokens: int, pairs: int) -> bool:
+    """Whether a MoE layer's (token, expert) pairs run as one grouped product per matrix over
+    the whole expert stack (`ragged_linear`): on one accelerator, for a decode step of several
+    tokens (2 to RAGGED_PAIRS_UP_TO pairs). There XLA's grouped product reads the int8 stack
+    once with the convert fused, at about twice the rate of an expert at a time (an H200,
+    benchmarks/gpu_kernels.py), but computes every expert on every row (dense in arithmetic:
+    prompts group their rows by expert instead); one token reads just its own experts."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return (jax.default_backend() != "cpu" and (mesh.empty or mesh.size == 1)
+            and 1 < tokens and pairs <= RAGGED_PAIRS_UP_TO)
+
+
+def ragged_linear(xs: jax.Array, w: LinearWeight, group_sizes: jax.Array, row_expert: jax.Array,
+                  dtype) -> jax.Array:
+    """Rows xs [n, in] sorted by expert (`group_sizes` [E] rows each; row i's expert
+    `row_expert[i]`) times their expert's matrix of the stack w [E, chunks, out, chunk]:
+    float32 [n, out], one `ragged_dot_general` per chunk, each scaled after its product."""
+    w = w.resolved()
+    numbers = jax.lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(((1,), (2,)), ((), ())),  # rows' `in` with each expert's [out, in]
+        lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+    total = None
+    for j in range(w.chunks):
+        rows = w.rows_of_chunk(xs, j).astype(dtype)
+        values = w.values[:, j].astype(product_dtype(w.dtype, dtype))               # [E, out, chunk]
+        part = jax.lax.ragged_dot_general(
+            rows, values, group_sizes, numbers, precision=precision(jnp.promote_types(rows.dtype, values.dtype)),
+            preferred_element_type=jnp.float32)
+        scales = w.chunk_scales(j)                                                # [E, 1, out]
+        if scales is not None:
+            part = part * scales[row_expert, 0, :]
+        total = part if total is None else total + part
+    return total
+
+
 def linear(x: jax.Array, w: Weight | LinearWeight, dtype) -> jax.Array:
     """`x @ w` over the last axis of x, float32 result, for any weight the model may hold: a
     LinearWeight (loaded for inference), or the official [in, out] tree (training, `init`).
@@ -277,13 +315,14 @@ def rows_times_transposed(x: jax.Array, w: jax.Array, dtype,
     if one_row_at_a_time is None:
         one_row_at_a_time = one_row_products(w.dtype, rows.shape[0])
     weight = w.astype(product_dtype(w.dtype, dtype))
+    exactly = precision(jnp.promote_types(rows.dtype, weight.dtype))
     if one_row_at_a_time:
         # A producer fused into the product slows it too; rows split over a mesh's data axis are
         # gathered first (a few rows), else slicing one out makes XLA gather the weight.
         rows = jax.lax.optimization_barrier(whole_rows(rows))
         y = jnp.concatenate([jax.lax.optimization_barrier(
-            jnp.dot(rows[i:i + 1], weight.T, preferred_element_type=jnp.float32))
+            jnp.dot(rows[i:i + 1], weight.T, precision=exactly, preferred_element_type=jnp.float32))
             for i in range(rows.shape[0])])
     else:
-        y = jnp.dot(rows, weight.T, preferred_element_type=jnp.float32)
+        y = jnp.dot(rows, weight.T, precision=exactly, preferred_element_type=jnp.float32)
     return y.reshape(*x.shape[:-1], w.shape[0])

@@ -33,9 +33,10 @@ import numpy as np
 from grok1.quant import QuantizedWeight8bit
 
 
-# The input axis of a weight is cut into chunks of at most this many elements: XLA:CPU's fused
-# int8/bfloat16 matrix-vector product runs at bandwidth only up to about this contraction length
-# (1024: 11-15 G params/s; 4096 and more: 0.3, the convert no longer fused; benchmarks/products.py).
+# On CPU the input axis of a weight is cut into chunks of at most this many elements: XLA:CPU's
+# fused int8/bfloat16 matrix-vector product runs at bandwidth only up to about this contraction
+# length (1024: 11-15 G params/s; 4096 and more: 0.3, the convert no longer fused;
+# benchmarks/products.py). Accelerators keep the whole axis (`max_chunk`).
 MAX_CHUNK = 1024
 
 
@@ -142,6 +143,15 @@ class EmbeddingTable(LinearWeight):
         return (vocab, chunks * size)
 
 
+def max_chunk(n_in: int) -> int:
+    """The longest run of an input axis of `n_in` in one chunk: MAX_CHUNK on CPU; on accelerators
+    the whole axis (scale blocks allowing), since their matrix units take a long contraction in
+    one product and each extra chunk is another product: on an H200, Grok-1's [6144 -> 32768]
+    expert matrix times 1 to 32 rows ran 2.4-3.8x faster in one chunk than in chunks of 1024
+    (benchmarks/gpu_kernels.py, BENCHMARKS.md "GPU")."""
+    return MAX_CHUNK if jax.default_backend() == "cpu" else n_in
+
+
 def chunk_count(n_in: int, blocks: int = 1, shards: int = 1) -> int:
     """How many chunks to cut an input axis of `n_in` into: the fewest that leave each of the
     `shards` devices splitting the axis at most MAX_CHUNK positions of a chunk, each run of a
@@ -149,10 +159,11 @@ def chunk_count(n_in: int, blocks: int = 1, shards: int = 1) -> int:
     axis is cut into `chunks` contiguous runs, and chunk j is the j-th run of every share (with
     one device: plain contiguous pieces), so each device lays out its own shard."""
     block = n_in // blocks
+    limit = max_chunk(n_in)
     for count in range(1, n_in + 1):
         if n_in % (count * shards) == 0:
             run = n_in // (count * shards)
-            if run <= MAX_CHUNK and block % run == 0:
+            if run <= limit and block % run == 0:
                 return count
     return 1
 

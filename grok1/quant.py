@@ -86,6 +86,16 @@ def quantize(w: np.ndarray | jax.Array, num_blocks: int = 1, scale_dtype=None) -
     return QuantizedWeight8bit(weight=weight, scales=scales)
 
 
+def precision(dtype) -> jax.lax.Precision:
+    """The precision of a product whose operands are `dtype`: float32 operands in full float32
+    (HIGHEST), others as they are. Accelerators otherwise multiply float32 as TensorFloat-32
+    (10-bit mantissas): on an H200 that broke the golden and equivalence tests in float32 and
+    the float32 attention of bfloat16 compute. CPUs multiply float32 in float32 either way."""
+    if jnp.dtype(dtype) == jnp.dtype(jnp.float32):
+        return jax.lax.Precision.HIGHEST
+    return jax.lax.Precision.DEFAULT
+
+
 def matmul(x: jax.Array, w: Weight, dtype=None, out_dtype=None) -> jax.Array:
     """`x @ w` over the last axis of x, for a plain or block-quantized weight [in, out].
 
@@ -101,17 +111,18 @@ def matmul(x: jax.Array, w: Weight, dtype=None, out_dtype=None) -> jax.Array:
     x = x.astype(dtype)
     acc = jnp.float32  # the same result for float32, the fast CPU kernels for bfloat16
     if not isinstance(w, QuantizedWeight8bit):
-        return jnp.matmul(x, w, preferred_element_type=acc).astype(out_dtype)
+        return jnp.matmul(x, w, precision=precision(jnp.promote_types(x.dtype, w.dtype)),
+                          preferred_element_type=acc).astype(out_dtype)
     n_in, n_out = w.weight.shape
     blocks = w.num_blocks
     if blocks == 1:
-        y = jnp.matmul(x, w.weight.astype(dtype), preferred_element_type=acc)
+        y = jnp.matmul(x, w.weight.astype(dtype), precision=precision(dtype), preferred_element_type=acc)
         return (y * w.scales[0].astype(acc)).astype(out_dtype)
     # One plain matmul per block (XLA:CPU has no batched bfloat16 dot with a float32 result).
     size = n_in // blocks
     out = None
     for b in range(blocks):
         part = jnp.matmul(x[..., b * size:(b + 1) * size], w.weight[b * size:(b + 1) * size].astype(dtype),
-                          preferred_element_type=acc) * w.scales[b].astype(acc)
+                          precision=precision(dtype), preferred_element_type=acc) * w.scales[b].astype(acc)
         out = part if out is None else out + part
     return out.astype(out_dtype)

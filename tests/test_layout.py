@@ -170,6 +170,35 @@ def test_pairs_of_a_decode_step_equal_every_chosen_expert_on_every_row():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_ragged_pairs_of_a_decode_step_equal_every_chosen_expert_on_every_row(blocks):
+    # The accelerators' grouped products over the whole stack, here on a stack picked by layer
+    # as the layer loop does, and with several scale blocks (a chunk per block).
+    rng = np.random.default_rng(6)
+    N, d, f, E, L = 6, 64, 96, 4, 2
+    def stack(n_in, n_out):
+        stored = quantize(rng.normal(size=(L, E, n_in, n_out)) * n_in ** -0.5, blocks, scale_dtype=jnp.bfloat16)
+        return layout.to_linear_weight(stored, blocks)[1]
+    weights = (stack(d, f), stack(d, f), stack(f, d))
+    ffn = lambda rows, e: expert_kernels.expert_ffn(rows, *(w[e] for w in weights), dtype=jnp.float32)  # noqa: E731
+    x = jnp.asarray(rng.normal(size=(N, d)), jnp.float32)
+    experts = jnp.asarray([rng.choice(E, 2, replace=False) for _ in range(N)], jnp.int32)
+    gates = jnp.asarray(rng.uniform(size=(N, 2)), jnp.float32)
+    got = expert_kernels.ragged_pairs(x, gates, experts, weights, jnp.float32)
+    want = expert_kernels.chosen_experts_dense(x, gates, experts, ffn, E)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
+def test_moe_runs_ragged_pairs_on_one_accelerator_for_a_few_tokens_only(monkeypatch):
+    monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
+    assert not kernels.ragged_products(1, 2)          # one token reads just its two experts
+    assert kernels.ragged_products(8, 16)
+    assert kernels.ragged_products(64, kernels.RAGGED_PAIRS_UP_TO)
+    assert not kernels.ragged_products(512, 1024)     # a prompt groups its rows per expert
+    monkeypatch.setattr(kernels.jax, "default_backend", lambda: "cpu")
+    assert not kernels.ragged_products(8, 16)
+
+
 def test_group_capacity_holds_the_balanced_share_with_margin_in_multiples_of_16():
     assert expert_kernels.group_capacity(512, 8, 2) == 160   # 128 expected rows per expert
     assert expert_kernels.group_capacity(100, 8, 2) == 32    # 25 expected

@@ -198,8 +198,8 @@ def main(argv=None) -> dict:
     print(f"copy {limits['copy_GBps']:.0f} GB/s, bf16 matmul {limits['bf16_matmul_TFLOPs']:.0f} TFLOP/s", flush=True)
     res = {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
            "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "ceilings": limits,
-           "products": products(args.small, args.rows, args.repeat),
-           "moe": moe_layers(args.small, args.tokens, args.repeat)}
+           "moe": moe_layers(args.small, args.tokens, args.repeat),
+           "products": products(args.small, args.rows, args.repeat)}
     if args.json:
         write_atomically(args.json, json.dumps(res, indent=1) + "\n")
     return res

@@ -2,7 +2,9 @@
 
 - The compute layout (grok1/layout.py: each expert stack a LinearWeight [E, out, in], int8 as
   stored): where the native CPU kernel runs (grok1/kernels.py), a decode step's (token, expert)
-  pairs are the rows of one native product per matrix, each reading its own expert. Otherwise a
+  pairs are the rows of one native product per matrix, each reading its own expert. On one
+  accelerator, a decode step of several tokens sorts its pairs by expert and runs one grouped
+  product per matrix over the layer's stack (`ragged_pairs`). Otherwise a
   few tokens (a decode step) run each (token, expert) pair on its own, the expert's
   matrices picked by index, so only the chosen experts are read or computed, on one device and
   on a mesh alike; many tokens (a prompt) are grouped by expert, each expert running once on a
@@ -36,7 +38,8 @@ def grouped_matmul(xs: jax.Array, w: Weight, group_sizes: jax.Array, row_expert:
     xs = xs.astype(dtype)
     exactly = precision(dtype)
     if not isinstance(w, QuantizedWeight8bit):
-        return jax.lax.ragged_dot(xs, w.astype(dtype), group_sizes, precision=exactly, preferred_element_type=acc)
+        return jax.lax.ragged_dot(xs, w.astype(dtype), group_sizes, precision=exactly,
+                                  preferred_element_type=acc)
     E, n_in, n_out = w.weight.shape
     blocks = w.num_blocks
     size = n_in // blocks

@@ -23,7 +23,9 @@ over the weight, on all cores, and each row may pick its own entry of a stack (a
 expert) straight out of the whole stack (`LinearWeight.picked`): nothing is sliced or copied.
 Many rows (prompts) run one product with the dequantised weight, which XLA materialises once,
 and so do any rows of a float32 weight (a float checkpoint: XLA's float32 product of a few rows
-reads the weight once). Accelerators compile one product in every case.
+reads the weight once). Accelerators compile one product in every case (weights in one chunk
+there, layout.max_chunk), and run a decode step's experts as grouped products over the whole
+stack (`ragged_products`).
 """
 
 from __future__ import annotations
@@ -245,9 +247,9 @@ def ragged_linear(xs: jax.Array, w: LinearWeight, group_sizes: jax.Array, row_ex
     for j in range(w.chunks):
         rows = w.rows_of_chunk(xs, j).astype(dtype)
         values = w.values[:, j].astype(product_dtype(w.dtype, dtype))               # [E, out, chunk]
-        part = jax.lax.ragged_dot_general(
-            rows, values, group_sizes, numbers, precision=precision(jnp.promote_types(rows.dtype, values.dtype)),
-            preferred_element_type=jnp.float32)
+        exactly = precision(jnp.promote_types(rows.dtype, values.dtype))
+        part = jax.lax.ragged_dot_general(rows, values, group_sizes, numbers, precision=exactly,
+                                          preferred_element_type=jnp.float32)
         scales = w.chunk_scales(j)                                                # [E, 1, out]
         if scales is not None:
             part = part * scales[row_expert, 0, :]

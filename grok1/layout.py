@@ -8,7 +8,8 @@ checkpoint's size) and only rearranges each linear weight into a `LinearWeight`
 stored transposed. XLA:CPU streams a weight at memory bandwidth, with the int8 -> float convert
 fused in, only as a one-row product over a weight contracted on its last axis and no longer than
 about 1024 (the stored [in, out] form, or a contraction of 4096, runs 30-50x slower;
-benchmarks/products.py). Onto one device the rearrangement is done on the host as the checkpoint
+benchmarks/products.py). Accelerators keep the input axis whole (`max_chunk`): their products
+take a long contraction in one go. Onto one device the rearrangement is done on the host as the checkpoint
 is read (`write_compute_layout`, a piece of a tensor at a time); on a mesh it runs per tensor on
 the devices that hold it, shard by shard (the partition table in sharding.py describes the
 stored axes; a LinearWeight's split is derived from it). No full-size float copy ever exists.

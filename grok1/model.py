@@ -31,10 +31,6 @@ from grok1.quant import Weight, precision
 from grok1.rows import split_rows
 from grok1.stacking import LAYERS_MODULE, has_stacked_layers, layer_module, layer_of
 
-# Attention and the router multiply float32 operands, in float32 on accelerators too (which
-# would otherwise use TensorFloat-32: quant.precision).
-HIGHEST = precision(jnp.float32)
-
 RMS_NORM_EPS = 1e-5
 ROPE_BASE = 10000.0
 ATTN_LOGIT_CAP = 30.0
@@ -190,7 +186,8 @@ class MultiHeadAttention(hk.Module):
         """softmax(masked(cap(q . k * multiplier))) @ v: q [B, T, N, G, K], k and v [B, S, N, K],
         mask [B, T, S] -> [B, T, N, G, K] float32."""
         # Attention runs in float32 on the (possibly bfloat16-cached) keys and values: the
-        # official model's softmax weights and weighted sum were never rounded (docs/ARCHITECTURE.md).
+        # official model's softmax weights and weighted sum were never rounded (docs/ARCHITECTURE.md);
+        # its products ask for full float32 (accelerators would use TensorFloat-32: quant.precision).
         k, v = k.astype(jnp.float32), v.astype(jnp.float32)
         if q.shape[1] > 1 and k.shape[1] > ATTENTION_KEY_BLOCK:  # long prompt: never hold all [T, S] logits
             return attention_in_blocks(q, k, v, mask, self.config.attn_output_multiplier,
@@ -199,11 +196,12 @@ class MultiHeadAttention(hk.Module):
         logits = cap_attention_logits(logits)
         logits = jnp.where(mask[:, None, None, :, :], logits, MASKED_LOGIT)
         weights = jax.nn.softmax(logits, axis=-1)
-        return jnp.einsum("bngts,bsnk->btngk", weights, v, precision=HIGHEST)
+        return jnp.einsum("bngts,bsnk->btngk", weights, v, precision=precision(jnp.float32))
 
     def attention_logits(self, q: jax.Array, k: jax.Array) -> jax.Array:
         """(q . k) * attn_output_multiplier in float32, before capping and masking."""
-        logits = jnp.einsum("btngk,bsnk->bngts", q, k, precision=HIGHEST, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("btngk,bsnk->bngts", q, k, precision=precision(jnp.float32),
+                            preferred_element_type=jnp.float32)
         return logits * self.config.attn_output_multiplier
 
 
@@ -271,7 +269,8 @@ def attention_in_key_blocks(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.
     def add_block(carry, key_block):
         running_max, running_sum, weighted_values = carry
         k_block, v_block, mask_block, in_range_block = key_block
-        logits = jnp.einsum("btngk,bsnk->bngts", q, k_block, precision=HIGHEST) * multiplier  # [B, N, G, T, block]
+        logits = jnp.einsum("btngk,bsnk->bngts", q, k_block,
+                            precision=precision(jnp.float32)) * multiplier          # [B, N, G, T, block]
         logits = cap_attention_logits(logits)
         logits = jnp.where(mask_block[:, None, None, :, :], logits, MASKED_LOGIT)
         logits = jnp.where(in_range_block, logits, -jnp.inf)
@@ -280,7 +279,8 @@ def attention_in_key_blocks(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.
         weights = jnp.exp(logits - new_max[..., None])
         running_sum = running_sum * rescale + weights.sum(axis=-1)
         weighted_values = (weighted_values * rescale[..., None]
-                           + jnp.einsum("bngts,bsnk->bngtk", weights, v_block, precision=HIGHEST))
+                           + jnp.einsum("bngts,bsnk->bngtk", weights, v_block,
+                                        precision=precision(jnp.float32)))
         return (new_max, running_sum, weighted_values), None
 
     start = (jnp.full((B, N, G, T), -jnp.inf, jnp.float32), jnp.zeros((B, N, G, T), jnp.float32),
@@ -302,7 +302,7 @@ class Router(hk.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         w = hk.get_parameter("w", [x.shape[-1], self.config.num_experts], jnp.float32,
                              init=hk.initializers.TruncatedNormal(stddev=x.shape[-1] ** -0.5))
-        logits = jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision=HIGHEST)
+        logits = jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision=precision(jnp.float32))
         return jax.nn.softmax(logits, axis=-1)  # [B, T, E]
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from grok1 import quant
 from grok1.quant import QuantizedWeight8bit, matmul, quantize
 
 
@@ -43,3 +45,11 @@ def test_dequantize_scales_each_block_of_the_input_axis():
 def test_quantize_refuses_blocks_that_do_not_divide_the_input_axis():
     with pytest.raises(ValueError, match="num_blocks must be a positive divisor of the input axis"):
         quantize(np.ones((10, 3)), num_blocks=3)
+
+
+def test_float32_products_ask_for_full_float32_on_accelerators_only(monkeypatch):
+    # XLA:GPU multiplies float32 as TensorFloat-32 unless told otherwise; CPUs need no telling.
+    assert quant.precision(jnp.float32) == jax.lax.Precision.DEFAULT
+    monkeypatch.setattr(quant.jax, "default_backend", lambda: "gpu")
+    assert quant.precision(jnp.float32) == jax.lax.Precision.HIGHEST
+    assert quant.precision(jnp.bfloat16) == jax.lax.Precision.DEFAULT

@@ -43,3 +43,18 @@ def test_tiny_benchmark_runs_end_to_end(tmp_path):
                       "--first-token", "8", "--context", "16", "--json", str(tmp_path / "r.json")])
     assert res["decode"][1]["tokens_per_s"] > 0 and 0 < res["prefill"][16]["mfu"]
     assert (tmp_path / "r.json").is_file()
+
+
+def test_random_int8_draws_small_tensors_value_by_value_as_before():
+    # bench-1b's tensors are all below the pool threshold: its cached checkpoint stays the same.
+    want = np.random.default_rng(3).integers(-127, 128, (4, 5464, 1024), dtype=np.int8)
+    np.testing.assert_array_equal(bench.random_int8(np.random.default_rng(3), (4, 5464, 1024)), want)
+
+
+def test_random_int8_fills_large_tensors_from_a_pool_within_the_int8_range(monkeypatch):
+    monkeypatch.setattr(bench, "POOL_ABOVE", 1000)
+    monkeypatch.setattr(bench, "POOL_SIZE", 257)
+    values = bench.random_int8(np.random.default_rng(0), (3, 700))
+    assert values.shape == (3, 700) and values.dtype == np.int8
+    assert values.min() >= -127 and values.max() <= 127
+    assert len(np.unique(values)) > 100

@@ -78,6 +78,14 @@ def test_long_input_axes_are_cut_into_chunks_that_nest_with_scale_blocks():
     assert chunk_count(96, blocks=3) == 3       # a run may not cross a scale block
 
 
+def test_accelerators_keep_an_input_axis_whole_except_where_scale_blocks_cut_it(monkeypatch):
+    monkeypatch.setattr(layout.jax, "default_backend", lambda: "gpu")
+    assert chunk_count(32768) == 1
+    assert chunk_count(6144) == 1
+    assert chunk_count(32768, blocks=8) == 8    # one run per scale block
+    assert chunk_count(32768, blocks=8, shards=8) == 1
+
+
 def test_a_chunked_weight_multiplies_like_the_stored_one():
     rng = np.random.default_rng(3)
     stored = quantize(rng.normal(size=(2, 4096, 40)), num_blocks=8)

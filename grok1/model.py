@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from grok1.config import ModelConfig
 from grok1 import experts as expert_kernels
-from grok1.kernels import attention_over_cache, linear, table_rows, times_table
+from grok1.kernels import attention_over_cache, linear, split_like_cache, table_rows, times_table
 from grok1.layout import LinearWeight
 from grok1.quant import Weight, precision
 from grok1.rows import split_rows
@@ -213,15 +213,16 @@ def write_layer(stack: jax.Array, new: jax.Array, layer: jax.Array | int, starts
     scatter of all rows made the partitioned program copy the whole cache around the layer loop:
     2 x 1.07 GB per device for grok-1 at batch 8 and context 8192 on 1x8; a vmap of
     dynamic_update_slice over rows made XLA:CPU move the rows axis first, copying the whole cache
-    back and forth around every write.)
+    back and forth around every write.) On a mesh the entries and the stack keep the cache's
+    split (`split_like_cache`).
     """
-    new = new.astype(stack.dtype)
+    new = split_like_cache(new.astype(stack.dtype))
     zero = jnp.zeros((), jnp.int32)
     layer = jnp.asarray(layer, jnp.int32)
     for b in range(new.shape[0]):
         stack = jax.lax.dynamic_update_slice(
             stack, new[b][None, None], (layer, jnp.int32(b), starts[b].astype(jnp.int32), zero, zero))
-    return stack
+    return split_like_cache(stack)
 
 
 def attention_in_blocks(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,

@@ -214,3 +214,23 @@ def test_each_device_holds_an_eighth_of_every_large_weight(two_layer_results, sp
 def test_twelve_layer_sharded_logits_equal_one_device(twelve_layer):
     results = sharded_results(twelve_layer.path)
     assert all(r["max_diff"] <= 1e-4 for r in results.values()), results
+
+
+WHOLE_CACHE_GATHERS = """
+import re, jax, grok1
+from grok1 import sampler
+model = grok1.load("checkpoints/small", mesh={spec!r}, progress=False)
+runner = sampler.Runner(model, slots=8)
+state = jax.device_put(sampler.empty_state(model.config, model.dtype, 8), runner._state_sharding)
+hlo = runner.decode.lower(model.params, state).compile().as_text()
+c = model.config
+whole = f"{{c.num_layers}},8,{{c.sequence_len}},{{c.num_kv_heads}},{{c.key_size}}"
+print(sum(m.group(1) == whole for m in re.finditer(r"= \\w+\\[([\\d,]+)\\]\\S* all-gather(-start)?\\(", hlo)))
+"""
+
+
+def test_a_decode_step_never_gathers_the_whole_kv_cache_where_projections_cut_kv_heads():
+    # The shipped model's 2 kv heads of 32 on 1x8: its key/value projections are split 8 ways
+    # (a quarter head per device) while its cache keeps whole heads; without
+    # kernels.split_like_cache every step gathered the whole cache back (4 all-gathers).
+    assert int(run_with_devices(WHOLE_CACHE_GATHERS.format(spec="1x8"), devices=8)) == 0

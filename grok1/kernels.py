@@ -181,25 +181,26 @@ def attention_over_cache(q: jax.Array, keys: jax.Array, values: jax.Array, layer
 
 def split_like_cache(x: jax.Array) -> jax.Array:
     """New keys or values [B, T, N, K], or the stacked cache [L, B, S, N, K] they were written
-    into, held to the cache's split wherever the key/value projections cut a kv head that the
-    cache keeps whole (fewer kv heads than the devices splitting those projections: bench-1b's 4
-    on 1x8, the shipped model's 2 on 1x8 and 2x4; sharding.py). Left to XLA, the projections'
-    split spreads into the cache inside the layer loop, and the whole cache is gathered back at
-    every step's end and each layer's keys inside attention: bench-1b on 1x8, 47 / 246 ms per
-    decode step (batch 1 / 8) -> 33 / 97-103 (one device 16.5 / 61). Both places are needed
-    (the stack alone: 72 / 428 ms). Where the projections keep whole heads XLA's own choice
-    stays (there the constraint made bench-1b's 2x4 batch 8 slower: 92-95 vs 81-84 ms)."""
+    into, held to the cache's split wherever the key/value projections split the kv heads over
+    other mesh axes than the cache does (sharding.py): where they cut heads the cache keeps
+    whole (bench-1b's 4 on 1x8, the shipped model's 2), or where a batch too small for the data
+    axis leaves it to the cache's heads (bench-1b's batch 1 on 2x4). Left to XLA, the
+    projections' split spreads into the cache inside the layer loop and the cache is moved back
+    at every step's end, and each layer's keys inside attention: bench-1b on 1x8, 47 / 246 ms per
+    decode step (batch 1 / 8) -> 33 / 95-108 (one device 16.6 / 61-66). Both places are needed
+    (the stack alone: 72 / 428 ms). Where both split the heads alike XLA's choice stays (the
+    constraint made bench-1b's 2x4 batch 8 slower there: 92-95 vs 81-84 ms)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return x
     # imported here: sharding.py imports the model, which imports this module
     from grok1.sharding import ACTIVATION_AXES, PARAM_AXES, partition_spec
     *_, N, K = x.shape
-    projection = partition_spec(PARAM_AXES["key"], (1, N * K), mesh)[-1]
-    if N % math.prod(mesh.shape[axis] for axis in _axes(projection)) == 0:
-        return x
     lead = 5 - x.ndim  # 1 for new entries (no layer axis), 0 for the stack
     spec = partition_spec(ACTIVATION_AXES["cache_kv"], (1,) * lead + x.shape, mesh)
+    projection = partition_spec(PARAM_AXES["key"], (1, N * K), mesh)[-1]
+    if _axes(projection) == _axes(spec[-2]):
+        return x
     return jax.lax.with_sharding_constraint(x, P(*spec[lead:]))
 
 

@@ -9,9 +9,9 @@ stored transposed. XLA:CPU streams a weight at memory bandwidth, with the int8 -
 fused in, only as a one-row product over a weight contracted on its last axis and no longer than
 about 1024 (the stored [in, out] form, or a contraction of 4096, runs 30-50x slower;
 benchmarks/products.py). Accelerators keep the input axis whole (`max_chunk`): their products
-take a long contraction in one go. Onto one device the rearrangement is done on the host as the checkpoint
-is read (`write_compute_layout`, a piece of a tensor at a time); on a mesh it runs per tensor on
-the devices that hold it, shard by shard (the partition table in sharding.py describes the
+take a long contraction in one go. Onto one device the rearrangement is done on the host as the
+checkpoint is read (`write_compute_layout`, a piece of a tensor at a time); on a mesh it runs per
+tensor on the devices that hold it, shard by shard (the partition table in sharding.py describes the
 stored axes; a LinearWeight's split is derived from it). No full-size float copy ever exists.
 The embedding table [V, d] is the output projection's [out, in] weight and is cut the same way
 (`EmbeddingTable`); the router is tiny and float32.
@@ -155,7 +155,7 @@ def max_chunk(n_in: int) -> int:
 
 def chunk_count(n_in: int, blocks: int = 1, shards: int = 1) -> int:
     """How many chunks to cut an input axis of `n_in` into: the fewest that leave each of the
-    `shards` devices splitting the axis at most MAX_CHUNK positions of a chunk, each run of a
+    `shards` devices splitting the axis at most `max_chunk` positions of a chunk, each run of a
     chunk inside one of the `blocks` scale blocks. Each device's contiguous share of the stored
     axis is cut into `chunks` contiguous runs, and chunk j is the j-th run of every share (with
     one device: plain contiguous pieces), so each device lays out its own shard."""

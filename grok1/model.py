@@ -303,7 +303,8 @@ class Router(hk.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         w = hk.get_parameter("w", [x.shape[-1], self.config.num_experts], jnp.float32,
                              init=hk.initializers.TruncatedNormal(stddev=x.shape[-1] ** -0.5))
-        logits = jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32), precision=precision(jnp.float32))
+        logits = jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32),
+                            precision=precision(jnp.float32))
         return jax.nn.softmax(logits, axis=-1)  # [B, T, E]
 
 

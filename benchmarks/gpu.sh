@@ -45,9 +45,9 @@ writer=$!
 echo "== 1. tests on the GPU"
 # Compilation dominates these tests: several workers where pytest-xdist is installed.
 workers=(); "$py" -c "import xdist" 2>/dev/null && workers=(-n "${GPU_TEST_WORKERS:-6}")
-timeout "${GPU_TESTS_S:-200}" "$py" -m pytest -q -rf --tb=line -p no:cacheprovider "${workers[@]}" \
+timeout "${GPU_TESTS_S:-200}" "$py" -m pytest -v -rf --tb=line -p no:cacheprovider "${workers[@]}" \
     tests/test_model.py tests/test_sampler.py tests/test_layout.py tests/test_quant.py 2>&1 \
-    | tee "$out/gpu-tests.log" | tail -25
+    | tee "$out/gpu-tests.log" | grep -v -e PASSED -e PytestBenchmarkWarning -e "warner(" | tail -25
 [[ ${PIPESTATUS[0]} == 0 ]] || status=1
 echo "== 2. product forms and MoE kernels"
 timeout "${GPU_KERNELS_S:-150}" "$py" benchmarks/gpu_kernels.py --json "$out/gpu-kernels.json" || status=1

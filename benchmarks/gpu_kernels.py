@@ -8,17 +8,21 @@ and whether the grouped matmul (`jax.lax.ragged_dot`) computes only the chosen e
 Ceilings first, measured here: device copy bandwidth (bytes read + written) and the bfloat16
 matmul rate (8192^3). Then, in bfloat16 compute (float32 accumulation):
 
-- Products of n rows by one int8 weight with its scales, for Grok-1's expert matrices
-  [6144 -> 32768] and [32768 -> 6144], each form named by how the weight is stored and what it
-  is converted to inside the product: grok1's compute layout (grok1/layout.py: the input axis
-  in chunks of 1024, each [out, chunk]) converted to float32 (grok1 before) or to bfloat16
-  (kernels.product_dtype on accelerators), the whole axis as one chunk, the checkpoint's
-  [in, out], and a bfloat16 weight (twice the bytes, no convert). Figures: ms, weight bytes read
-  per second (GB/s, each weight once per product) and TFLOP/s.
-- The MoE layer for n tokens (8 experts, top 2): grok1's path for the compute layout
-  (`experts.moe`) and `ragged_dot` over the official [E, in, out] stack, each with tokens routed
-  over all 8 experts and over only 2: a kernel that computes only the chosen experts takes about
-  a quarter of the time on 2 experts at prompt sizes; a dense one takes the same.
+- Products of n rows (1, 8, 32, 2048) by one int8 weight with its scales, for Grok-1's expert
+  matrices [6144 -> 32768] and [32768 -> 6144], each form named by how the weight is stored and
+  what it is converted to inside the product: chunks of 1024 [out, chunk] converted to float32
+  (grok1 before on every backend), `kernels.linear` on the layout grok1 loads here (one chunk on
+  accelerators, converted to bfloat16: `kernels.product_dtype`), a row reduction instead of a
+  product (up to 8 rows), the checkpoint's [in, out], and a bfloat16 weight (twice the bytes,
+  no convert). Figures: ms, weight bytes read per second (GB/s, each weight once per product)
+  and TFLOP/s.
+- One MoE layer for n tokens (1, 8, 32, 512; 8 experts, top 2), layer 1 of a 2-layer stack
+  picked by a traced index as the layer loop does: `experts.moe` (the path it chooses) and each
+  of its paths forced, and `ragged_dot` over the official [E, in, out] stack. Is the grouped
+  matmul sparse? At decode sizes its time routed to 2 experts against all 8 says whether it
+  reads only the chosen experts; at prompt sizes its time against the chosen experts'
+  arithmetic and all experts' says whether it computes only the chosen ones (routing is no test
+  there: the chosen arithmetic is the same either way).
 
 Every figure is the median of several calls after a warm-up (`block_until_ready`).
 """

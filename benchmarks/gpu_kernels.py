@@ -179,7 +179,7 @@ def moe_layers(small: bool, tokens: list[int], repeat: int) -> list[dict]:
                  (stacks, layer), ["uniform over 8"]) for path, fn in paths.items()]
         runs.append(("ragged_dot (official [E, in, out])",
                      jax.jit(lambda x, g, c, ws: experts.sorted_ragged(x, g, c, tuple(ws), BF16)),
-                     (official,), list(routing) if n >= 512 else ["uniform over 8"]))
+                     (official,), list(routing)))
         for path, run, weights, hows in runs:
             for how in hows:
                 chosen = routing[how]

@@ -162,7 +162,7 @@ def moe_layers(small: bool, tokens: list[int], repeat: int) -> list[dict]:
     ffn = lambda ws: lambda rows, e: experts.expert_ffn(rows, *(w[e] for w in ws), dtype=BF16)  # noqa: E731
     paths = {
         "experts.moe (the model's choice)": lambda x, g, c, ws: experts.moe(x, g, c, ws, BF16),
-        "ragged_pairs (grouped products)": lambda x, g, c, ws: experts.ragged_pairs(x, g, c, ws, BF16),
+        "sorted_ragged (grouped products)": lambda x, g, c, ws: experts.sorted_ragged(x, g, c, ws, BF16),
         "chosen_experts_dense (one expert at a time)": lambda x, g, c, ws: experts.chosen_experts_dense(
             x, g, c, ffn(ws), E),
         "grouped_experts (windows per expert)": lambda x, g, c, ws: experts.grouped_experts(

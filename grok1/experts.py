@@ -4,13 +4,13 @@
   stored): where the native CPU kernel runs (grok1/kernels.py), a decode step's (token, expert)
   pairs are the rows of one native product per matrix, each reading its own expert. On one
   accelerator, a decode step of several tokens sorts its pairs by expert and runs one grouped
-  product per matrix over the layer's stack (`ragged_pairs`). Otherwise a
+  product per matrix over the layer's stack (`sorted_ragged`). Otherwise a
   few tokens (a decode step) run each (token, expert) pair on its own, the expert's
   matrices picked by index, so only the chosen experts are read or computed, on one device and
   on a mesh alike; many tokens (a prompt) are grouped by expert, each expert running once on a
   window of its rows (`grouped_experts`).
 - The official tree (training, `init`: experts stacked [E, in, out]): token copies sorted by
-  expert go through `grouped_matmul` (`jax.lax.ragged_dot`).
+  expert go through `grouped_matmul` (`jax.lax.ragged_dot`), in `sorted_ragged` as well.
 """
 
 from __future__ import annotations
@@ -96,8 +96,8 @@ def moe(x: jax.Array, gates: jax.Array, experts: jax.Array,
     ffn = lambda rows, e: expert_ffn(rows, *(w[e] for w in weights), dtype=dtype)  # noqa: E731
     if all(native_products(w, N * k) for w in weights):
         return native_pairs(x, gates, experts, weights, dtype)
-    if ragged_products(N, N * k) and all(w.groups == 1 for w in weights):
-        return ragged_pairs(x, gates, experts, weights, dtype)
+    if ragged_products(N, N * k):
+        return sorted_ragged(x, gates, experts, weights, dtype)
     if N * k <= PAIRS_UP_TO:
         if one_row_products(weights[0].dtype, N):
             return chosen_pairs(x, gates, experts, weights, dtype)
@@ -126,21 +126,6 @@ def native_pairs(x: jax.Array, gates: jax.Array, experts: jax.Array,
          * native_linear(rows, w_up, dtype, pairs))
     y = native_linear(h, w_down, dtype, pairs)                              # [N*k, d]
     return jnp.sum(y.reshape(N, k, -1) * gates.astype(jnp.float32)[..., None], axis=1)
-
-
-def ragged_pairs(x: jax.Array, gates: jax.Array, experts: jax.Array,
-                 weights: tuple[LinearWeight, LinearWeight, LinearWeight], dtype) -> jax.Array:
-    """The N*k (token, expert) pairs sorted by expert, each matrix one grouped product over the
-    whole stack (grok1/kernels.py, `ragged_linear`): a decode step's few rows on an accelerator."""
-    N, k = experts.shape
-    order, sizes = sort_pairs_by_expert(experts, weights[0].shape[0])
-    sizes = sizes.astype(jnp.int32)
-    row_expert = experts.reshape(-1)[order]
-    xs = x[order // k]                                                      # [N*k, d]
-    w_gate, w_up, w_down = weights
-    h = (jax.nn.gelu(ragged_linear(xs, w_gate, sizes, row_expert, dtype))
-         * ragged_linear(xs, w_up, sizes, row_expert, dtype))
-    return combine_pairs(ragged_linear(h, w_down, sizes, row_expert, dtype), gates, order, k)
 
 
 def chosen_pairs(x: jax.Array, gates: jax.Array, experts: jax.Array,
@@ -177,18 +162,22 @@ def chosen_experts_dense(x: jax.Array, gates: jax.Array, experts: jax.Array,
 
 
 def sorted_ragged(x: jax.Array, gates: jax.Array, experts: jax.Array,
-                  weights: tuple[Weight, Weight, Weight], dtype) -> jax.Array:
-    """The official tree's experts: the N*k (token, expert) pairs sorted by expert, so each
-    expert sees one contiguous group of rows for `grouped_matmul`."""
+                  weights: tuple[Weight | LinearWeight, Weight | LinearWeight, Weight | LinearWeight],
+                  dtype) -> jax.Array:
+    """The N*k (token, expert) pairs sorted by expert, so each expert sees one contiguous group
+    of rows, each matrix one grouped product over the whole stack: `grouped_matmul` for the
+    official tree, `kernels.ragged_linear` for the compute layout (a decode step's few rows on
+    an accelerator)."""
     N, k = experts.shape
     w_gate, w_up, w_down = weights
+    product = ragged_linear if isinstance(w_gate, LinearWeight) else grouped_matmul
     order, group_sizes = sort_pairs_by_expert(experts, w_gate.shape[0])
     group_sizes = group_sizes.astype(jnp.int32)
     sorted_experts = experts.reshape(-1)[order]
     xs = x.astype(dtype)[order // k]                                        # [N*k, d]
-    h = jax.nn.gelu(grouped_matmul(xs, w_gate, group_sizes, sorted_experts, dtype))
-    h = h * grouped_matmul(xs, w_up, group_sizes, sorted_experts, dtype)
-    y = grouped_matmul(h.astype(dtype), w_down, group_sizes, sorted_experts, dtype)
+    h = jax.nn.gelu(product(xs, w_gate, group_sizes, sorted_experts, dtype))
+    h = h * product(xs, w_up, group_sizes, sorted_experts, dtype)
+    y = product(h.astype(dtype), w_down, group_sizes, sorted_experts, dtype)
     return combine_pairs(y, gates, order, k)
 
 

@@ -255,7 +255,8 @@ def ragged_products(tokens: int, pairs: int) -> bool:
     for an expert at a time or windows per expert, 6.6-7.0 against 7.8-8.2 at 32;
     benchmarks/gpu_kernels.py), but computes every expert on every row (dense in arithmetic:
     prompts group their rows by expert instead, 12.5 against 20.7 ms at 512 tokens); one token
-    reads just its own experts (2.4-2.6 against 7.0 ms)."""
+    reads just its own experts (2.4-2.6 against 7.0 ms). One device only, so each weight's input
+    axis is whole (`groups` 1), as `ragged_linear` takes it."""
     mesh = jax.sharding.get_abstract_mesh()
     return (jax.default_backend() != "cpu" and (mesh.empty or mesh.size == 1)
             and 1 < tokens and pairs <= RAGGED_PAIRS_UP_TO)

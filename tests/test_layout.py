@@ -179,7 +179,7 @@ def test_pairs_of_a_decode_step_equal_every_chosen_expert_on_every_row():
 
 
 @pytest.mark.parametrize("blocks", [1, 2])
-def test_ragged_pairs_of_a_decode_step_equal_every_chosen_expert_on_every_row(blocks):
+def test_grouped_products_on_the_compute_layout_equal_every_chosen_expert_on_every_row(blocks):
     # The accelerators' grouped products over the whole stack, here on a stack picked by layer
     # as the layer loop does, and with several scale blocks (a chunk per block).
     rng = np.random.default_rng(6)
@@ -192,12 +192,12 @@ def test_ragged_pairs_of_a_decode_step_equal_every_chosen_expert_on_every_row(bl
     x = jnp.asarray(rng.normal(size=(N, d)), jnp.float32)
     experts = jnp.asarray([rng.choice(E, 2, replace=False) for _ in range(N)], jnp.int32)
     gates = jnp.asarray(rng.uniform(size=(N, 2)), jnp.float32)
-    got = expert_kernels.ragged_pairs(x, gates, experts, weights, jnp.float32)
+    got = expert_kernels.sorted_ragged(x, gates, experts, weights, jnp.float32)
     want = expert_kernels.chosen_experts_dense(x, gates, experts, ffn, E)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
 
 
-def test_moe_runs_ragged_pairs_on_one_accelerator_for_a_few_tokens_only(monkeypatch):
+def test_moe_runs_grouped_products_on_one_accelerator_for_a_few_tokens_only(monkeypatch):
     monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
     assert not kernels.ragged_products(1, 2)          # one token reads just its two experts
     assert kernels.ragged_products(8, 16)

@@ -118,24 +118,24 @@ def bench_checkpoint(config, name: str) -> str:
 
 # ---- timing and the machine's limits ----------------------------------------------------------
 
-# Wall seconds of each measurement's warm-up calls (compilation included), by measurement name.
-FIRST_CALLS: dict[str, float] = {}
-
-
-def median_seconds(fn: Callable[[], Any], repeat: int, warmup: int = 1, name: str = "") -> float:
-    """Median wall time of `fn()` (which must block until its work is done); the warm-up calls'
-    total time is kept in FIRST_CALLS[name] when `name` is given."""
+def timed(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> tuple[float, float]:
+    """(wall seconds of the `warmup` first calls together, compilation included; median wall
+    seconds of `repeat` calls after them) of `fn()`, which must block until its work is done."""
     start = time.perf_counter()
     for _ in range(warmup):
         fn()
-    if name:
-        FIRST_CALLS[name] = time.perf_counter() - start
+    first = time.perf_counter() - start
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return first, statistics.median(times)
+
+
+def median_seconds(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> float:
+    """Median wall time of `fn()` (which must block until its work is done), after `warmup` calls."""
+    return timed(fn, repeat, warmup)[1]
 
 
 def read_bandwidth(repeat: int) -> dict[str, float]:
@@ -229,8 +229,9 @@ def decode_bytes(config, params: dict, batch: int, cache_len: int, cache_itemsiz
 
 # ---- the measurements -------------------------------------------------------------------------
 
-def measure_prefill(model, tokens: int, repeat: int) -> float:
-    """Seconds to run a `tokens`-long prompt into a fresh cache (logits of its last position)."""
+def measure_prefill(model, tokens: int, repeat: int) -> tuple[float, float]:
+    """Seconds to run a `tokens`-long prompt into a fresh cache (logits of its last position):
+    (the first call, compilation included; the median after it)."""
     import jax
     import jax.numpy as jnp
     from grok1.compiling import jit
@@ -244,12 +245,15 @@ def measure_prefill(model, tokens: int, repeat: int) -> float:
     def run():
         logits, _ = apply(model.params, prompt, model.init_cache(1, tokens), last)
         logits.block_until_ready()
-    return median_seconds(run, repeat, name=f"prefill {tokens}")
+    return timed(run, repeat)
 
 
-def measure_decode(model, batch: int, chunk: int, repeat: int, context: int) -> float:
+def measure_decode(model, batch: int, chunk: int, repeat: int, context: int) -> tuple[float, float]:
     """Seconds per decode step of `batch` rows with `context` tokens already in the cache: the
-    sampler's jitted decode (greedy), `chunk` steps per call, cache donated."""
+    sampler's jitted decode (greedy), `chunk` steps per call, cache donated, the state placed as
+    the runner splits it on a mesh: (the two first calls, compilation included; the median
+    seconds per step after them)."""
+    import jax
     import jax.numpy as jnp
     from grok1 import sampler
 
@@ -258,8 +262,10 @@ def measure_decode(model, batch: int, chunk: int, repeat: int, context: int) -> 
     cache = state.cache
     cache = dataclasses.replace(cache, valid=cache.valid.at[:, :context].set(True),
                                 length=jnp.full_like(cache.length, context))
-    holder = {"state": dataclasses.replace(state, cache=cache,
-                                           tokens=jnp.arange(1, batch + 1, dtype=jnp.int32))}
+    state = dataclasses.replace(state, cache=cache, tokens=jnp.arange(1, batch + 1, dtype=jnp.int32))
+    if runner._state_sharding is not None:
+        state = jax.device_put(state, runner._state_sharding)
+    holder = {"state": state}
 
     def run():
         holder["state"], tokens, _ = runner.decode(model.params, holder["state"])
@@ -267,7 +273,8 @@ def measure_decode(model, batch: int, chunk: int, repeat: int, context: int) -> 
     # The first call's state was made outside jit (committed differently), so the second
     # call compiles once more: two warm-up calls.
     repeat = min(repeat, (model.config.sequence_len - context) // chunk - 2)
-    return median_seconds(run, repeat, warmup=2, name=f"decode batch {batch}") / chunk
+    first, step = timed(run, repeat, warmup=2)
+    return first, step / chunk
 
 
 def measure_first_token(model, prompt_len: int, repeat: int) -> float:
@@ -330,9 +337,13 @@ def run(args: argparse.Namespace) -> dict:
     # processes on the machine can only lower them.
     limits_before = measure_limits()
 
-    prefill_seconds = {tokens: measure_prefill(model, tokens, r) for tokens in args.prefill}
-    decode_seconds = {batch: measure_decode(model, batch, args.chunk, r, args.context)
-                      for batch in args.batch}
+    prefill_runs = {tokens: measure_prefill(model, tokens, r) for tokens in args.prefill}
+    decode_runs = {batch: measure_decode(model, batch, args.chunk, r, args.context)
+                   for batch in args.batch}
+    prefill_seconds = {tokens: seconds for tokens, (_, seconds) in prefill_runs.items()}
+    decode_seconds = {batch: seconds for batch, (_, seconds) in decode_runs.items()}
+    first_calls = {**{f"prefill {tokens}": first for tokens, (first, _) in prefill_runs.items()},
+                   **{f"decode batch {batch}": first for batch, (first, _) in decode_runs.items()}}
     first_token = {n: measure_first_token(model, n, r) for n in args.first_token}
     limits_after = measure_limits()
     limits = {"read_bandwidth": {k: max(v, limits_after["read_bandwidth"][k])
@@ -362,7 +373,7 @@ def run(args: argparse.Namespace) -> dict:
         "load_seconds": load_seconds, "limits": limits, "limits_before": limits_before,
         "limits_after": limits_after, "prefill": prefill, "decode": decode,
         "decode_chunk": args.chunk, "decode_context": args.context,
-        "time_to_first_token_s": first_token, "first_call_seconds": dict(FIRST_CALLS),
+        "time_to_first_token_s": first_token, "first_call_seconds": first_calls,
         "peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": peak_device_bytes(),
         "checkpoint_bytes": sum(os.path.getsize(os.path.join(folder, name))
                                 for folder, _, names in os.walk(path) for name in names),

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from typing import Any, Callable
@@ -46,7 +45,7 @@ if REPO not in sys.path:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from bench import random_int8, write_atomically  # noqa: E402  (benchmarks/bench.py, beside this script)
+from bench import median_seconds, random_int8, write_atomically  # noqa: E402  (benchmarks/bench.py, beside this script)
 from grok1 import experts, kernels, layout  # noqa: E402
 from grok1.quant import QuantizedWeight8bit  # noqa: E402
 
@@ -54,13 +53,8 @@ BF16, F32 = jnp.bfloat16, jnp.float32
 
 
 def median_ms(fn: Callable[[], Any], repeat: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    """Median milliseconds of `fn()` after one warm-up call, waiting for its results."""
+    return 1e3 * median_seconds(lambda: jax.block_until_ready(fn()), repeat)
 
 
 def ceilings(small: bool, repeat: int) -> dict[str, float]:

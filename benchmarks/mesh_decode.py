@@ -5,8 +5,8 @@
     python benchmarks/mesh_decode.py --checkpoint checkpoints/small
 
 Each mesh loads the checkpoint with `grok1.load(path, mesh=...)` and times the sampler's jitted
-decode step (greedy, cache donated) at batch 1 and 8 with 64 positions already in the cache:
-two warm-up calls, then the median of --repeat. The 8 devices are forced onto this machine's
+decode step (greedy, cache donated; `bench.measure_decode`) at batch 1 and 8 with 64 positions
+already in the cache: two warm-up calls, then the median of --repeat. The 8 devices are forced onto this machine's
 cores (`--xla_force_host_platform_device_count=8`, set here before jax is imported), so a mesh
 shows its programs' and collectives' cost, not more compute. The first run writes bench-1b's
 checkpoint (benchmarks/bench.py) if it is missing.
@@ -15,7 +15,6 @@ checkpoint (benchmarks/bench.py) if it is missing.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -27,29 +26,13 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 import bench  # noqa: E402  (benchmarks/bench.py, beside this script)
 import grok1  # noqa: E402
-from grok1 import sampler  # noqa: E402
 from grok1.config import PRESETS  # noqa: E402
 from grok1.sharding import make_mesh  # noqa: E402
 
-
-def step_seconds(model, batch: int, repeat: int, context: int = 64) -> float:
-    runner = sampler.Runner(model, slots=batch)
-    state = sampler.empty_state(model.config, model.dtype, batch)
-    cache = dataclasses.replace(state.cache, valid=state.cache.valid.at[:, :context].set(True),
-                                length=jnp.full_like(state.cache.length, context))
-    state = dataclasses.replace(state, cache=cache, tokens=jnp.arange(1, batch + 1, dtype=jnp.int32))
-    if runner._state_sharding is not None:
-        state = jax.device_put(state, runner._state_sharding)
-    holder = {"state": state}
-
-    def run():
-        holder["state"], tokens, _ = runner.decode(model.params, holder["state"])
-        tokens.block_until_ready()
-    return bench.median_seconds(run, repeat, warmup=2)
+CONTEXT = 64  # positions already in the cache while decoding
 
 
 def main(argv=None) -> dict:
@@ -68,7 +51,7 @@ def main(argv=None) -> dict:
             mesh = None if spec == "none" else make_mesh(spec, jax.devices()[:1] if spec == "1x1" else None)
             model = grok1.load(path, mesh=mesh, progress=False)
             for batch in args.batch:
-                ms = round(1e3 * step_seconds(model, batch, args.repeat), 1)
+                ms = round(1e3 * bench.measure_decode(model, batch, 1, args.repeat, CONTEXT)[1], 1)
                 results.setdefault(f"{spec} b{batch}", []).append(ms)
                 print(f"round {round_ + 1}  {spec:>5}  batch {batch:>2}  {ms:7.1f} ms/step  "
                       f"load {os.getloadavg()[0]:.2f}", flush=True)

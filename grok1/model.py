@@ -164,6 +164,7 @@ class MultiHeadAttention(hk.Module):
         q = Linear(H * K, self.dtype, name="query")(x).reshape(B, T, H, K)
         k = Linear(N * K, self.dtype, name="key")(x).reshape(B, T, N, K)
         v = Linear(N * K, self.dtype, name="value")(x).reshape(B, T, N, K)
+        k, v = split_like_cache(k), split_like_cache(v)  # on a mesh: whole heads, as cached
         # The official model rounds the query and key projections to the compute dtype before RoPE
         # (they stay bfloat16 through rotate_half's slices); everything after is float32.
         q = rotary_embedding(q.astype(self.dtype), ctx.positions)
@@ -213,10 +214,10 @@ def write_layer(stack: jax.Array, new: jax.Array, layer: jax.Array | int, starts
     scatter of all rows made the partitioned program copy the whole cache around the layer loop:
     2 x 1.07 GB per device for grok-1 at batch 8 and context 8192 on 1x8; a vmap of
     dynamic_update_slice over rows made XLA:CPU move the rows axis first, copying the whole cache
-    back and forth around every write.) On a mesh the entries and the stack keep the cache's
-    split (`split_like_cache`).
+    back and forth around every write.) On a mesh the stack keeps the cache's split
+    (`split_like_cache`; the entries come split so from the projections).
     """
-    new = split_like_cache(new.astype(stack.dtype))
+    new = new.astype(stack.dtype)
     zero = jnp.zeros((), jnp.int32)
     layer = jnp.asarray(layer, jnp.int32)
     for b in range(new.shape[0]):
@@ -417,14 +418,19 @@ class Transformer(hk.Module):
             return ctx if kv is None else dataclasses.replace(
                 ctx, cache=dataclasses.replace(ctx.cache, keys=kv[0], values=kv[1]))
 
+        # On a mesh the residual stream stays split by rows over `data`, each row whole, in and
+        # out of every layer (grok1/rows.py).
         if self.unroll:
             for i in range(num_layers):
-                h = split_rows(h)  # rows over the mesh's data axis, if any (grok1/rows.py)
-                h, kv = DecoderLayer(self.config, self.dtype, name=layer_module(i))(h, with_cache(kv), i)
-            return h, kv
+                h, kv = DecoderLayer(self.config, self.dtype, name=layer_module(i))(
+                    split_rows(h), with_cache(kv), i)
+            return split_rows(h), kv
 
-        layer = hk.transform(lambda h, kv, index: DecoderLayer(self.config, self.dtype)(
-            split_rows(h), with_cache(kv), index))
+        def one_layer_body(h, kv, index):
+            h, kv = DecoderLayer(self.config, self.dtype)(split_rows(h), with_cache(kv), index)
+            return split_rows(h), kv
+
+        layer = hk.transform(one_layer_body)
 
         def init_stacked(rng: jax.Array, h: jax.Array, kv) -> hk.Params:  # each layer its own draw
             return jax.vmap(layer.init, in_axes=(0, None, None, None))(
@@ -436,8 +442,8 @@ class Transformer(hk.Module):
         def one_layer(carry, index):
             return layer.apply(layer_of(params, index), None, *carry, index), None
 
-        (h, kv), _ = jax.lax.scan(one_layer, (h, kv), jnp.arange(num_layers))
-        return h, kv
+        (h, kv), _ = jax.lax.scan(one_layer, (split_rows(h), kv), jnp.arange(num_layers))
+        return split_rows(h), kv
 
 
 class LanguageModel(hk.Module):

@@ -3,13 +3,19 @@
 The weights are split over every mesh axis, `data` included (sharding.py), so nothing in the
 weights tells XLA to split the *work* by rows: left alone, a 2x4 mesh computes like 1x8 and
 every device holds the hidden states and temporaries of all rows. `split_rows` pins the residual
-stream [B, ...] to rows over `data` (its other axes left to XLA), once per layer; each data group
-then computes only its rows, with the weights gathered over `data` per layer when used.
+stream [B, ...] to rows over `data`, each row whole on its devices, where the layer loop takes it
+in and gives it back; each data group then computes only its rows, with the weights gathered
+over `data` per layer when used.
+
+Each row is whole because the products need it so: column-parallel products take their rows
+whole and row-parallel ones give them back whole (one all-reduce per sublayer). Left to XLA, the
+residual stream followed the embedding table's split along d into the layer loop, and each
+layer then reduced its norms and gathered its rows between devices: 66 collectives per decode
+step of bench-1b on 1x8 instead of 19 (grok1/kernels.py's `split_like_cache` removes the rest).
 
 It needs to know the mesh while the step is traced: `on_mesh(fn, mesh)` wraps a function (a
-model's `apply`) so that it is traced with the mesh in context. Without one, or with `data` of
-size 1, or rows that do not divide, `split_rows` returns its input unchanged, so single-device
-and 1xN programs are untouched.
+model's `apply`) so that it is traced with the mesh in context. Without one, or on a mesh of
+one device, `split_rows` returns its input unchanged, so single-device programs are untouched.
 """
 
 from __future__ import annotations
@@ -24,14 +30,14 @@ DATA_AXIS = "data"
 
 
 def split_rows(x: jax.Array) -> jax.Array:
-    """`x` [B, ...] constrained to rows over the data axis of the mesh in context (if any)."""
+    """`x` [B, ...] constrained to rows over the data axis of the mesh in context (where they
+    divide; else every row on every device), each row whole."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or DATA_AXIS not in mesh.axis_names:
+    if mesh.empty or mesh.size == 1:
         return x
-    size = mesh.shape[DATA_AXIS]
-    if size == 1 or x.shape[0] % size:
-        return x
-    return jax.lax.with_sharding_constraint(x, P(DATA_AXIS, *[P.UNCONSTRAINED] * (x.ndim - 1)))
+    size = mesh.shape.get(DATA_AXIS, 1)
+    rows = DATA_AXIS if size > 1 and x.shape[0] % size == 0 else None
+    return jax.lax.with_sharding_constraint(x, P(rows, *[None] * (x.ndim - 1)))
 
 
 def whole_rows(x: jax.Array) -> jax.Array:

@@ -252,7 +252,7 @@ ffi::Error invalid(const std::string& message) {
 ffi::Error cached_attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer keys,
                             ffi::AnyBuffer values, ffi::AnyBuffer layer, ffi::AnyBuffer mask,
                             ffi::Result<ffi::AnyBuffer> out, float multiplier, float cap,
-                            float masked_logit) {
+                            float masked_logit, int64_t threads) {
   auto qd = q.dimensions(), kd = keys.dimensions(), md = mask.dimensions();
   if (q.element_type() != ffi::DataType::F32 || qd.size() != 5)
     return invalid("q must be float32 [B, T, N, G, K], got " + dims_string(qd));
@@ -302,7 +302,7 @@ ffi::Error cached_attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuff
     if (bf16) run_item<bf16_bits>(pb, item, weights, positions, sees_any);
     else run_item<float>(pb, item, weights, positions, sees_any);
   };
-  run_parallel(pool, items, item_bytes, work);
+  run_parallel(pool, items, item_bytes, work, threads);
   return ffi::Error::Success();
 }
 
@@ -321,4 +321,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Grok1CachedAttention, cached_attention,
                                   .Ret<ffi::AnyBuffer>()  // out
                                   .Attr<float>("multiplier")
                                   .Attr<float>("cap")
-                                  .Attr<float>("masked_logit"));
+                                  .Attr<float>("masked_logit")
+                                  .Attr<int64_t>("threads"));  // 0: as many as help

@@ -94,9 +94,12 @@ inline int64_t env_threads() {
   return s ? std::atoll(s) : 0;
 }
 
+// `max_threads` > 0 caps the threads (grok1/kernels.py: one per device where a process's devices
+// outnumber its cores, whose programs already run side by side); GROK1_NATIVE_THREADS overrides.
 inline void run_parallel(ffi::ThreadPool& pool, int64_t total, int64_t bytes_per_item,
-                  std::function<void(int64_t)> work) {
+                  std::function<void(int64_t)> work, int64_t max_threads = 0) {
   int64_t threads = env_threads();
+  if (threads <= 0 && max_threads > 0) threads = max_threads;
   if (threads <= 0) {
     int64_t cores = std::max<unsigned>(1, std::thread::hardware_concurrency());
     threads = std::min<int64_t>(cores, std::max<int64_t>(1, pool.num_threads()));

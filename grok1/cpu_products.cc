@@ -232,7 +232,7 @@ ffi::Error invalid(const std::string& message) {
 
 ffi::Error rows_times(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer index,
                       ffi::AnyBuffer values, const ffi::AnyBuffer* scales,
-                      ffi::Result<ffi::AnyBuffer> y) {
+                      ffi::Result<ffi::AnyBuffer> y, int64_t max_threads) {
   if (x.element_type() != ffi::DataType::F32 || x.dimensions().size() != 2)
     return invalid("x must be float32 [P, n_in], got " + dims_string(x.dimensions()));
   if (index.element_type() != ffi::DataType::S32 || index.dimensions().size() != 1)
@@ -300,23 +300,24 @@ ffi::Error rows_times(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer ind
   const int64_t item_bytes = kColumnsPerItem * pb.n_in * (int8 ? 1 : 2);
   if (int8) {
     run_parallel(pool, groups * pb.items_per_group, item_bytes,
-                 [&pb](int64_t i) { run_item<int8_t>(pb, i); });
+                 [&pb](int64_t i) { run_item<int8_t>(pb, i); }, max_threads);
   } else {
     run_parallel(pool, groups * pb.items_per_group, item_bytes,
-                 [&pb](int64_t i) { run_item<bf16_bits>(pb, i); });
+                 [&pb](int64_t i) { run_item<bf16_bits>(pb, i); }, max_threads);
   }
   return ffi::Error::Success();
 }
 
 ffi::Error rows_times_scaled(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer index,
                              ffi::AnyBuffer values, ffi::AnyBuffer scales,
-                             ffi::Result<ffi::AnyBuffer> y) {
-  return rows_times(pool, x, index, values, &scales, y);
+                             ffi::Result<ffi::AnyBuffer> y, int64_t threads) {
+  return rows_times(pool, x, index, values, &scales, y, threads);
 }
 
 ffi::Error rows_times_unscaled(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer index,
-                               ffi::AnyBuffer values, ffi::Result<ffi::AnyBuffer> y) {
-  return rows_times(pool, x, index, values, nullptr, y);
+                               ffi::AnyBuffer values, ffi::Result<ffi::AnyBuffer> y,
+                               int64_t threads) {
+  return rows_times(pool, x, index, values, nullptr, y, threads);
 }
 
 }  // namespace
@@ -331,7 +332,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Grok1RowsTimesScaled, rows_times_scaled,
                                   .Arg<ffi::AnyBuffer>()  // index
                                   .Arg<ffi::AnyBuffer>()  // values
                                   .Arg<ffi::AnyBuffer>()  // scales
-                                  .Ret<ffi::AnyBuffer>());  // y
+                                  .Ret<ffi::AnyBuffer>()  // y
+                                  .Attr<int64_t>("threads"));  // 0: as many as help
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Grok1RowsTimesUnscaled, rows_times_unscaled,
                               ffi::Ffi::Bind()
@@ -339,7 +341,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Grok1RowsTimesUnscaled, rows_times_unscaled,
                                   .Arg<ffi::AnyBuffer>()  // x
                                   .Arg<ffi::AnyBuffer>()  // index
                                   .Arg<ffi::AnyBuffer>()  // values
-                                  .Ret<ffi::AnyBuffer>());  // y
+                                  .Ret<ffi::AnyBuffer>()  // y
+                                  .Attr<int64_t>("threads"));  // 0: as many as help
 
 // Which code path this build took, for the log line.
 GROK1_EXPORT int grok1_native_simd() { return GROK1_AVX2; }

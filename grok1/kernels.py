@@ -31,6 +31,7 @@ stack (`ragged_products`).
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable, Optional
 
 import jax
@@ -101,6 +102,19 @@ def _axes(entry: Any) -> tuple[str, ...]:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def threads_per_device(mesh: Any) -> int:
+    """Threads for each device's native kernel call on `mesh`: this process's cores shared among
+    its devices of the mesh, whose programs run side by side (at least one each). Left to take
+    all cores each, bench-1b's decode step on 8 forced devices over 2 cores spent 74 ms of CPU
+    time per step at batch 1 instead of 53 (wall 34-45 -> 25-34 ms)."""
+    devices = min(mesh.size // jax.process_count(), jax.local_device_count())
+    return max(1, _cores() // max(1, devices))
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def native_linear(x: jax.Array, w: LinearWeight, dtype, entries: Optional[jax.Array] = None
                   ) -> jax.Array:
     """`x @ w` through the native kernel, float32 [..., out]: the rows rounded to `dtype` as in
@@ -117,9 +131,11 @@ def native_linear(x: jax.Array, w: LinearWeight, dtype, entries: Optional[jax.Ar
     picks = tuple(jnp.asarray(p, jnp.int32) for p in w.picked)
     lead = (None,) * (x.ndim - 1)
 
+    threads = threads_per_device(mesh)
+
     def on_device(x, values, scales, picks, entries):
         shard = LinearWeight(values, scales, picked=picks)
-        y = _native_linear_here(x, shard, dtype, entries)
+        y = _native_linear_here(x, shard, dtype, entries, threads)
         return jax.lax.psum(y, in_axes) if in_axes else y
 
     return jax.shard_map(
@@ -129,8 +145,8 @@ def native_linear(x: jax.Array, w: LinearWeight, dtype, entries: Optional[jax.Ar
         out_specs=P(*lead, out_axes or None))(x, w.values, w.scales, picks, entries)
 
 
-def _native_linear_here(x: jax.Array, w: LinearWeight, dtype, entries: Optional[jax.Array]
-                        ) -> jax.Array:
+def _native_linear_here(x: jax.Array, w: LinearWeight, dtype, entries: Optional[jax.Array],
+                        threads: int = 0) -> jax.Array:
     """`native_linear` of a weight all on this device (or of one device's own shard)."""
     n_in, n_out = w.chunks * w.chunk_size, w.values.shape[-2]  # (the table's `shape` is [V, d])
     rows = x.reshape(-1, n_in).astype(dtype).astype(jnp.float32)
@@ -144,7 +160,7 @@ def _native_linear_here(x: jax.Array, w: LinearWeight, dtype, entries: Optional[
     stack = math.prod(lead)
     values = w.values.reshape(stack, *w.values.shape[-3:])
     scales = None if w.scales is None else w.scales.reshape(stack, *w.scales.shape[-2:])
-    y = native.rows_times(rows, flat, values, scales)
+    y = native.rows_times(rows, flat, values, scales, threads)
     return y.reshape(*x.shape[:-1], n_out)
 
 
@@ -166,8 +182,11 @@ def attention_over_cache(q: jax.Array, keys: jax.Array, values: jax.Array, layer
         k, v = (jax.lax.dynamic_index_in_dim(stack, layer, keepdims=False) for stack in (keys, values))
         return attend(q, k, v, mask)
 
+    threads = threads_per_device(mesh) if on_mesh else 0
+
     def here(q, keys, values, layer, mask):
-        return native.cached_attention(q, keys, values, layer, mask, multiplier, cap, masked_logit)
+        return native.cached_attention(q, keys, values, layer, mask, multiplier, cap, masked_logit,
+                                       threads)
 
     layer = jnp.asarray(layer, jnp.int32)
     if not on_mesh:
@@ -180,16 +199,19 @@ def attention_over_cache(q: jax.Array, keys: jax.Array, values: jax.Array, layer
 
 
 def split_like_cache(x: jax.Array) -> jax.Array:
-    """New keys or values [B, T, N, K], or the stacked cache [L, B, S, N, K] they were written
-    into, held to the cache's split wherever the key/value projections split the kv heads over
-    other mesh axes than the cache does (sharding.py): where they cut heads the cache keeps
-    whole (bench-1b's 4 on 1x8, the shipped model's 2), or where a batch too small for the data
-    axis leaves it to the cache's heads (bench-1b's batch 1 on 2x4). Left to XLA, the
-    projections' split spreads into the cache inside the layer loop and the cache is moved back
-    at every step's end, and each layer's keys inside attention: bench-1b on 1x8, 47 / 246 ms per
-    decode step (batch 1 / 8) -> 33 / 95-108 (one device 16.6 / 61-66). Both places are needed
-    (the stack alone: 72 / 428 ms). Where both split the heads alike XLA's choice stays (the
-    constraint made bench-1b's 2x4 batch 8 slower there: 92-95 vs 81-84 ms)."""
+    """New keys or values [B, T, N, K], straight from their projections, or the stacked cache
+    [L, B, S, N, K] they were written into, held to the cache's split wherever the key/value
+    projections split the kv heads over other mesh axes than the cache does (sharding.py): where
+    they cut heads the cache keeps whole (bench-1b's 4 on 1x8, the shipped model's 2), or where
+    a batch too small for the data axis leaves it to the cache's heads (bench-1b's batch 1 on
+    2x4). Left to XLA, the projections' split spreads into the cache inside the layer loop and
+    the cache is moved back at every step's end, and each layer's keys inside attention:
+    bench-1b on 1x8, 47 / 246 ms per decode step (batch 1 / 8) -> 33 / 95-108 (one device
+    16.6 / 61-66). Both places are needed (the stack alone: 72 / 428 ms). Holding the new
+    entries so before RoPE, not only at the write, keeps RoPE's halves of a head on one device:
+    two gathers of a row's keys and values instead of six collectives per layer. Where both
+    split the heads alike XLA's choice stays (the constraint made bench-1b's 2x4 batch 8
+    slower there: 92-95 vs 81-84 ms)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return x

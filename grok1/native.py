@@ -151,13 +151,14 @@ def unavailable_reason() -> Optional[str]:
 
 
 def rows_times(x: jax.Array, index: jax.Array, values: jax.Array,
-               scales: Optional[jax.Array] = None) -> jax.Array:
+               scales: Optional[jax.Array] = None, threads: int = 0) -> jax.Array:
     """y float32 [P, O]: each row x[p] (float32 [P, n_in]) times stack entry index[p] (int32 [P])
     of a chunked weight `values` [S, C, O, R] (int8 or bfloat16, n_in = C * R, chunk c holding
     inputs c*R .. c*R+R-1 as [O, R]), with block `scales` [S, B, O] (bfloat16 or float32) when
     given. Rows sharing an index share one pass over that weight. Usable inside jit, scan and
     while loops; runs on CPU only (call `available()` first). Pass the whole stack and an index
-    rather than a slice of it: a slice is copied before the call."""
+    rather than a slice of it: a slice is copied before the call. `threads` > 0 caps the threads
+    it runs on (0: as many as the cores and XLA's thread pool allow)."""
     if not available():
         raise RuntimeError(f"grok1 native kernel unavailable: {unavailable_reason()}")
     x = jnp.asarray(x, jnp.float32)
@@ -185,7 +186,7 @@ def rows_times(x: jax.Array, index: jax.Array, values: jax.Array,
         operands.append(scales)
     target = TARGET_SCALED if scales is not None else TARGET_UNSCALED
     out = jax.ShapeDtypeStruct((x.shape[0], n_out), jnp.float32)
-    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*operands)
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(*operands, threads=np.int64(threads))
 
 
 def reference(x: np.ndarray, index: np.ndarray, values: np.ndarray,
@@ -203,12 +204,13 @@ def reference(x: np.ndarray, index: np.ndarray, values: np.ndarray,
 
 
 def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, layer: jax.Array,
-                     mask: jax.Array, multiplier: float, cap: float, masked_logit: float
-                     ) -> jax.Array:
+                     mask: jax.Array, multiplier: float, cap: float, masked_logit: float,
+                     threads: int = 0) -> jax.Array:
     """Attention of queries q [B, T, N, G, K] over layer `layer` of the stacked cache `keys`,
     `values` [L, B, S, N, K] (float32 or bfloat16) -> float32 [B, T, N, G, K]: softmax over s of
     cap * tanh(multiplier * q.k[s] / cap), `masked_logit` where mask [B, T, S] is False, times
-    the values (grok1/cpu_attention.cc). Reads the cache in place: pass the whole stack."""
+    the values (grok1/cpu_attention.cc). Reads the cache in place: pass the whole stack.
+    `threads` as for `rows_times`."""
     if not available():
         raise RuntimeError(f"grok1 native kernel unavailable: {unavailable_reason()}")
     q = jnp.asarray(q, jnp.float32)
@@ -225,7 +227,8 @@ def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, layer: ja
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
     return jax.ffi.ffi_call(TARGET_ATTENTION, out, vmap_method="sequential")(
         q, keys, values, jnp.asarray(layer, jnp.int32), jnp.asarray(mask, bool),
-        multiplier=np.float32(multiplier), cap=np.float32(cap), masked_logit=np.float32(masked_logit))
+        multiplier=np.float32(multiplier), cap=np.float32(cap), masked_logit=np.float32(masked_logit),
+        threads=np.int64(threads))
 
 
 def attention_reference(q: np.ndarray, keys: np.ndarray, values: np.ndarray, layer: int,

@@ -162,7 +162,7 @@ def test_kernel_checks_shapes_itself():
     call = jax.ffi.ffi_call(native.TARGET_SCALED, jax.ShapeDtypeStruct((1, 8), jnp.float32))
     with pytest.raises(Exception, match="inputs per row"):
         jax.block_until_ready(call(jnp.zeros((1, 30), jnp.float32), jnp.zeros((1,), jnp.int32),
-                                   values, scales))
+                                   values, scales, threads=np.int64(0)))
 
 
 def test_loaded_model_decodes_through_the_kernel_with_the_logits_of_xla_products(monkeypatch):

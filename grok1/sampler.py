@@ -568,7 +568,8 @@ class Runner:
 
     def _sharding(self):
         """(constrain(state), state shardings): the cache split as sharding.kv_cache_sharding says,
-        the per-slot vectors replicated; identity on a single device."""
+        the token counts as the logits they penalise, the per-slot vectors replicated; identity
+        on a single device."""
         mesh = self.model.mesh
         if mesh is None:
             return (lambda state: state), None
@@ -577,9 +578,17 @@ class Runner:
 
         shape = jax.eval_shape(functools.partial(empty_state, self.model.config, self.model.dtype, self.slots))
         replicated = NamedSharding(mesh, PartitionSpec())
+        # The token counts [B, V] are split as the step's logits are when penalised: by rows
+        # over every device where they divide (rows.spread_rows), else by vocabulary as the
+        # output projection leaves them (sharding.py). Replicated, each step gathered the counts
+        # twice (2 x B x V int32).
+        axes = tuple(name for name in mesh.axis_names if mesh.shape[name] > 1)
+        rows, vocab = shape.counts.shape
+        counts = (PartitionSpec(axes, None) if rows % mesh.size == 0
+                  else PartitionSpec(None, axes) if vocab % mesh.size == 0 else PartitionSpec())
         sharding = dataclasses.replace(
             jax.tree_util.tree_map(lambda _: replicated, shape),
-            cache=kv_cache_sharding(mesh, shape.cache))
+            cache=kv_cache_sharding(mesh, shape.cache), counts=NamedSharding(mesh, counts))
         return (lambda state: jax.lax.with_sharding_constraint(state, sharding)), sharding
 
     def _fresh_state(self) -> SlotState:

@@ -152,10 +152,12 @@ def test_stacked_layer_weights_split_like_each_layer_with_the_layer_axis_whole()
         P(None, *sharding.partition_spec(one, (8, 32768, 6144), mesh))
 
 
-def test_step_inputs_and_outputs_are_split_by_rows():
+def test_step_inputs_are_split_by_rows_and_logits_also_by_vocabulary_like_the_table():
     mesh = abstract_mesh("2x4")
     assert sharding.activation_sharding(mesh, "tokens", (4, 16)).spec == P("data", None)
-    assert sharding.activation_sharding(mesh, "logits", (4, 16, 512)).spec == P("data", None, None)
+    assert sharding.activation_sharding(mesh, "logits", (4, 16, 512)).spec == P("data", None, "model")
+    assert sharding.activation_sharding(abstract_mesh("1x8"), "logits", (4, 16, 512)).spec == \
+        P(None, None, "model")
     with pytest.raises(KeyError, match="unknown activation 'hidden'"):
         sharding.activation_sharding(mesh, "hidden", (4, 16, 512))
 

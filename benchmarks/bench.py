@@ -236,8 +236,9 @@ def measure_prefill(model, tokens: int, repeat: int) -> tuple[float, float]:
     import jax.numpy as jnp
     from grok1.compiling import jit
     from grok1.model import transformed
+    from grok1.rows import on_mesh
 
-    apply = jit(transformed(model.config, model.dtype).apply)
+    apply = jit(on_mesh(transformed(model.config, model.dtype).apply, model.mesh))  # as Model.logits
     prompt = jnp.asarray(np.random.default_rng(1).integers(1, model.config.vocab_size, (1, tokens)),
                          jnp.int32)
     last = jnp.asarray([tokens - 1], jnp.int32)

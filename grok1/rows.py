@@ -9,9 +9,10 @@ over `data` per layer when used.
 
 Each row is whole because the products need it so: column-parallel products take their rows
 whole and row-parallel ones give them back whole (one all-reduce per sublayer). Left to XLA, the
-residual stream followed the embedding table's split along d into the layer loop, and each
-layer then reduced its norms and gathered its rows between devices: 66 collectives per decode
-step of bench-1b on 1x8 instead of 19 (grok1/kernels.py's `split_like_cache` removes the rest).
+residual stream stayed split along d in the layer loop (as the embedding table then was), and
+each layer reduced its norms and gathered its rows between devices: with the new keys' RoPE
+(grok1/kernels.py, `split_like_cache`), 16 collectives per layer of bench-1b's decode step on
+1x8, now 4.
 
 It needs to know the mesh while the step is traced: `on_mesh(fn, mesh)` wraps a function (a
 model's `apply`) so that it is traced with the mesh in context. Without one, or on a mesh of

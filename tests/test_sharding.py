@@ -152,6 +152,12 @@ def test_stacked_layer_weights_split_like_each_layer_with_the_layer_axis_whole()
         P(None, *sharding.partition_spec(one, (8, 32768, 6144), mesh))
 
 
+def test_the_embedding_table_is_split_by_vocabulary_over_every_mesh_axis():
+    axes = sharding.logical_axes("language_model/in_out_embed", "embeddings")
+    assert sharding.partition_spec(axes, (131072, 6144), abstract_mesh("2x4")) == P(("data", "model"), None)
+    assert sharding.partition_spec(axes, (131072, 6144), abstract_mesh("1x8")) == P("model", None)
+
+
 def test_step_inputs_are_split_by_rows_and_logits_also_by_vocabulary_like_the_table():
     mesh = abstract_mesh("2x4")
     assert sharding.activation_sharding(mesh, "tokens", (4, 16)).spec == P("data", None)
@@ -239,6 +245,50 @@ stack = f"{{c.num_layers}},{{ {rows} }},{{c.sequence_len}},"
 found = re.finditer(r"= \\w+\\[([\\d,]+)\\]\\S* (all-gather|collective-permute|all-to-all)(-start)?\\(", hlo)
 print(sum(m.group(1).startswith(stack) for m in found))
 """
+
+
+STEP_COLLECTIVES = """
+import collections, re, tempfile, jax, jax.numpy as jnp, numpy as np, grok1
+from grok1 import checkpoint, sampler
+from grok1.config import ModelConfig
+from grok1.model import transformed
+# 4 kv heads of 16 columns, as bench-1b has 4: fewer than the 8 devices
+config = ModelConfig(vocab_size=256, emb_size=128, num_q_heads=8, num_kv_heads=4, key_size=16,
+                     num_layers=2, widening_factor=2, sequence_len=64)
+params = transformed(config).init(jax.random.PRNGKey(0), jnp.ones((1, 1), jnp.int32))
+path = tempfile.mkdtemp()
+checkpoint.save(jax.tree.map(np.asarray, params), path, config)
+model = grok1.load(path, mesh="1x8", progress=False)
+counts = {{}}
+for rows in (1, 8):
+    runner = sampler.Runner(model, slots=rows)
+    state = jax.device_put(sampler.empty_state(model.config, model.dtype, rows), runner._state_sharding)
+    hlo = runner.decode.lower(model.params, state).compile().as_text()
+    found = re.findall(r" (all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(?:-start)?\\(", hlo)
+    counts[rows] = dict(collections.Counter(found))
+print(repr(counts))
+"""
+
+
+@pytest.fixture(scope="module")
+def one_by_eight_step_collectives():
+    import ast
+    return ast.literal_eval(run_with_devices(STEP_COLLECTIVES.format(), devices=8).strip())
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_rope_needs_no_collective_when_devices_outnumber_the_kv_heads(one_by_eight_step_collectives, rows):
+    # Before the new keys were held whole-headed (kernels.split_like_cache) ahead of RoPE, each
+    # layer swapped halves of heads between devices.
+    assert "collective-permute" not in one_by_eight_step_collectives[rows]
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_a_1x8_decode_step_compiles_at_most_20_collectives(one_by_eight_step_collectives, rows):
+    # Per layer: the two sublayers' all-reduces and the new keys' and values' gathers; around
+    # the layers the table lookup, the final norm and the sampler. (Before the residual stream
+    # was held whole along d and the table split by vocabulary: 35 at batch 1, 44 at batch 8.)
+    assert sum(one_by_eight_step_collectives[rows].values()) <= 20, one_by_eight_step_collectives
 
 
 @pytest.mark.parametrize("path, spec, rows", [

@@ -105,8 +105,8 @@ def _axes(entry: Any) -> tuple[str, ...]:
 def threads_per_device(mesh: Any) -> int:
     """Threads for each device's native kernel call on `mesh`: this process's cores shared among
     its devices of the mesh, whose programs run side by side (at least one each). Left to take
-    all cores each, bench-1b's decode step on 8 forced devices over 2 cores spent 74 ms of CPU
-    time per step at batch 1 instead of 53 (wall 34-45 -> 25-34 ms)."""
+    all cores each, bench-1b's decode step on 8 forced devices over 2 cores (1x8, batch 1) spent
+    72 ms of CPU time per step instead of 53 (wall 42 -> 34 ms; BENCHMARKS.md, session 9)."""
     devices = min(mesh.size // jax.process_count(), jax.local_device_count())
     return max(1, _cores() // max(1, devices))
 

@@ -94,8 +94,8 @@ inline int64_t env_threads() {
   return s ? std::atoll(s) : 0;
 }
 
-// `max_threads` > 0 caps the threads (grok1/kernels.py: one per device where a process's devices
-// outnumber its cores, whose programs already run side by side); GROK1_NATIVE_THREADS overrides.
+// `max_threads` > 0 caps the threads (grok1/kernels.py: on a mesh, the process's cores shared
+// among its devices, whose programs already run side by side); GROK1_NATIVE_THREADS overrides.
 inline void run_parallel(ffi::ThreadPool& pool, int64_t total, int64_t bytes_per_item,
                   std::function<void(int64_t)> work, int64_t max_threads = 0) {
   int64_t threads = env_threads();

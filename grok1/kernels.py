@@ -209,7 +209,7 @@ def split_like_cache(x: jax.Array) -> jax.Array:
     bench-1b on 1x8, 47 / 246 ms per decode step (batch 1 / 8) -> 33 / 95-108 (one device
     16.6 / 61-66). Both places are needed (the stack alone: 72 / 428 ms). Holding the new
     entries so before RoPE, not only at the write, keeps RoPE's halves of a head on one device:
-    two gathers of a row's keys and values instead of six collectives per layer. Where both
+    two gathers of a row's keys and values instead of seven collectives per layer. Where both
     split the heads alike XLA's choice stays (the constraint made bench-1b's 2x4 batch 8
     slower there: 92-95 vs 81-84 ms)."""
     mesh = jax.sharding.get_abstract_mesh()

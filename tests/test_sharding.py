@@ -259,7 +259,7 @@ params = transformed(config).init(jax.random.PRNGKey(0), jnp.ones((1, 1), jnp.in
 path = tempfile.mkdtemp()
 checkpoint.save(jax.tree.map(np.asarray, params), path, config)
 model = grok1.load(path, mesh="1x8", progress=False)
-counts = {{}}
+counts = {}
 for rows in (1, 8):
     runner = sampler.Runner(model, slots=rows)
     state = jax.device_put(sampler.empty_state(model.config, model.dtype, rows), runner._state_sharding)
@@ -273,7 +273,7 @@ print(repr(counts))
 @pytest.fixture(scope="module")
 def one_by_eight_step_collectives():
     import ast
-    return ast.literal_eval(run_with_devices(STEP_COLLECTIVES.format(), devices=8).strip())
+    return ast.literal_eval(run_with_devices(STEP_COLLECTIVES, devices=8).strip())
 
 
 @pytest.mark.parametrize("rows", [1, 8])

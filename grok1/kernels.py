@@ -349,12 +349,27 @@ def times_table(x: jax.Array, table: jax.Array | LinearWeight, dtype) -> jax.Arr
 
 
 def table_rows(table: jax.Array | LinearWeight, tokens: jax.Array) -> jax.Array:
-    """The embedding rows [..., d] of `tokens`, in the table's dtype."""
+    """The embedding rows [..., d] of `tokens`, in the table's dtype (a table as stored is
+    indexed plainly: training differentiates through it, and raw bits carry no gradient)."""
     if not isinstance(table, LinearWeight):
         return table[tokens]
-    rows = table.values[:, tokens, :]                                   # [chunks, ..., chunk]
+    rows = take_bits(table.values, tokens, axis=1)                      # [chunks, ..., chunk]
     rows = rows.reshape(table.chunks, *tokens.shape, table.groups, table.run)  # [j, ..., g, u]
     return jnp.moveaxis(rows, 0, -2).reshape(*tokens.shape, table.shape[-1])  # [..., g, j, u]
+
+
+def take_bits(values: jax.Array, indices: jax.Array, axis: int) -> jax.Array:
+    """values indexed by `indices` along `axis`, moved as raw bits of the same width.
+
+    XLA:CPU computes a bfloat16 gather in float32: it converts the whole table first. Inside a
+    loop of decode steps (several tokens per call) that conversion does not depend on the step,
+    so XLA hoists it out of the loop and holds a float32 copy of the table (512 MiB for
+    bench-1b). Gathering the bits as unsigned integers leaves no float operation to widen."""
+    where = (slice(None),) * axis + (indices,)
+    if not jnp.issubdtype(values.dtype, jnp.floating):
+        return values[where]
+    bits = jnp.dtype(f"uint{8 * values.dtype.itemsize}")
+    return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(values, bits)[where], values.dtype)
 
 
 def rows_times_transposed(x: jax.Array, w: jax.Array, dtype,

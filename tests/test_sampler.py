@@ -304,6 +304,17 @@ def test_multi_token_decode_chunks_give_the_same_tokens(model):
         assert chunked[i] == alone(model, prompt, max_new_tokens=5 + 3 * i, temperature=1.0, seed=i).token_ids
 
 
+def test_multi_token_decode_chunks_hold_no_float_copy_of_the_table(model):
+    # XLA:CPU widens a bfloat16 gather to float32 by converting the whole table, and a loop of
+    # decode steps hoists that conversion out of the loop: a float32 table beside the stored one.
+    def temporaries(chunk: int) -> int:
+        runner = sampler.Runner(model, slots=SLOTS, decode_chunk=chunk)
+        state = sampler.empty_state(model.config, model.dtype, SLOTS)
+        return runner.decode.lower(model.params, state).compile().memory_analysis().temp_size_in_bytes
+    float_table = model.config.vocab_size * model.config.emb_size * 4
+    assert temporaries(4) - temporaries(1) < float_table / 4
+
+
 # ---- compilation ------------------------------------------------------------------------------
 
 def test_no_compilation_during_64_decode_steps_after_warm_up(model):

@@ -263,6 +263,13 @@ class Delta:
 
 # ---- the sampling function --------------------------------------------------------------------
 
+# A filtered row draws among its 256 most likely tokens when its filters keep no others (run.py's
+# top-k 40 always does), else among its 4096 most likely: partial sorts of the logits [B, V].
+# Sorting the whole vocabulary, left for wider nuclei, costs 35 ms per row of 131072 tokens on
+# CPU, more than bench-1b's whole decode step (20 ms).
+FILTER_CANDIDATES = (256, 4096)
+
+
 def request_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
     """Per-row random keys: fold_in(key(seed), index of the token in its request)."""
     return jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(seeds, steps)
@@ -284,9 +291,10 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: ja
 
     Rows with temperature 0 take the argmax. Others sample softmax(logits / temperature) restricted
     to the top_k most likely tokens (0: all), then to the smallest set whose probability reaches
-    top_p. The filters become a per-row logit threshold, and the draw is over the unsorted logits,
-    so a row draws the same token whether or not another row in the batch uses a filter (the sort
-    is skipped when none does). logprobs are log_softmax of the unscaled logits at the chosen token.
+    top_p. The filters become a per-row logit threshold; the row draws among its most likely
+    tokens when the threshold keeps no others, else over the whole vocabulary, as the row alone
+    decides, so it draws the same token whether or not another row in the batch uses a filter
+    (see `_draw`). logprobs are log_softmax of the unscaled logits at the chosen token.
     """
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -301,14 +309,57 @@ def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: ja
 
 def _draw(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array,
           top_k: jax.Array, greedy: jax.Array) -> jax.Array:
-    """Sampled tokens for rows with temperature > 0, `greedy` for the others."""
+    """Sampled tokens for rows with temperature > 0, `greedy` for the others.
+
+    A filtered row draws among its most likely tokens, FILTER_CANDIDATES of them (a partial
+    sort), in the first tier that holds every token its filters keep; any other sampled row
+    draws over the whole vocabulary (a filtered one after a full sort). Which way a row goes
+    depends on its own logits and settings only, and every way draws from the same distribution."""
     scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    filtered = (top_k > 0) | (top_p < 1)
+    filtered = (temperature > 0) & ((top_k > 0) | (top_p < 1))
+    tokens, pending = greedy, filtered                      # pending: filtered, not drawn yet
+    for count in sorted({min(c, scaled.shape[-1]) for c in FILTER_CANDIDATES}):
+        drawn, fits = jax.lax.cond(jnp.any(pending), functools.partial(_draw_among_candidates, count),
+                                   lambda *args: (greedy, jnp.zeros_like(pending)),
+                                   scaled, keys, top_p, top_k)
+        tokens = jnp.where(pending & fits, drawn, tokens)
+        pending &= ~fits
+    whole = ((temperature > 0) & ~filtered) | pending
+    drawn = jax.lax.cond(jnp.any(whole), _draw_over_vocabulary, lambda *args: greedy,
+                         scaled, keys, top_p, top_k, pending)
+    return jnp.where(whole, drawn, tokens).astype(jnp.int32)
+
+
+def _draw_among_candidates(count: int, scaled: jax.Array, keys: jax.Array, top_p: jax.Array,
+                           top_k: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(tokens [B], fits [B]): each row's draw under its filters among its `count` most likely
+    tokens, and whether everything its filters keep is among them (only then is the draw the
+    row's: a top-k beyond them, a nucleus reaching past them or a tie at the last of them send
+    the row on)."""
+    values, indices = jax.lax.top_k(scaled, count)                      # [B, count] descending
+    rank = jnp.arange(count)
+    by_k = jnp.where((top_k > 0)[:, None], rank[None, :] < top_k[:, None], True)
+    ranked = jnp.where(by_k, values, -jnp.inf)
+    # top-p's probabilities: among the top-k when it is on, else over the whole vocabulary
+    total = jnp.where(top_k > 0, jax.nn.logsumexp(ranked, axis=-1), jax.nn.logsumexp(scaled, axis=-1))
+    probs = jnp.exp(ranked - total[:, None])
+    keep = by_k & (jnp.cumsum(probs, axis=-1) - probs < top_p[:, None])
+    threshold = jnp.take_along_axis(values, (jnp.sum(keep, axis=-1) - 1)[:, None], axis=-1)[:, 0]
+    # the last candidate as a reduction, not a slice: XLA folds a slice of top_k's values into
+    # the top-k's own slice and then sorts the whole vocabulary
+    fits = (top_k <= count) & ((threshold > jnp.min(values, axis=-1)) | (count == scaled.shape[-1]))
+    choice = jax.vmap(jax.random.categorical)(keys, jnp.where(values >= threshold[:, None], values, -jnp.inf))
+    return jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32), fits
+
+
+def _draw_over_vocabulary(scaled: jax.Array, keys: jax.Array, top_p: jax.Array, top_k: jax.Array,
+                          filtered: jax.Array) -> jax.Array:
+    """Each row's draw over the whole vocabulary, under its filters where `filtered`."""
     threshold = jax.lax.cond(jnp.any(filtered), _filter_threshold,
                              lambda s, p, k: jnp.full(s.shape[:1], -jnp.inf), scaled, top_p, top_k)
     threshold = jnp.where(filtered, threshold, -jnp.inf)
     drawn = jax.vmap(jax.random.categorical)(keys, jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf))
-    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+    return drawn.astype(jnp.int32)
 
 
 def _filter_threshold(scaled: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.Array:

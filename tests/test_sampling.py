@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from grok1 import sampler as sampler_module
 from grok1.config import ModelConfig
 from grok1.inference import Model
-from grok1.sampler import (draw_fresh_seeds, encode_text, fit_prompt, penalize, prompt_token_ids,
-                           request_keys, sample, sampling_settings)
+from grok1.sampler import (draw_fresh_seeds, encode_text, fit_prompt, penalize,
+                           prompt_token_ids, request_keys, sample, sampling_settings)
 
 LOGITS = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0], np.float32)
 DRAWS = 40_000
@@ -62,6 +63,49 @@ def test_draw_frequencies_match_the_filtered_distribution(temperature, top_k, to
     bound = 5 * np.sqrt(p * (1 - p) / DRAWS) + 1e-4
     assert np.all(np.abs(freq - p) <= bound), (freq, p)
     assert np.all(freq[p == 0] == 0), "a filtered-out token was drawn"
+
+
+# Small candidate tiers (8, then 32) over a shuffled 100-token vocabulary of slowly falling
+# probabilities, so that each filter below ends in a known tier: the first, the second, or the
+# whole vocabulary (a full sort).
+TIERS = (8, 32)
+TIERED_ORDER = np.random.default_rng(5).permutation(100)      # TIERED_ORDER[r]: the token of rank r
+TIERED_LOGITS = np.empty(100, np.float32)
+TIERED_LOGITS[TIERED_ORDER] = -np.arange(100, dtype=np.float32) / 25
+
+
+def draw_many_in_tiers(monkeypatch, logits, top_p, top_k) -> np.ndarray:
+    """draw_many at temperature 1 with FILTER_CANDIDATES = TIERS (read when a step is traced)."""
+    monkeypatch.setattr(sampler_module, "FILTER_CANDIDATES", TIERS)
+    n = DRAWS
+    keys = request_keys(jnp.full((n,), 7, jnp.uint32), jnp.arange(n, dtype=jnp.int32))
+    tokens, _ = jax.jit(sample)(jnp.broadcast_to(jnp.asarray(logits), (n, len(logits))), keys,
+                                jnp.ones(n), jnp.full((n,), top_p, jnp.float32),
+                                jnp.full((n,), top_k, jnp.int32))
+    return np.asarray(tokens)
+
+
+@pytest.mark.parametrize("top_k, top_p, kept_reaches", [
+    (5, 1.0, "first tier"), (20, 1.0, "second tier"), (50, 1.0, "past both"),
+    (0, 0.2, "first tier"), (0, 0.6, "second tier"), (0, 0.9, "past both"),
+    (20, 0.3, "first tier")])                        # a top-k past the first tier, cut by top-p
+def test_filters_keep_the_same_tokens_in_every_candidate_tier(monkeypatch, top_k, top_p, kept_reaches):
+    tokens = draw_many_in_tiers(monkeypatch, TIERED_LOGITS, top_p, top_k)
+    freq = np.bincount(tokens, minlength=len(TIERED_LOGITS)) / DRAWS
+    p = expected_distribution(TIERED_LOGITS.astype(np.float64), 1.0, top_k, top_p)
+    assert np.all(freq[p == 0] == 0), "a filtered-out token was drawn"
+    assert np.all(np.abs(freq - p) <= 5 * np.sqrt(p * (1 - p) / DRAWS) + 1e-4)
+    deepest_rank = np.flatnonzero(freq[TIERED_ORDER]).max()
+    tier = ("first tier", "second tier", "past both")[np.searchsorted(TIERS, deepest_rank, side="right")]
+    assert tier == kept_reaches
+
+
+def test_tokens_tied_with_the_last_kept_one_are_all_kept(monkeypatch):
+    logits = np.full(100, -20.0, np.float32)
+    logits[:10] = 0.1 + np.arange(10, dtype=np.float32)[::-1] / 100    # distinct, above the tie
+    logits[10:40] = 0.0                         # 30 tokens tied at ranks 10-39, past both tiers
+    tokens = draw_many_in_tiers(monkeypatch, logits, 1.0, 12)
+    assert set(tokens) == set(range(40))
 
 
 def test_temperature_zero_takes_the_argmax_whatever_the_key_and_filters():

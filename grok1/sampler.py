@@ -268,6 +268,7 @@ class Delta:
 # Sorting the whole vocabulary, left for wider nuclei, costs 35 ms per row of 131072 tokens on
 # CPU, more than bench-1b's whole decode step (20 ms).
 FILTER_CANDIDATES = (256, 4096)
+DRAW_BLOCK = 512      # entries per block of the inverse-CDF draw (131072 = 256 blocks)
 
 
 def request_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
@@ -348,7 +349,7 @@ def _draw_among_candidates(count: int, scaled: jax.Array, keys: jax.Array, top_p
     # the last candidate as a reduction, not a slice: XLA folds a slice of top_k's values into
     # the top-k's own slice and then sorts the whole vocabulary
     fits = (top_k <= count) & ((threshold > jnp.min(values, axis=-1)) | (count == scaled.shape[-1]))
-    choice = jax.vmap(jax.random.categorical)(keys, jnp.where(values >= threshold[:, None], values, -jnp.inf))
+    choice = _draw_from(keys, jnp.where(values >= threshold[:, None], values, -jnp.inf))
     return jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32), fits
 
 
@@ -358,8 +359,31 @@ def _draw_over_vocabulary(scaled: jax.Array, keys: jax.Array, top_p: jax.Array, 
     threshold = jax.lax.cond(jnp.any(filtered), _filter_threshold,
                              lambda s, p, k: jnp.full(s.shape[:1], -jnp.inf), scaled, top_p, top_k)
     threshold = jnp.where(filtered, threshold, -jnp.inf)
-    drawn = jax.vmap(jax.random.categorical)(keys, jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf))
-    return drawn.astype(jnp.int32)
+    return _draw_from(keys, jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf))
+
+
+def _draw_from(keys: jax.Array, logits: jax.Array) -> jax.Array:
+    """One index per row of logits [B, n] (-inf: never drawn), with probability softmax(logits):
+    the cumulative distribution inverted at one uniform variate per row, first over blocks of
+    DRAW_BLOCK entries, then inside the chosen block. (jax.random.categorical draws a Gumbel
+    variate per entry: 5.7 ms per row of 131072 on CPU against 0.4 for this.)"""
+    rows, n = logits.shape
+    block = min(DRAW_BLOCK, n)
+    padded = -(-n // block) * block
+    logits = jnp.pad(logits, ((0, 0), (0, padded - n)), constant_values=-jnp.inf)
+    weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))     # the largest is 1
+    weights = weights.reshape(rows, padded // block, block)
+    block_ends = jnp.cumsum(jnp.sum(weights, axis=-1), axis=-1)             # [B, blocks]
+    target = jax.vmap(lambda key: jax.random.uniform(key, ()))(keys) * block_ends[:, -1]
+    # the first block whose end passes the target (it holds weight: its end rose past it)
+    chosen = jnp.sum(block_ends <= target[:, None], axis=-1)
+    start = jnp.where(chosen > 0, jnp.take_along_axis(block_ends, jnp.maximum(chosen - 1, 0)[:, None],
+                                                      axis=-1)[:, 0], 0.0)
+    inside = jnp.take_along_axis(weights, chosen[:, None, None], axis=1)[:, 0]    # [B, block]
+    offset = jnp.sum(jnp.cumsum(inside, axis=-1) <= (target - start)[:, None], axis=-1)
+    # rounding can carry the target past the block's own sum: stay on an entry with weight
+    last_weighted = block - 1 - jnp.argmax(inside[:, ::-1] > 0, axis=-1)
+    return (chosen * block + jnp.minimum(offset, last_weighted)).astype(jnp.int32)
 
 
 def _filter_threshold(scaled: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.Array:

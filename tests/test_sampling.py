@@ -75,8 +75,10 @@ TIERED_LOGITS[TIERED_ORDER] = -np.arange(100, dtype=np.float32) / 25
 
 
 def draw_many_in_tiers(monkeypatch, logits, top_p, top_k) -> np.ndarray:
-    """draw_many at temperature 1 with FILTER_CANDIDATES = TIERS (read when a step is traced)."""
+    """draw_many at temperature 1 with FILTER_CANDIDATES = TIERS and draws inverted over blocks of
+    16 entries (100 tokens: 6 whole blocks and a padded one); both are read when a step is traced."""
     monkeypatch.setattr(sampler_module, "FILTER_CANDIDATES", TIERS)
+    monkeypatch.setattr(sampler_module, "DRAW_BLOCK", 16)
     n = DRAWS
     keys = request_keys(jnp.full((n,), 7, jnp.uint32), jnp.arange(n, dtype=jnp.int32))
     tokens, _ = jax.jit(sample)(jnp.broadcast_to(jnp.asarray(logits), (n, len(logits))), keys,
@@ -86,7 +88,7 @@ def draw_many_in_tiers(monkeypatch, logits, top_p, top_k) -> np.ndarray:
 
 
 @pytest.mark.parametrize("top_k, top_p, kept_reaches", [
-    (5, 1.0, "first tier"), (20, 1.0, "second tier"), (50, 1.0, "past both"),
+    (0, 1.0, "past both"), (5, 1.0, "first tier"), (20, 1.0, "second tier"), (50, 1.0, "past both"),
     (0, 0.2, "first tier"), (0, 0.6, "second tier"), (0, 0.9, "past both"),
     (20, 0.3, "first tier")])                        # a top-k past the first tier, cut by top-p
 def test_filters_keep_the_same_tokens_in_every_candidate_tier(monkeypatch, top_k, top_p, kept_reaches):

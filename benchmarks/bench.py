@@ -7,8 +7,9 @@
 The "bench-1b" checkpoint (random weights in the official format: int8 linear weights with one
 bf16 scale block, bf16 embeddings) is written once to benchmarks/.cache/ and loaded with
 `grok1.load` defaults. Reported: prefill tokens/s (prompts of 128 and 512), decode tokens/s at
-batch 1, 8 and 32 (the sampler's decode step, greedy), time to first token through
-`Model.generate`, peak RSS, and two ratios against limits measured here and now:
+batch 1, 8 and 32 (the sampler's decode step, greedy) and at batch 1 and 8 sampled as run.py
+samples by default (temperature 0.8, top-p 0.95, top-k 40, frequency penalty 0.2), time to first
+token through `Model.generate`, peak RSS, and two ratios against limits measured here and now:
 
 - MBU: bytes a decode step must read (the weights it touches, in their loaded dtype, plus the
   whole KV cache) / step time / the machine's read bandwidth (best of a numpy and an XLA sum
@@ -249,11 +250,17 @@ def measure_prefill(model, tokens: int, repeat: int) -> tuple[float, float]:
     return timed(run, repeat)
 
 
-def measure_decode(model, batch: int, chunk: int, repeat: int, context: int) -> tuple[float, float]:
+# run.py's default sampling settings (docs/TRAINING.md, "Default sampling")
+RUN_PY_SAMPLING = dict(temperature=0.8, top_p=0.95, top_k=40, frequency_penalty=0.2)
+
+
+def measure_decode(model, batch: int, chunk: int, repeat: int, context: int,
+                   sampling: dict | None = None) -> tuple[float, float]:
     """Seconds per decode step of `batch` rows with `context` tokens already in the cache: the
-    sampler's jitted decode (greedy), `chunk` steps per call, cache donated, the state placed as
-    the runner splits it on a mesh: (the two first calls, compilation included; the median
-    seconds per step after them)."""
+    sampler's jitted decode (greedy, or every row with the `sampling` settings of
+    RUN_PY_SAMPLING's kind), `chunk` steps per call, cache donated, the state placed as the
+    runner splits it on a mesh: (the two first calls, compilation included; the median seconds
+    per step after them)."""
     import jax
     import jax.numpy as jnp
     from grok1 import sampler
@@ -264,6 +271,9 @@ def measure_decode(model, batch: int, chunk: int, repeat: int, context: int) -> 
     cache = dataclasses.replace(cache, valid=cache.valid.at[:, :context].set(True),
                                 length=jnp.full_like(cache.length, context))
     state = dataclasses.replace(state, cache=cache, tokens=jnp.arange(1, batch + 1, dtype=jnp.int32))
+    if sampling:
+        state = dataclasses.replace(state, seeds=jnp.arange(batch, dtype=jnp.uint32), **{
+            name: jnp.full((batch,), value, getattr(state, name).dtype) for name, value in sampling.items()})
     if runner._state_sharding is not None:
         state = jax.device_put(state, runner._state_sharding)
     holder = {"state": state}
@@ -341,6 +351,8 @@ def run(args: argparse.Namespace) -> dict:
     prefill_runs = {tokens: measure_prefill(model, tokens, r) for tokens in args.prefill}
     decode_runs = {batch: measure_decode(model, batch, args.chunk, r, args.context)
                    for batch in args.batch}
+    sampled_seconds = {batch: measure_decode(model, batch, args.chunk, r, args.context, RUN_PY_SAMPLING)[1]
+                       for batch in args.sampled}
     prefill_seconds = {tokens: seconds for tokens, (_, seconds) in prefill_runs.items()}
     decode_seconds = {batch: seconds for batch, (_, seconds) in decode_runs.items()}
     first_calls = {**{f"prefill {tokens}": first for tokens, (first, _) in prefill_runs.items()},
@@ -365,6 +377,10 @@ def run(args: argparse.Namespace) -> dict:
         decode[batch] = {"step_seconds": step, "tokens_per_s": batch / step, "bytes_per_step": nbytes,
                          "mbu": nbytes / step / limits["read_bandwidth"]["best"]}
 
+    decode_sampled = {batch: {"step_seconds": step, "tokens_per_s": batch / step,
+                              "slower_than_greedy": step / decode_seconds[batch] if batch in decode_seconds else None}
+                      for batch, step in sampled_seconds.items()}
+
     return {
         "preset": name, "config": config.to_dict(), "compute_dtype": compute.name,
         "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
@@ -373,6 +389,7 @@ def run(args: argparse.Namespace) -> dict:
         "jax": jax.__version__, "load_average_start": load_start, "load_average_end": os.getloadavg(),
         "load_seconds": load_seconds, "limits": limits, "limits_before": limits_before,
         "limits_after": limits_after, "prefill": prefill, "decode": decode,
+        "decode_sampled": decode_sampled, "sampling": RUN_PY_SAMPLING,
         "decode_chunk": args.chunk, "decode_context": args.context,
         "time_to_first_token_s": first_token, "first_call_seconds": first_calls,
         "peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": peak_device_bytes(),
@@ -401,6 +418,10 @@ def format_report(res: dict) -> str:
     for batch, dcd in res["decode"].items():
         ratio = f"MBU {dcd['mbu']:.0%} ({dcd['step_seconds'] * 1e3:.1f} ms/step)"
         lines.append(f"{f'decode batch {batch}':<28}{dcd['tokens_per_s']:>10.1f} t/s  {ratio:>28}")
+    for batch, dcd in res.get("decode_sampled", {}).items():
+        ratio = f"{dcd['step_seconds'] * 1e3:.1f} ms/step" + (
+            f", {dcd['slower_than_greedy']:.2f}x greedy" if dcd["slower_than_greedy"] else "")
+        lines.append(f"{f'decode batch {batch}, sampled':<28}{dcd['tokens_per_s']:>10.1f} t/s  {ratio:>28}")
     for n, s in res["time_to_first_token_s"].items():
         lines.append(f"{f'time to first token ({n})':<28}{s * 1e3:>11.0f} ms")
     lines.append(f"{'load (grok1.load)':<28}{res['load_seconds']:>12.1f} s")
@@ -421,6 +442,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, help="compute dtype (default: grok1.load's)")
     parser.add_argument("--prefill", type=int, nargs="*", default=[128, 512])
     parser.add_argument("--batch", type=int, nargs="*", default=[1, 8, 32])
+    parser.add_argument("--sampled", type=int, nargs="*", default=[1, 8],
+                        help="batches also decoded with run.py's default sampling (none: skip)")
     parser.add_argument("--first-token", type=int, nargs="*", default=[128])
     parser.add_argument("--chunk", type=int, default=1,
                         help="decode steps per jitted call (default 1, as grok1's Engine decodes)")
@@ -433,7 +456,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from grok1.config import PRESETS
     if args.preset not in PRESETS:
         parser.error(f"--preset must be one of {', '.join(sorted(PRESETS))}, got {args.preset!r}")
-    for name in ("prefill", "batch", "first_token"):
+    for name in ("prefill", "batch", "sampled", "first_token"):
         if any(n < 1 for n in getattr(args, name)):
             parser.error(f"--{name.replace('_', '-')} values must be positive integers")
     return args

@@ -12,7 +12,7 @@ after the other:
 - llama.cpp, per GGUF format: `llama-bench -p 512 -n 0` (prefill 512) and `llama-batched-bench
   -npp 128 -ntg 64 -npl 1,8` (decode at batch 1 and 8 after a 128-token prompt, tokens/s summed
   over the sequences), the measurements of the tool's `bench` step;
-- grok1: `benchmarks/bench.py --prefill 512 --batch 1 8` (defaults of `grok1.load`; decode at
+- grok1: `benchmarks/bench.py --prefill 512 --batch 1 8 --sampled` (greedy only) (defaults of `grok1.load`; decode at
   context 128).
 
 Before each process it waits for the 1-minute load average to drop below `--max-load` (at most
@@ -181,14 +181,15 @@ def time_llama_cpp(paths: Paths, fmt: str, args: argparse.Namespace, out: str) -
 
 
 def time_grok1(args: argparse.Namespace, out: str) -> tuple[Row, dict]:
-    """benchmarks/bench.py --prefill 512 --batch 1 8 in its own process (defaults of grok1.load)."""
+    """benchmarks/bench.py --prefill 512 --batch 1 8 in its own process (defaults of grok1.load),
+    greedy only (--sampled with no batches): llama-batched-bench samples nothing."""
     row = Row("grok1 (grok1.load defaults)")
     row.load_before = wait_for_quiet(args.max_load, args.max_wait)
     print(f"grok1: bench.py (load {row.load_before})", flush=True)
     result_path = os.path.join(out, "grok1.json")
     run_measured(
         [sys.executable, os.path.join(REPO, "benchmarks", "bench.py"), "--prefill", "512",
-         "--batch", "1", "8", "--repeat", str(args.repeat), "--json", result_path],
+         "--batch", "1", "8", "--sampled", "--repeat", str(args.repeat), "--json", result_path],
         os.path.join(out, "grok1.log"))
     row.load_after = f"{os.getloadavg()[0]:.2f}"
     with open(result_path) as f:

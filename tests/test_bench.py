@@ -39,9 +39,10 @@ def test_prefill_flops_are_two_per_multiply_add_of_the_chosen_path():
 
 @pytest.mark.slow
 def test_tiny_benchmark_runs_end_to_end(tmp_path):
-    res = bench.main(["--tiny", "--repeat", "1", "--batch", "1", "2", "--prefill", "16",
+    res = bench.main(["--tiny", "--repeat", "1", "--batch", "1", "2", "--sampled", "2", "--prefill", "16",
                       "--first-token", "8", "--context", "16", "--json", str(tmp_path / "r.json")])
     assert res["decode"][1]["tokens_per_s"] > 0 and 0 < res["prefill"][16]["mfu"]
+    assert res["decode_sampled"][2]["tokens_per_s"] > 0
     assert (tmp_path / "r.json").is_file()
 
 

@@ -12,8 +12,8 @@ after the other:
 - llama.cpp, per GGUF format: `llama-bench -p 512 -n 0` (prefill 512) and `llama-batched-bench
   -npp 128 -ntg 64 -npl 1,8` (decode at batch 1 and 8 after a 128-token prompt, tokens/s summed
   over the sequences), the measurements of the tool's `bench` step;
-- grok1: `benchmarks/bench.py --prefill 512 --batch 1 8 --sampled` (greedy only) (defaults of `grok1.load`; decode at
-  context 128).
+- grok1: `benchmarks/bench.py --prefill 512 --batch 1 8 --sampled` (defaults of `grok1.load`;
+  greedy decode at context 128).
 
 Before each process it waits for the 1-minute load average to drop below `--max-load` (at most
 `--max-wait` seconds, then times anyway and marks the load with `!`), so that one engine's load

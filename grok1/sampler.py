@@ -318,20 +318,26 @@ def _draw(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax
     depends on its own logits and settings only, and every way draws from the same distribution."""
     scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
     filtered = (temperature > 0) & ((top_k > 0) | (top_p < 1))
+    uniform = jax.vmap(lambda key: jax.random.uniform(key, ()))(keys)    # one variate per row
     tokens, pending = greedy, filtered                      # pending: filtered, not drawn yet
-    for count in sorted({min(c, scaled.shape[-1]) for c in FILTER_CANDIDATES}):
+    tiers = sorted({min(count, scaled.shape[-1]) for count in FILTER_CANDIDATES})
+    for count in tiers:
         drawn, fits = jax.lax.cond(jnp.any(pending), functools.partial(_draw_among_candidates, count),
                                    lambda *args: (greedy, jnp.zeros_like(pending)),
-                                   scaled, keys, top_p, top_k)
+                                   scaled, uniform, top_p, top_k)
         tokens = jnp.where(pending & fits, drawn, tokens)
         pending &= ~fits
     whole = ((temperature > 0) & ~filtered) | pending
-    drawn = jax.lax.cond(jnp.any(whole), _draw_over_vocabulary, lambda *args: greedy,
-                         scaled, keys, top_p, top_k, pending)
+    if tiers[-1] == scaled.shape[-1]:    # every filtered row was drawn: no full sort to compile
+        draw_whole = lambda scaled, uniform, *args: _draw_from(uniform, scaled)
+    else:
+        draw_whole = _draw_over_vocabulary
+    drawn = jax.lax.cond(jnp.any(whole), draw_whole, lambda *args: greedy,
+                         scaled, uniform, top_p, top_k, pending)
     return jnp.where(whole, drawn, tokens).astype(jnp.int32)
 
 
-def _draw_among_candidates(count: int, scaled: jax.Array, keys: jax.Array, top_p: jax.Array,
+def _draw_among_candidates(count: int, scaled: jax.Array, uniform: jax.Array, top_p: jax.Array,
                            top_k: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(tokens [B], fits [B]): each row's draw under its filters among its `count` most likely
     tokens, and whether everything its filters keep is among them (only then is the draw the
@@ -348,42 +354,49 @@ def _draw_among_candidates(count: int, scaled: jax.Array, keys: jax.Array, top_p
     threshold = jnp.take_along_axis(values, (jnp.sum(keep, axis=-1) - 1)[:, None], axis=-1)[:, 0]
     # the last candidate as a reduction, not a slice: XLA folds a slice of top_k's values into
     # the top-k's own slice and then sorts the whole vocabulary
-    fits = (top_k <= count) & ((threshold > jnp.min(values, axis=-1)) | (count == scaled.shape[-1]))
-    choice = _draw_from(keys, jnp.where(values >= threshold[:, None], values, -jnp.inf))
+    fits = ((top_k <= count) & (threshold > jnp.min(values, axis=-1))) | (count == scaled.shape[-1])
+    choice = _draw_from(uniform, jnp.where(values >= threshold[:, None], values, -jnp.inf))
     return jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32), fits
 
 
-def _draw_over_vocabulary(scaled: jax.Array, keys: jax.Array, top_p: jax.Array, top_k: jax.Array,
+def _draw_over_vocabulary(scaled: jax.Array, uniform: jax.Array, top_p: jax.Array, top_k: jax.Array,
                           filtered: jax.Array) -> jax.Array:
     """Each row's draw over the whole vocabulary, under its filters where `filtered`."""
     threshold = jax.lax.cond(jnp.any(filtered), _filter_threshold,
                              lambda s, p, k: jnp.full(s.shape[:1], -jnp.inf), scaled, top_p, top_k)
     threshold = jnp.where(filtered, threshold, -jnp.inf)
-    return _draw_from(keys, jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf))
+    return _draw_from(uniform, jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf))
 
 
-def _draw_from(keys: jax.Array, logits: jax.Array) -> jax.Array:
+def _draw_from(uniform: jax.Array, logits: jax.Array) -> jax.Array:
     """One index per row of logits [B, n] (-inf: never drawn), with probability softmax(logits):
-    the cumulative distribution inverted at one uniform variate per row, first over blocks of
-    DRAW_BLOCK entries, then inside the chosen block. (jax.random.categorical draws a Gumbel
-    variate per entry: 5.7 ms per row of 131072 on CPU against 0.4 for this.)"""
+    the cumulative distribution inverted at the row's `uniform` variate in [0, 1), over blocks of
+    DRAW_BLOCK entries first when n is larger, then inside the chosen block.
+    (jax.random.categorical draws a Gumbel variate per entry: 5.7 ms per row of 131072 on CPU
+    against 0.4 for this.)"""
     rows, n = logits.shape
-    block = min(DRAW_BLOCK, n)
-    padded = -(-n // block) * block
-    logits = jnp.pad(logits, ((0, 0), (0, padded - n)), constant_values=-jnp.inf)
     weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))     # the largest is 1
-    weights = weights.reshape(rows, padded // block, block)
-    block_ends = jnp.cumsum(jnp.sum(weights, axis=-1), axis=-1)             # [B, blocks]
-    target = jax.vmap(lambda key: jax.random.uniform(key, ()))(keys) * block_ends[:, -1]
-    # the first block whose end passes the target (it holds weight: its end rose past it)
-    chosen = jnp.sum(block_ends <= target[:, None], axis=-1)
-    start = jnp.where(chosen > 0, jnp.take_along_axis(block_ends, jnp.maximum(chosen - 1, 0)[:, None],
-                                                      axis=-1)[:, 0], 0.0)
-    inside = jnp.take_along_axis(weights, chosen[:, None, None], axis=1)[:, 0]    # [B, block]
-    offset = jnp.sum(jnp.cumsum(inside, axis=-1) <= (target - start)[:, None], axis=-1)
-    # rounding can carry the target past the block's own sum: stay on an entry with weight
-    last_weighted = block - 1 - jnp.argmax(inside[:, ::-1] > 0, axis=-1)
-    return (chosen * block + jnp.minimum(offset, last_weighted)).astype(jnp.int32)
+    if n <= DRAW_BLOCK:
+        return _first_past(weights, uniform * jnp.sum(weights, axis=-1))
+    padded = -(-n // DRAW_BLOCK) * DRAW_BLOCK
+    weights = jnp.pad(weights, ((0, 0), (0, padded - n))).reshape(rows, padded // DRAW_BLOCK, DRAW_BLOCK)
+    block_weights = jnp.sum(weights, axis=-1)                                # [B, blocks]
+    target = uniform * jnp.sum(block_weights, axis=-1)
+    chosen = _first_past(block_weights, target)
+    before = jnp.sum(jnp.where(jnp.arange(padded // DRAW_BLOCK) < chosen[:, None], block_weights, 0.0), axis=-1)
+    inside = jnp.take_along_axis(weights, chosen[:, None, None], axis=1)[:, 0]    # [B, DRAW_BLOCK]
+    return chosen * DRAW_BLOCK + _first_past(inside, target - before)
+
+
+def _first_past(weights: jax.Array, target: jax.Array) -> jax.Array:
+    """Per row of weights [B, n] (>= 0, some > 0), the first entry whose running sum passes
+    `target`, kept to the weighted entries (sums rounded in another order can put the target a
+    hair outside the row's own total)."""
+    passed = jnp.sum(jnp.cumsum(weights, axis=-1) <= target[:, None], axis=-1)
+    weighted = weights > 0
+    first = jnp.argmax(weighted, axis=-1)
+    last = weights.shape[-1] - 1 - jnp.argmax(weighted[:, ::-1], axis=-1)
+    return jnp.clip(passed, first, last).astype(jnp.int32)
 
 
 def _filter_threshold(scaled: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.Array:

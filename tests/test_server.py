@@ -143,8 +143,8 @@ def test_models_lists_the_served_model_and_health_is_ok(client, http):
 def test_a_short_request_sent_during_a_long_one_completes_first(client, http):
     order, long_started = [], threading.Event()
 
-    def long_request():   # seed 16 samples 154 tokens, then EOS
-        stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=200, seed=16,
+    def long_request():   # seed 11 samples all 200 tokens (no EOS before)
+        stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=200, seed=11,
                                            temperature=1.0, stream=True,
                                            stream_options={"include_usage": True})
         for chunk in stream:
@@ -178,7 +178,7 @@ def recorded_calls(runner, *names: str):
 def test_newcomers_join_one_per_decode_step_while_others_decode(model):
     with recorded_calls(runner_for(model, SLOTS), "prefill", "decode") as calls, \
             Engine(model, slots=SLOTS) as engine:
-        settings = sampling_settings(model.config, model.tokenizer, max_new_tokens=200, seed=16)
+        settings = sampling_settings(model.config, model.tokenizer, max_new_tokens=200, seed=11)
         ids = engine.fit(PROMPT, settings).token_ids
         long = engine.stream(ids, settings)
         next(long)
@@ -220,7 +220,7 @@ def test_a_prompt_prefilled_in_chunks_generates_what_it_generates_prefilled_whol
 def test_a_running_request_decodes_between_the_chunks_of_a_newcomers_prompt(model):
     with recorded_calls(runner_for(model, SLOTS), "prefill_chunk", "decode") as calls, \
             Engine(model, slots=SLOTS, prefill_chunk=32) as engine:
-        settings = sampling_settings(model.config, model.tokenizer, max_new_tokens=200, seed=16)
+        settings = sampling_settings(model.config, model.tokenizer, max_new_tokens=200, seed=11)
         long = engine.stream(engine.fit(PROMPT, settings).token_ids, settings)
         next(long)
         newcomer = sampling_settings(model.config, model.tokenizer, max_new_tokens=3, seed=1)
@@ -262,7 +262,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, http):
     cancelled_before = metrics(http).get('grok1_requests_finished_total{reason="cancelled"}', 0)
     with httpx.Client(base_url=server.url, timeout=60) as own:
         with own.stream("POST", "/v1/completions", json=dict(
-                model=MODEL, prompt=PROMPT, max_tokens=250, seed=16, stream=True)) as response:
+                model=MODEL, prompt=PROMPT, max_tokens=250, seed=11, stream=True)) as response:
             next(response.iter_lines())
     m = wait_until_idle(http)
     assert m["grok1_requests_running"] == 0
@@ -387,9 +387,9 @@ def test_run_py_serves_and_sigterm_ends_a_running_stream_and_frees_the_port():
         with httpx.Client(base_url=url, timeout=120) as c:
             assert c.get("/v1/models").json()["data"][0]["id"] == "small"
             with c.stream("POST", "/v1/completions", json=dict(
-                    model="small", prompt=PROMPT, max_tokens=250, seed=16, stream=True)) as response:
+                    model="small", prompt=PROMPT, max_tokens=250, seed=11, stream=True)) as response:
                 lines = response.iter_lines()
-                next(lines)      # seed 16 samples 154 tokens: SIGTERM arrives while they decode
+                next(lines)      # seed 11 samples all 250 tokens: SIGTERM arrives while they decode
                 process.send_signal(signal.SIGTERM)
                 rest = [line for line in lines if line]
         assert rest[-1] == "data: [DONE]" and "shutting down" in rest[-2]

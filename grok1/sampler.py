@@ -26,7 +26,7 @@ import numpy as np
 from grok1.compiling import jit
 from grok1.config import ModelConfig
 from grok1.model import KVCache, transformed
-from grok1.rows import on_mesh, spread_rows
+from grok1.rows import each_row_whole, on_mesh, spread_rows
 from grok1.tokenizer import IncrementalDecoder
 
 MAX_SEED = 2 ** 32
@@ -316,7 +316,7 @@ def _draw(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax
     sort), in the first tier that holds every token its filters keep; any other sampled row
     draws over the whole vocabulary (a filtered one after a full sort). Which way a row goes
     depends on its own logits and settings only, and every way draws from the same distribution."""
-    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    scaled = each_row_whole(logits / jnp.where(temperature > 0, temperature, 1.0)[:, None])
     filtered = (temperature > 0) & ((top_k > 0) | (top_p < 1))
     uniform = jax.vmap(lambda key: jax.random.uniform(key, ()))(keys)    # one variate per row
     tokens, pending = greedy, filtered                      # pending: filtered, not drawn yet

@@ -268,7 +268,7 @@ class Delta:
 # Sorting the whole vocabulary, left for wider nuclei, costs 35 ms per row of 131072 tokens on
 # CPU, more than bench-1b's whole decode step (20 ms).
 FILTER_CANDIDATES = (256, 4096)
-DRAW_BLOCK = 512      # entries per block of the inverse-CDF draw (131072 = 256 blocks)
+DRAW_BLOCK = 4096     # entries per block of the inverse-CDF draw (131072 = 32 blocks; a tier, one)
 
 
 def request_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
@@ -474,42 +474,32 @@ def slot_started(state: SlotState, cache: KVCache, slot: jax.Array, first_token:
 
 
 def prefill_slot(apply, config: ModelConfig, dtype, constrain, params: dict, state: SlotState,
-                 prompt: jax.Array, length: jax.Array, slot: jax.Array, seed: jax.Array,
-                 temperature: jax.Array, top_p: jax.Array, top_k: jax.Array,
-                 frequency_penalty: jax.Array, presence_penalty: jax.Array
-                 ) -> tuple[SlotState, jax.Array, jax.Array]:
-    """Run a right-padded prompt [1, L] through a fresh batch-1 cache of L positions, write that
-    cache into row `slot` (other rows untouched), and sample the request's first token."""
+                 prompt: jax.Array, length: jax.Array, slot: jax.Array) -> tuple[SlotState, jax.Array]:
+    """Run a right-padded prompt [1, L] through a fresh batch-1 cache of L positions and write
+    that cache into row `slot` (other rows untouched): (state, the last position's logits [1, V]),
+    for `start_slot` to sample the request's first token from."""
     small = KVCache.zeros(config, 1, prompt.shape[1], dtype)
     logits, small = apply(params, prompt, small, (length - 1)[None])
-    settings = [x[None] for x in (temperature, top_p, top_k)]
-    token, logprob = sample(logits, request_keys(seed[None], jnp.zeros((1,), jnp.int32)), *settings)
-
     big = state.cache
     put = lambda rows, new, axis: jax.lax.dynamic_update_slice_in_dim(rows, new.astype(rows.dtype), slot, axis)
     valid_row = jnp.zeros((1, big.valid.shape[1]), bool).at[:, :prompt.shape[1]].set(small.valid)
     # keys and values are [L, B, S, N, K]: rows on axis 1, the prompt's positions from 0
     cache = KVCache(keys=put(big.keys, small.keys, 1), values=put(big.values, small.values, 1),
                     valid=put(big.valid, valid_row, 0), length=big.length.at[slot].set(length))
-    state = slot_started(state, cache, slot, token[0], seed, temperature, top_p, top_k,
-                         frequency_penalty, presence_penalty)
-    return constrain(state), token[0], logprob[0]
+    return constrain(dataclasses.replace(state, cache=cache)), logits
 
 
 def prefill_chunk(apply, constrain, params: dict, state: SlotState, chunk: jax.Array,
-                  start: jax.Array, length: jax.Array, slot: jax.Array, seed: jax.Array,
-                  temperature: jax.Array, top_p: jax.Array, top_k: jax.Array,
-                  frequency_penalty: jax.Array, presence_penalty: jax.Array
-                  ) -> tuple[SlotState, jax.Array, jax.Array]:
+                  start: jax.Array, length: jax.Array, slot: jax.Array) -> tuple[SlotState, jax.Array]:
     """Prefill positions [start, start + C) of a `length`-token prompt into row `slot`, on top of
     the positions before `start` that earlier chunks wrote (chunk [1, C], right-padded past the
-    prompt's end; start + C must not pass the cache's end). Long prompts go in such chunks across
-    engine steps, so that a newcomer holds up the decoding requests by one chunk at a time.
+    prompt's end; start + C must not pass the cache's end): (state, the logits [1, V] at the
+    prompt's last position within the chunk). Long prompts go in such chunks across engine
+    steps, so that a newcomer holds up the decoding requests by one chunk at a time.
 
     The row's positions from `start` on are cleared first: whatever a previous request or a
-    decode step of the other slots left there is not seen. The slot takes the request's settings
-    and sampled first token each time; only the final chunk's (start + C >= length) count, since
-    the slot's decode results are ignored until then and the final chunk sets them again.
+    decode step of the other slots left there is not seen. Only the final chunk's logits
+    (start + C >= length) are the prompt's; the slot's decode results are ignored until then.
     """
     big = state.cache
     width = chunk.shape[1]
@@ -521,12 +511,22 @@ def prefill_chunk(apply, constrain, params: dict, state: SlotState, chunk: jax.A
                   valid=take(big.valid, 0) & before_start[None, :], length=start[None])
     last = jnp.clip(length - 1 - start, 0, width - 1)
     logits, row = apply(params, chunk, row, last[None])
-    settings = [x[None] for x in (temperature, top_p, top_k)]
-    token, logprob = sample(logits, request_keys(seed[None], jnp.zeros((1,), jnp.int32)), *settings)
     cache = KVCache(keys=put(big.keys, row.keys, 1), values=put(big.values, row.values, 1),
                     valid=put(big.valid, row.valid, 0),
                     length=big.length.at[slot].set(jnp.minimum(start + width, length)))
-    state = slot_started(state, cache, slot, token[0], seed, temperature, top_p, top_k,
+    return constrain(dataclasses.replace(state, cache=cache)), logits
+
+
+def start_slot(constrain, state: SlotState, logits: jax.Array, slot: jax.Array, seed: jax.Array,
+               temperature: jax.Array, top_p: jax.Array, top_k: jax.Array,
+               frequency_penalty: jax.Array, presence_penalty: jax.Array
+               ) -> tuple[SlotState, jax.Array, jax.Array]:
+    """Sample a request's first token from its prompt's last logits [1, V] and set row `slot` to
+    the request (`slot_started`): (state, token, logprob). A program of its own, shared by every
+    prompt length: the sampler compiles once, not once per prefill bucket."""
+    settings = [x[None] for x in (temperature, top_p, top_k)]
+    token, logprob = sample(logits, request_keys(seed[None], jnp.zeros((1,), jnp.int32)), *settings)
+    state = slot_started(state, state.cache, slot, token[0], seed, temperature, top_p, top_k,
                          frequency_penalty, presence_penalty)
     return constrain(state), token[0], logprob[0]
 
@@ -622,8 +622,9 @@ class Runner:
     """Continuous batching over `slots` cache rows for one model.
 
     The jitted steps over one cache of `slots` rows: `decode` (`decode_chunk` tokens per call, a
-    lax.scan), `prefill` (one prompt into one slot, padded to a bucket) and `prefill_chunk`.
-    Compilation happens once for the decode step and once per prefill bucket. The scheduling is
+    lax.scan), `prefill` (one prompt into one slot, padded to a bucket) and `prefill_chunk`, each
+    prompt followed by its first token's sampling. Compilation happens once for the decode step,
+    once per prefill bucket and once for the first token. The scheduling is
     grok1/engine.py's; `_state` holds the cache between the calls of the engine that owns it.
     """
 
@@ -648,11 +649,34 @@ class Runner:
         self.decode = jit(on_mesh(functools.partial(decode_steps, apply, constrain, int(decode_chunk)),
                                   model.mesh),
                           donate_argnums=(1,), **placement)
-        self.prefill = jit(functools.partial(prefill_slot, apply, config, model.dtype, constrain),
-                           donate_argnums=(1,), **placement)
-        self.prefill_chunk = jit(functools.partial(prefill_chunk, apply, constrain),
-                                 donate_argnums=(1,), **placement)
+        # A prompt's step gives its last logits replicated, one layout whatever the bucket.
+        prompt_placement = {} if model.mesh is None else dict(out_shardings=(
+            self._state_sharding, jax.sharding.NamedSharding(model.mesh, jax.sharding.PartitionSpec())))
+        self._prefill_slot = jit(functools.partial(prefill_slot, apply, config, model.dtype, constrain),
+                                 donate_argnums=(1,), **prompt_placement)
+        self._prefill_chunk = jit(functools.partial(prefill_chunk, apply, constrain),
+                                  donate_argnums=(1,), **prompt_placement)
+        self._start_slot = jit(functools.partial(start_slot, constrain), donate_argnums=(0,), **placement)
         self._state: Optional[SlotState] = None
+
+    def prefill(self, params: dict, state: SlotState, prompt: Any, length: Any, slot: Any, seed: Any,
+                temperature: Any, top_p: Any, top_k: Any, frequency_penalty: Any, presence_penalty: Any
+                ) -> tuple[SlotState, jax.Array, jax.Array]:
+        """A right-padded prompt [1, bucket] into row `slot`, and its first token sampled under the
+        request's settings: (state, token, logprob). `state` is donated."""
+        state, logits = self._prefill_slot(params, state, prompt, length, slot)
+        return self._start_slot(state, logits, slot, seed, temperature, top_p, top_k,
+                                frequency_penalty, presence_penalty)
+
+    def prefill_chunk(self, params: dict, state: SlotState, chunk: Any, start: Any, length: Any,
+                      slot: Any, seed: Any, temperature: Any, top_p: Any, top_k: Any,
+                      frequency_penalty: Any, presence_penalty: Any) -> tuple[SlotState, jax.Array, jax.Array]:
+        """`sampler.prefill_chunk` into row `slot`, then the slot set to the request as `prefill`
+        sets it (every chunk sets it; the final chunk's token is the request's first):
+        (state, token, logprob). `state` is donated."""
+        state, logits = self._prefill_chunk(params, state, chunk, start, length, slot)
+        return self._start_slot(state, logits, slot, seed, temperature, top_p, top_k,
+                                frequency_penalty, presence_penalty)
 
     def _sharding(self):
         """(constrain(state), state shardings): the cache split as sharding.kv_cache_sharding says,

@@ -351,7 +351,7 @@ runner = model._runners[4]
 keys = runner._state.cache.keys[0]
 spec = tuple(keys.sharding.spec) + (None,) * (keys.ndim - len(keys.sharding.spec))   # trailing Nones shown
 print(json.dumps(dict(tokens=[o.token_ids for o in outs], cache_spec=str(spec),
-                      compilations=[runner.decode._cache_size(), runner.prefill._cache_size()])))
+                      compilations=[runner.decode._cache_size(), runner._prefill_slot._cache_size()])))
 """
 
 

@@ -347,10 +347,12 @@ import grok1
 from grok1.sharding import make_mesh
 model = grok1.load({path!r}, dtype="float32", mesh=make_mesh("2x4"))
 outs = model.generate({prompts!r}, slots=4, temperature=0, max_new_tokens=8)
+sampled = model.generate({prompts!r}, slots=4, max_new_tokens=8, seed=[1, 2, 3, 4], **{sampling!r})
 runner = model._runners[4]
 keys = runner._state.cache.keys[0]
 spec = tuple(keys.sharding.spec) + (None,) * (keys.ndim - len(keys.sharding.spec))   # trailing Nones shown
-print(json.dumps(dict(tokens=[o.token_ids for o in outs], cache_spec=str(spec),
+print(json.dumps(dict(tokens=[o.token_ids for o in outs], sampled=[o.token_ids for o in sampled],
+                      cache_spec=str(spec),
                       compilations=[runner.decode._cache_size(), runner._prefill_slot._cache_size()])))
 """
 
@@ -360,9 +362,12 @@ def test_sharded_cache_on_a_2x4_mesh_generates_what_one_device_does(model):
     import json
 
     prompts = prompts_of_lengths(2, 7, 13, 29)
-    result = json.loads(run_with_devices(SHARDED_GENERATE.format(path=str(GOLDEN / "two_layer"),
-                                                                 prompts=prompts)).splitlines()[-1])
+    sampling = dict(temperature=0.8, top_p=0.95, top_k=40)        # run.py's draw, on the mesh too
+    result = json.loads(run_with_devices(SHARDED_GENERATE.format(
+        path=str(GOLDEN / "two_layer"), prompts=prompts, sampling=sampling)).splitlines()[-1])
     assert result["tokens"] == [o.token_ids for o in
                                 model.generate(prompts, slots=SLOTS, temperature=0, max_new_tokens=8)]
+    assert result["sampled"] == [o.token_ids for o in model.generate(
+        prompts, slots=SLOTS, max_new_tokens=8, seed=[1, 2, 3, 4], **sampling)]
     assert result["cache_spec"] == "('data', None, 'model', None)"   # slots over data, kv heads over model
     assert result["compilations"] == [1, 1]

@@ -265,8 +265,8 @@ class Delta:
 
 # A filtered row draws among its 256 most likely tokens when its filters keep no others (run.py's
 # top-k 40 always does), else among its 4096 most likely: partial sorts of the logits [B, V].
-# Sorting the whole vocabulary, left for wider nuclei, costs 35 ms per row of 131072 tokens on
-# CPU, more than bench-1b's whole decode step (20 ms).
+# The whole vocabulary, the last tier for wider nuclei, costs a full sort: 35 ms per row of
+# 131072 tokens on CPU, more than bench-1b's whole decode step (20 ms).
 FILTER_CANDIDATES = (256, 4096)
 DRAW_BLOCK = 4096     # entries per block of the inverse-CDF draw (131072 = 32 blocks; a tier, one)
 
@@ -313,28 +313,24 @@ def _draw(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax
     """Sampled tokens for rows with temperature > 0, `greedy` for the others.
 
     A filtered row draws among its most likely tokens, FILTER_CANDIDATES of them (a partial
-    sort), in the first tier that holds every token its filters keep; any other sampled row
-    draws over the whole vocabulary (a filtered one after a full sort). Which way a row goes
+    sort), in the first tier that holds every token its filters keep, the whole vocabulary (a
+    full sort) last; an unfiltered row draws over the vocabulary unsorted. Which way a row goes
     depends on its own logits and settings only, and every way draws from the same distribution."""
     scaled = each_row_whole(logits / jnp.where(temperature > 0, temperature, 1.0)[:, None])
     filtered = (temperature > 0) & ((top_k > 0) | (top_p < 1))
     uniform = jax.vmap(lambda key: jax.random.uniform(key, ()))(keys)    # one variate per row
+    vocabulary = scaled.shape[-1]
     tokens, pending = greedy, filtered                      # pending: filtered, not drawn yet
-    tiers = sorted({min(count, scaled.shape[-1]) for count in FILTER_CANDIDATES})
-    for count in tiers:
+    for count in sorted({min(count, vocabulary) for count in FILTER_CANDIDATES} | {vocabulary}):
         drawn, fits = jax.lax.cond(jnp.any(pending), functools.partial(_draw_among_candidates, count),
                                    lambda *args: (greedy, jnp.zeros_like(pending)),
                                    scaled, uniform, top_p, top_k)
         tokens = jnp.where(pending & fits, drawn, tokens)
         pending &= ~fits
-    whole = ((temperature > 0) & ~filtered) | pending
-    if tiers[-1] == scaled.shape[-1]:    # every filtered row was drawn: no full sort to compile
-        draw_whole = lambda scaled, uniform, *args: _draw_from(uniform, scaled)
-    else:
-        draw_whole = _draw_over_vocabulary
-    drawn = jax.lax.cond(jnp.any(whole), draw_whole, lambda *args: greedy,
-                         scaled, uniform, top_p, top_k, pending)
-    return jnp.where(whole, drawn, tokens).astype(jnp.int32)
+    unfiltered = (temperature > 0) & ~filtered
+    drawn = jax.lax.cond(jnp.any(unfiltered), lambda s, u: _draw_from(u, s), lambda *args: greedy,
+                         scaled, uniform)
+    return jnp.where(unfiltered, drawn, tokens).astype(jnp.int32)
 
 
 def _draw_among_candidates(count: int, scaled: jax.Array, uniform: jax.Array, top_p: jax.Array,
@@ -342,7 +338,7 @@ def _draw_among_candidates(count: int, scaled: jax.Array, uniform: jax.Array, to
     """(tokens [B], fits [B]): each row's draw under its filters among its `count` most likely
     tokens, and whether everything its filters keep is among them (only then is the draw the
     row's: a top-k beyond them, a nucleus reaching past them or a tie at the last of them send
-    the row on)."""
+    the row on; with `count` the whole vocabulary it always fits)."""
     values, indices = jax.lax.top_k(scaled, count)                      # [B, count] descending
     rank = jnp.arange(count)
     by_k = jnp.where((top_k > 0)[:, None], rank[None, :] < top_k[:, None], True)
@@ -357,15 +353,6 @@ def _draw_among_candidates(count: int, scaled: jax.Array, uniform: jax.Array, to
     fits = ((top_k <= count) & (threshold > jnp.min(values, axis=-1))) | (count == scaled.shape[-1])
     choice = _draw_from(uniform, jnp.where(values >= threshold[:, None], values, -jnp.inf))
     return jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32), fits
-
-
-def _draw_over_vocabulary(scaled: jax.Array, uniform: jax.Array, top_p: jax.Array, top_k: jax.Array,
-                          filtered: jax.Array) -> jax.Array:
-    """Each row's draw over the whole vocabulary, under its filters where `filtered`."""
-    threshold = jax.lax.cond(jnp.any(filtered), _filter_threshold,
-                             lambda s, p, k: jnp.full(s.shape[:1], -jnp.inf), scaled, top_p, top_k)
-    threshold = jnp.where(filtered, threshold, -jnp.inf)
-    return _draw_from(uniform, jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf))
 
 
 def _draw_from(uniform: jax.Array, logits: jax.Array) -> jax.Array:
@@ -397,18 +384,6 @@ def _first_past(weights: jax.Array, target: jax.Array) -> jax.Array:
     first = jnp.argmax(weighted, axis=-1)
     last = weights.shape[-1] - 1 - jnp.argmax(weighted[:, ::-1], axis=-1)
     return jnp.clip(passed, first, last).astype(jnp.int32)
-
-
-def _filter_threshold(scaled: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.Array:
-    """The smallest scaled logit each row keeps under its top-k and top-p filters."""
-    ranked = -jnp.sort(-scaled, axis=-1)                                       # [B, V] descending
-    rank = jnp.arange(scaled.shape[-1])
-    keep = (top_k[:, None] <= 0) | (rank[None, :] < top_k[:, None])
-    probs = jax.nn.softmax(jnp.where(keep, ranked, -jnp.inf), axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep &= mass_before < top_p[:, None]                  # the top token always stays (top_p > 0)
-    last = jnp.sum(keep, axis=-1) - 1
-    return jnp.take_along_axis(ranked, last[:, None], axis=-1)[:, 0]
 
 
 # ---- device state and the jitted steps --------------------------------------------------------

@@ -268,7 +268,7 @@ class Delta:
 # The whole vocabulary, the last tier for wider nuclei, costs a full sort: 35 ms per row of
 # 131072 tokens on CPU, more than bench-1b's whole decode step (20 ms).
 FILTER_CANDIDATES = (256, 4096)
-DRAW_BLOCK = 4096     # entries per block of the inverse-CDF draw (131072 = 32 blocks; a tier, one)
+DRAW_BLOCK = 4096     # entries per block of the inverse-CDF draw: 131072 are 32 blocks, a tier one
 
 
 def request_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:

@@ -71,10 +71,9 @@ def each_row_whole(x: jax.Array) -> jax.Array:
     (bench-1b's batch 1 on 1x8: 15 in the draw, about 0.25 ms each on 8 forced CPU devices);
     gathering the rows costs one."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return x
-    rows = tuple(mesh.axis_names) if x.shape[0] % mesh.size == 0 else None
-    return jax.lax.with_sharding_constraint(x, P(rows, *[None] * (x.ndim - 1)))
+    if mesh.empty or mesh.size == 1 or x.shape[0] % mesh.size == 0:
+        return spread_rows(x)
+    return jax.lax.with_sharding_constraint(x, P(*[None] * x.ndim))
 
 
 def on_mesh(fn: Callable[..., Any], mesh: Optional[jax.sharding.Mesh]) -> Callable[..., Any]:

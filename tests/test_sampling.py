@@ -79,12 +79,8 @@ def draw_many_in_tiers(monkeypatch, logits, top_p, top_k) -> np.ndarray:
     16 entries (100 tokens: 6 whole blocks and a padded one); both are read when a step is traced."""
     monkeypatch.setattr(sampler_module, "FILTER_CANDIDATES", TIERS)
     monkeypatch.setattr(sampler_module, "DRAW_BLOCK", 16)
-    n = DRAWS
-    keys = request_keys(jnp.full((n,), 7, jnp.uint32), jnp.arange(n, dtype=jnp.int32))
-    tokens, _ = jax.jit(sample)(jnp.broadcast_to(jnp.asarray(logits), (n, len(logits))), keys,
-                                jnp.ones(n), jnp.full((n,), top_p, jnp.float32),
-                                jnp.full((n,), top_k, jnp.int32))
-    return np.asarray(tokens)
+    traced_anew = jax.jit(draw_many.__wrapped__)
+    return np.asarray(traced_anew(jnp.asarray(logits), np.float32(1.0), np.float32(top_p), np.int32(top_k)))
 
 
 @pytest.mark.parametrize("top_k, top_p, kept_reaches", [

@@ -104,7 +104,7 @@ def parser() -> argparse.ArgumentParser:
 
     server = p.add_argument_group("server")
     server.add_argument("--serve", action="store_true",
-                        help="serve the model over HTTP with the OpenAI API (grok1/server.py) until "
+                        help="serve the model over HTTP with the OpenAI API (grok1/server/) until "
                              "Ctrl-C or SIGTERM")
     server.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on")
     server.add_argument("--port", type=int, default=8000, help="--serve: port to listen on (0: any free one)")
@@ -228,7 +228,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def mesh_shape(spec: str) -> dict[str, int]:
     """The mesh axis sizes of --mesh. Importing jax here is fine: XLA_FLAGS is only read when
     the first backend starts."""
-    from grok1.sharding import parse_mesh_spec
+    from grok1.mesh import parse_mesh_spec
     try:
         return parse_mesh_spec(spec)
     except ValueError as e:
@@ -238,7 +238,7 @@ def mesh_shape(spec: str) -> dict[str, int]:
 def force_cpu_devices(spec: str, count: Optional[int] = None) -> None:
     """--plan lays out abstract CPU devices: ask XLA for as many as the mesh has (or --cpu-devices),
     before jax starts."""
-    from grok1.devices import force_cpu_devices as force
+    from grok1.runtime.devices import force_cpu_devices as force
     force(count or math.prod(mesh_shape(spec).values()))
 
 
@@ -246,8 +246,9 @@ def start_jax(args: argparse.Namespace) -> None:
     """What must happen before JAX's first computation: --cpu-devices, the compilation cache, and
     joining the cluster when a launcher or scheduler started this as one of several processes
     (then process 0 alone prints; see grok1/distributed.py)."""
-    from grok1 import compile_cache, distributed
-    from grok1.devices import force_cpu_devices as force
+    from grok1 import distributed
+    from grok1.runtime import compile_cache
+    from grok1.runtime.devices import force_cpu_devices as force
 
     if args.cpu_devices is not None:
         force(args.cpu_devices)
@@ -347,7 +348,7 @@ def load_tokenizer(args: argparse.Namespace, config):
 def make_mesh(spec: Optional[str]):
     if spec is None:
         return None
-    from grok1.sharding import make_mesh as build
+    from grok1.mesh import make_mesh as build
     try:
         return build(spec)
     except ValueError as e:
@@ -365,7 +366,7 @@ def cpu_devices_hint(spec: str) -> str:
 
 def sampling(args: argparse.Namespace, config, tokenizer) -> dict[str, Any]:
     """Sampling settings, checked by the sampler; a bad value is a UserError naming the flag."""
-    from grok1.sampler import sampling_settings
+    from grok1.generation.settings import sampling_settings
 
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_p=args.top_p, top_k=args.top_k, frequency_penalty=args.frequency_penalty,
@@ -422,7 +423,7 @@ def run_describe(args: argparse.Namespace) -> None:
 
 def run_trace(args: argparse.Namespace, model) -> None:
     from grok1.inspect import format_trace, plot_trace
-    from grok1.sampler import encode_text
+    from grok1.generation.settings import encode_text
 
     for prompt in args.prompt or [DEFAULT_PROMPT]:
         try:
@@ -489,7 +490,7 @@ def print_notes(notes: Sequence[str]) -> None:
 def stream_one(model, prompt: str, settings: dict[str, Any], quiet: bool, echo: bool = True) -> None:
     """Print the prompt (unless quiet, or not `echo`: already on screen) and its continuation as it
     arrives, then the speed and why it ended."""
-    from grok1.sampler import fit_prompt, sampling_settings
+    from grok1.generation.settings import fit_prompt, sampling_settings
 
     fitted = fit_prompt(prompt, model.config, model.tokenizer,
                         sampling_settings(model.config, model.tokenizer, **settings))

@@ -62,7 +62,7 @@ def random_params(config, seed: int = 0) -> dict:
     router. Drawing int8 directly keeps a grok-1-width checkpoint quick to create."""
     import ml_dtypes
     from grok1 import checkpoint
-    from grok1.quant import QuantizedWeight8bit
+    from grok1.weights.quant import QuantizedWeight8bit
 
     rng = np.random.default_rng(seed)
     params: dict = {}
@@ -213,7 +213,7 @@ def decode_bytes(config, params: dict, batch: int, cache_len: int, cache_itemsiz
     """Bytes one decode step reads: every non-expert weight (embedding table included, as the
     output projection), the experts the batch's tokens choose (expected count), the KV cache."""
     import jax
-    from grok1.layout import is_expert_stack
+    from grok1.params import is_expert_stack
 
     leaf_bytes = lambda tree: sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(tree))
     dense = experts = 0
@@ -235,9 +235,9 @@ def measure_prefill(model, tokens: int, repeat: int) -> tuple[float, float]:
     (the first call, compilation included; the median after it)."""
     import jax
     import jax.numpy as jnp
-    from grok1.compiling import jit
+    from grok1.mesh import on_mesh
     from grok1.model import transformed
-    from grok1.rows import on_mesh
+    from grok1.runtime.compiling import jit
 
     apply = jit(on_mesh(transformed(model.config, model.dtype).apply, model.mesh))  # as Model.logits
     prompt = jnp.asarray(np.random.default_rng(1).integers(1, model.config.vocab_size, (1, tokens)),
@@ -263,10 +263,11 @@ def measure_decode(model, batch: int, chunk: int, repeat: int, context: int,
     per step after them)."""
     import jax
     import jax.numpy as jnp
-    from grok1 import sampler
+    from grok1.generation.runner import Runner
+    from grok1.generation.steps import empty_state
 
-    runner = sampler.Runner(model, slots=batch, decode_chunk=chunk)
-    state = sampler.empty_state(model.config, model.dtype, batch)
+    runner = Runner(model, slots=batch, decode_chunk=chunk)
+    state = empty_state(model.config, model.dtype, batch)
     cache = state.cache
     cache = dataclasses.replace(cache, valid=cache.valid.at[:, :context].set(True),
                                 length=jnp.full_like(cache.length, context))

@@ -46,8 +46,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from bench import median_seconds, random_int8, write_atomically  # noqa: E402  (benchmarks/bench.py, beside this script)
-from grok1 import experts, kernels, layout  # noqa: E402
-from grok1.quant import QuantizedWeight8bit  # noqa: E402
+from grok1 import kernels  # noqa: E402
+from grok1.kernels import experts  # noqa: E402
+from grok1.weights import layout  # noqa: E402
+from grok1.weights.quant import QuantizedWeight8bit  # noqa: E402
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 

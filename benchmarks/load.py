@@ -48,7 +48,7 @@ def write_checkpoint(gb: float) -> tuple[pathlib.Path, object]:
     import ml_dtypes
     import numpy as np
     from grok1 import checkpoint
-    from grok1.quant import QuantizedWeight8bit
+    from grok1.weights.quant import QuantizedWeight8bit
 
     config = bench_config(gb)
     path = CACHE / f"load-{config.num_layers}L-{config.emb_size}d"
@@ -91,6 +91,7 @@ def child(mode: str, path: str, workers: int) -> dict:
     if mode != "plain":
         import jax
         from grok1 import checkpoint
+        from grok1.checkpoint import reader
         jax.devices()
         config = checkpoint.read_config(path)
     start = time.perf_counter()
@@ -114,7 +115,7 @@ def child(mode: str, path: str, workers: int) -> dict:
             params = {}
             for spec in checkpoint.tensor_specs(config):
                 file = os.path.join(path, "ckpt-0", spec.filename)
-                value = jax.device_put(checkpoint._unpickle(file))
+                value = jax.device_put(reader._unpickle(file))
                 params.setdefault(spec.module, {})[spec.param] = value
         jax.block_until_ready(params)
     seconds = time.perf_counter() - start

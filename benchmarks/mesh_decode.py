@@ -30,7 +30,7 @@ import jax  # noqa: E402
 import bench  # noqa: E402  (benchmarks/bench.py, beside this script)
 import grok1  # noqa: E402
 from grok1.config import PRESETS  # noqa: E402
-from grok1.sharding import make_mesh  # noqa: E402
+from grok1.mesh import make_mesh  # noqa: E402
 
 CONTEXT = 64  # positions already in the cache while decoding
 

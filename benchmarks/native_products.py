@@ -1,4 +1,4 @@
-"""The native kernel (grok1/native.py) against XLA's forms, timed back to back in one process.
+"""The native kernel (grok1/kernels/native.py) against XLA's forms, timed back to back in one process.
 
     python benchmarks/native_products.py              # the tables (a few minutes)
     python benchmarks/native_products.py --json out.json
@@ -15,7 +15,7 @@ touches both. G params/s counts each weight element once per call, whatever the 
 (e) a copy check: one expert's matrix of a stack (closed over, or a jit argument) passed as
     a slice vs the whole stack plus an index
 
-XLA forms: "XLA one-row products" is grok1/kernels.py's `linear` today (each row its own
+XLA forms: "XLA one-row products" is grok1/kernels/products.py's `linear` today (each row its own
 matrix-vector product, fenced by barriers, each reading the weight again); "XLA one product"
 is benchmarks/products.py's form with all rows in one product. Timings move with other
 processes: the load average before and after is printed.
@@ -38,10 +38,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from grok1 import experts as grok_experts  # noqa: E402
-from grok1 import native  # noqa: E402
+from grok1.kernels import experts as grok_experts  # noqa: E402
+from grok1.kernels import native  # noqa: E402
 from grok1.kernels import linear  # noqa: E402
-from grok1.layout import LinearWeight  # noqa: E402
+from grok1.weights.layout import LinearWeight  # noqa: E402
 from bench import write_atomically  # noqa: E402 - benchmarks/bench.py, beside this script
 
 barrier = jax.lax.optimization_barrier

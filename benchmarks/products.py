@@ -7,7 +7,7 @@ Sixteen weights of [5464, 1024] (one bench-1b expert matrix each) are multiplied
 call by 1, 2, 8 or 16 rows; the figure is weight parameters read per second (G params/s, each
 weight counted once per call, whatever the row count), the median of several calls. Rows:
 
-- `int8 [out, in], one-row products`: grok1/kernels.py's form for up to 16 rows: each row its own
+- `int8 [out, in], one-row products`: grok1/kernels/xla.py's form for up to 16 rows: each row its own
   `row @ dequantise(w).T`, closed by an optimization barrier (the layout grok1 loads).
 - `int8 [out, in], one product`: the same weight, all rows in one product.
 - `int8 [out, in], product then add`: one row, the product feeding an add in the same fusion

@@ -6,22 +6,22 @@ import dataclasses
 import functools
 import os
 import shutil
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grok1 import checkpoint
-from grok1.compiling import jit
-from grok1.config import ModelConfig
-from grok1.layout import to_compute_layout, to_official
+from grok1 import checkpoint, inspect
+from grok1.config import PRESETS, ModelConfig
+from grok1.generation import api as generation
+from grok1.inspect import Trace
+from grok1.mesh import activation_sharding, from_host, make_mesh, on_mesh, to_host
 from grok1.model import KVCache, transformed
-from grok1.sharding import record_splits
-from grok1.stacking import HostStack, stack_layers, unstack_layers
-
-if TYPE_CHECKING:
-    from grok1.inspect import Trace
+from grok1.runtime.compiling import jit
+from grok1.tokenizer import Tokenizer
+from grok1.weights.layout import record_splits, to_compute_layout, to_official
+from grok1.weights.stacking import HostStack, stack_layers, unstack_layers
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TOKENIZER_FILE = "tokenizer.model"
@@ -49,7 +49,6 @@ def resolve_mesh(mesh: Any) -> Optional[jax.sharding.Mesh]:
     if mesh is None or isinstance(mesh, jax.sharding.Mesh):
         return mesh
     if isinstance(mesh, str):
-        from grok1.sharding import make_mesh
         return make_mesh(mesh)
     raise TypeError(f"mesh must be a jax.sharding.Mesh, a spec string such as '1x8' or "
                     f"'data=2,model=4', or None for one device; got {type(mesh).__name__}")
@@ -57,7 +56,6 @@ def resolve_mesh(mesh: Any) -> Optional[jax.sharding.Mesh]:
 
 def resolve_config(config: Any) -> Optional[ModelConfig]:
     """A ModelConfig, a PRESETS name, or None (the checkpoint's config.json is read)."""
-    from grok1.config import PRESETS
     if config is None or isinstance(config, ModelConfig):
         return config
     if isinstance(config, str):
@@ -72,9 +70,9 @@ def resolve_config(config: Any) -> Optional[ModelConfig]:
 class Model:
     """A Grok-1-architecture model with its parameters placed on devices.
 
-    `params` is the Haiku params dict the model reads, in the compute layout of grok1/layout.py
+    `params` is the Haiku params dict the model reads, in the compute layout of grok1/weights/layout.py
     (every tensor in its stored dtype; linear weights as `LinearWeight`s), with the decoder
-    layers stacked (`transformer/decoder_layers/...`, see grok1/stacking.py). `dtype` is the
+    layers stacked (`transformer/decoder_layers/...`, see grok1/weights/stacking.py). `dtype` is the
     compute dtype, `mesh` the device mesh or None for one device, `tokenizer` optional.
     """
 
@@ -86,7 +84,6 @@ class Model:
 
     @functools.cached_property
     def _forward(self):
-        from grok1.rows import on_mesh
         return jit(on_mesh(transformed(self.config, self.dtype).apply, self.mesh))
 
     def logits(self, tokens: Any) -> np.ndarray:
@@ -96,7 +93,6 @@ class Model:
         if self.mesh is None:
             logits, _ = self._forward(self.params, jnp.asarray(tokens))
             return np.asarray(logits, dtype=np.float32)
-        from grok1.sharding import activation_sharding, from_host, to_host
         # Rows split over the data axis; with several processes every process passes the same
         # tokens and receives all the logits.
         logits, _ = self._forward(self.params, from_host(
@@ -119,8 +115,7 @@ class Model:
         """Forward pass on int tokens [B, T] recording, per layer, the router probabilities and
         chosen experts, expert load, attention logits before/after the cap and the residual RMS
         (see grok1.inspect)."""
-        from grok1.inspect import trace
-        return trace(self, tokens)
+        return inspect.trace(self, tokens)
 
     def check_tokens(self, tokens: Any) -> np.ndarray:
         """tokens as an int32 [B, T] array, or ValueError naming what is wrong and what is allowed."""
@@ -149,16 +144,14 @@ class Model:
 
     def generate(self, prompts: Any, **settings: Any) -> list:
         """Complete a batch of prompts (strings or lists of token ids) -> list of
-        `sampler.Completion`. Settings: max_new_tokens, temperature, top_p, top_k,
+        `Completion` (grok1/generation/requests.py). Settings: max_new_tokens, temperature, top_p, top_k,
         frequency_penalty, presence_penalty, seed (None: fresh), stop, logprobs, strict, slots
-        (see grok1/sampler.py). Text prompts start with BOS when `config.add_bos`."""
-        from grok1 import sampler
-        return sampler.generate(self, prompts, **settings)
+        (see grok1/generation/settings.py). Text prompts start with BOS when `config.add_bos`."""
+        return generation.generate(self, prompts, **settings)
 
     def stream(self, prompt: Any, **settings: Any):
-        """Complete one prompt, yielding `sampler.Delta`s (.text, .token_ids) as tokens arrive."""
-        from grok1 import sampler
-        return sampler.stream(self, prompt, **settings)
+        """Complete one prompt, yielding `Delta`s (.text, .token_ids) as tokens arrive."""
+        return generation.stream(self, prompt, **settings)
 
 
 def load(path: str | os.PathLike, *, mesh: Optional[jax.sharding.Mesh | str] = None, dtype: Any = None,
@@ -168,7 +161,7 @@ def load(path: str | os.PathLike, *, mesh: Optional[jax.sharding.Mesh | str] = N
 
     `dtype` is the compute dtype: "float32", "bfloat16", a jnp dtype, or None for the platform
     default (float32 on CPU, bfloat16 on accelerators); the weights stay as stored whatever it
-    is (int8 and bfloat16 in the release: resident at the checkpoint's size, grok1/layout.py).
+    is (int8 and bfloat16 in the release: resident at the checkpoint's size, grok1/weights/layout.py).
     `mesh` shards the parameters over its devices; None keeps them on one device.
     `config` (a ModelConfig or a PRESETS name) replaces `config.json`, e.g. for the release,
     which ships none. The checkpoint is validated (files, shapes, dtypes, memory per device)
@@ -197,6 +190,5 @@ def load(path: str | os.PathLike, *, mesh: Optional[jax.sharding.Mesh | str] = N
     tok = None
     tokenizer_path = tokenizer or os.path.join(path, TOKENIZER_FILE)
     if tokenizer is not None or os.path.isfile(tokenizer_path):
-        from grok1.tokenizer import Tokenizer
         tok = Tokenizer(tokenizer_path, vocab_size=config.vocab_size)
     return Model(config=config, params=params, dtype=compute_dtype, mesh=mesh, tokenizer=tok)

@@ -1,126 +1,80 @@
 """Look inside Grok-1: what the parameters weigh (`describe`) and what the layers do (`trace`).
 
-Both read the model code itself. `describe` walks the parameter tree of `grok1.model` and the
-sharding table of `grok1.sharding`; `trace` runs the real forward pass under
+Both read the model code itself. `describe` walks the parameter tree of `grok1.model`, stored as
+the release stores it (grok1/params.py) and split by the mesh's table (grok1/mesh.py); `trace` runs the real forward pass under
 `hk.experimental.intercept_methods`, one layer after another (the per-layer form of
-grok1/stacking.py), recording what `Router.__call__`,
+grok1/weights/stacking.py), recording what `Router.__call__`,
 `MultiHeadAttention.attention_logits` and `DecoderLayer.__call__` return, and summarises it on
 the device (only per-layer statistics, router probabilities and the final logits come back).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
 import os
-import re
 from typing import Any, Optional
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AbstractMesh
 
 from grok1 import model as model_lib
-from grok1.compiling import jit
 from grok1.config import ModelConfig
-from grok1.model import (DecoderLayer, LanguageModel, MultiHeadAttention, Router, attention_context,
-                         cap_attention_logits, forward, param_shapes)
-from grok1.rows import on_mesh
-from grok1.stacking import unstack_layers
+from grok1.mesh import MESH_AXES, activation_sharding, from_host, on_mesh, parse_mesh_spec, to_host
+from grok1.model import (ComputeOptions, DecoderLayer, LanguageModel, MultiHeadAttention, Router,
+                         attention_context, cap_attention_logits, forward, param_shapes)
+from grok1.params import LAYER_ORDER, component, layer_index, layer_module, official_layer, release_storage
+from grok1.runtime.compiling import jit
+from grok1.weights.placement import param_sharding, release_structs
+from grok1.weights.stacking import unstack_layers
 
-# Storage of the release: int8 linear weights with bfloat16 block scales, bfloat16 embeddings and
-# norm scales, a float32 router.
-RELEASE_SCALE_BLOCKS = {"attention/linear": 8, "moe/linear_1": 8}  # all other linear weights: 1
 BYTES = {"int8": 1, "bfloat16": 2, "float32": 4}
 CAP_CHANGE = 0.01  # a logit counts as "changed by the cap" when capping moves it by more than 1%
 
 
 # ---- describe ---------------------------------------------------------------------------------
 
-def _layer_of(module: str) -> Optional[int]:
-    match = re.search(r"decoder_layer_(\d+)", module)
-    return int(match.group(1)) if match else None
-
-
-# A decoder layer's modules in the order the forward pass uses them.
-LAYER_ORDER = ("rms_norm", "multi_head_attention/query", "multi_head_attention/key",
-               "multi_head_attention/value", "multi_head_attention/linear", "rms_norm_1",
-               "rms_norm_2", "router", "moe/linear", "moe/linear_v", "moe/linear_1", "rms_norm_3")
-
-
 def _forward_order(module: str) -> tuple:
     """Embedding first, then the layers in numeric order (modules in forward order), final norm last."""
-    layer = _layer_of(module)
+    layer = official_layer(module)
     if layer is not None:
-        inner = module.split(f"decoder_layer_{layer}/", 1)[1]
-        return (1, layer, LAYER_ORDER.index(inner) if inner in LAYER_ORDER else len(LAYER_ORDER), module)
+        index, inner = layer
+        return (1, index, LAYER_ORDER.index(inner) if inner in LAYER_ORDER else len(LAYER_ORDER), module)
     return (0 if module.endswith("in_out_embed") else 2, 0, 0, module)
 
 
-def _component(module: str) -> str:
-    parts = module.split("/")
-    if parts[-1] == "in_out_embed":
-        return "embeddings"
-    if parts[-1] == "router":
-        return "router"
-    if "moe" in parts:
-        return "experts"
-    if "multi_head_attention" in parts:
-        return "attention"
-    return "norms"
-
-
-def _scale_blocks(module: str, n_in: int) -> int:
-    """Scale blocks of an int8 weight as in the release (8 where the input axis allows it)."""
-    kind = "/".join(module.split("/")[-2:]).replace("multi_head_attention", "attention")
-    blocks = RELEASE_SCALE_BLOCKS.get(kind, 1)
-    return blocks if n_in % blocks == 0 else 1
-
-
 def _tensor(module: str, param: str, shape: tuple[int, ...]) -> dict[str, Any]:
-    """One parameter with its storage in the release layout."""
-    component = _component(module)
+    """One parameter with its storage in the release (grok1/params.py, `release_storage`)."""
+    storage = release_storage(module, param, shape)
     count = math.prod(shape)
     entry: dict[str, Any] = {"module": module, "param": param, "shape": list(shape),
-                             "component": component, "count": count}
-    if component in ("attention", "experts"):
-        blocks = _scale_blocks(module, shape[-2])
-        scales = [*shape[:-2], blocks, shape[-1]]
-        entry.update(dtype="int8", scales_shape=scales, scales_dtype="bfloat16",
-                     bytes=count * BYTES["int8"] + math.prod(scales) * BYTES["bfloat16"])
-    else:
-        dtype = "float32" if component == "router" else "bfloat16"
-        entry.update(dtype=dtype, bytes=count * BYTES[dtype])
+                             "component": component(module), "count": count, "dtype": storage.dtype.name}
+    nbytes = count * storage.dtype.itemsize
+    if storage.quantized:
+        entry.update(scales_shape=list(storage.scales_shape), scales_dtype=storage.scales_dtype.name)
+        nbytes += math.prod(storage.scales_shape) * storage.scales_dtype.itemsize
+    entry["bytes"] = nbytes
     return entry
 
 
-def _bytes_per_device(tensors: list[dict[str, Any]], mesh_spec: str) -> dict[str, Any]:
-    """Bytes each device holds, from the shard shapes `grok1.sharding` gives every tensor.
-
-    Uses an abstract mesh (axis sizes only), so no devices are needed.
-    """
-    from jax.sharding import AbstractMesh
-
-    from grok1.quant import QuantizedWeight8bit
-    from grok1.sharding import MESH_AXES, param_sharding, parse_mesh_spec
-
+def _bytes_per_device(shapes: dict, tensors: list[dict[str, Any]], mesh_spec: str) -> dict[str, Any]:
+    """Bytes each device holds of the release-stored parameters, from the shard shapes their
+    shardings give (grok1/weights/placement.py). An abstract mesh (axis sizes only): no devices
+    needed."""
     sizes = parse_mesh_spec(mesh_spec)
     mesh = AbstractMesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES)
     per_device = 0
     by_component: dict[str, int] = {}
+    structs = release_structs(shapes)
     for t in tensors:
-        weight = jax.ShapeDtypeStruct(tuple(t["shape"]), jnp.dtype(t["dtype"]))
-        if "scales_shape" in t:
-            scales = jax.ShapeDtypeStruct(tuple(t["scales_shape"]), jnp.bfloat16)
-            sharding = param_sharding(mesh, t["module"], t["param"], QuantizedWeight8bit(weight, scales))
-            nbytes = (math.prod(sharding.weight.shard_shape(weight.shape)) * BYTES["int8"]
-                      + math.prod(sharding.scales.shard_shape(scales.shape)) * BYTES["bfloat16"])
-        else:
-            sharding = param_sharding(mesh, t["module"], t["param"], weight)
-            nbytes = math.prod(sharding.shard_shape(weight.shape)) * BYTES[t["dtype"]]
+        struct = structs[t["module"]][t["param"]]
+        sharding = param_sharding(mesh, t["module"], t["param"], struct)
+        nbytes = sum(math.prod(s.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
+                     for a, s in zip(jax.tree_util.tree_leaves(struct), jax.tree_util.tree_leaves(sharding)))
         per_device += nbytes
         by_component[t["component"]] = by_component.get(t["component"], 0) + nbytes
     return {"spec": mesh_spec, "axes": sizes, "devices": math.prod(sizes.values()),
@@ -143,7 +97,7 @@ def describe(config: ModelConfig, mesh_spec: Optional[str] = None) -> dict[str, 
                 "bytes": sum(t["bytes"] for t in selected), "params_by_component": by_component}
 
     c = config
-    layer_0 = [t for t in tensors if _layer_of(t["module"]) == 0]
+    layer_0 = [t for t in tensors if layer_index(t["module"]) == 0]
     per_layer = totals(layer_0)
     total = totals(tensors)
     active = dict(total["params_by_component"])
@@ -183,7 +137,7 @@ def describe(config: ModelConfig, mesh_spec: Optional[str] = None) -> dict[str, 
                                          for dtype in ("bfloat16", "float32")},
                      "bytes_per_sequence_bfloat16": kv_per_token * BYTES["bfloat16"] * c.sequence_len,
                      "counted": "keys and values of every layer (2 x layers x kv heads x key size)"},
-        "mesh": _bytes_per_device(tensors, mesh_spec or "1x1"),
+        "mesh": _bytes_per_device(shapes, tensors, mesh_spec or "1x1"),
     }
 
 
@@ -217,11 +171,11 @@ def format_description(d: dict[str, Any]) -> str:
                 f"{t['bytes']:,}")
 
     for t in d["tensors"]:
-        layer = _layer_of(t["module"])
+        layer = layer_index(t["module"])
         if layer is None:
             rows.append(row(t, t["module"]))
         elif layer == 0:
-            rows.append(row(t, t["module"].replace("decoder_layer_0", "decoder_layer_{i}")))
+            rows.append(row(t, t["module"].replace(layer_module(0), layer_module("{i}"))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"Grok-1 architecture: {layers} layers, d={c['emb_size']}, {c['num_q_heads']} query / "
              f"{c['num_kv_heads']} kv heads of {c['key_size']}, {c['num_experts']} experts "
@@ -313,7 +267,7 @@ def _interceptor(records: dict[str, Any]):
     def intercept(next_fun, args, kwargs, context):
         out = next_fun(*args, **kwargs)
         module, method = context.module, context.method_name
-        layer = _layer_of(module.module_name)
+        layer = layer_index(module.module_name)
         if isinstance(module, Router) and method == "__call__":
             records[f"router_probs/{layer}"] = out
         elif isinstance(module, MultiHeadAttention) and method == "attention_logits":
@@ -343,27 +297,18 @@ def _logit_stats(logits: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
             "capped_fraction": jnp.sum(changed & visible) / count}
 
 
-@contextlib.contextmanager
-def _plain_attention(keys: int):
-    """While tracing: attention over `keys` keys takes the plain path, whose `attention_logits`
-    (all [T, S] of them) the trace summarises, not the blocked one of long prompts."""
-    saved = model_lib.ATTENTION_KEY_BLOCK
-    model_lib.ATTENTION_KEY_BLOCK = max(saved, keys)
-    try:
-        yield
-    finally:
-        model_lib.ATTENTION_KEY_BLOCK = saved
-
-
 @functools.lru_cache(maxsize=8)
 def _traced_apply(config: ModelConfig, dtype, mesh: Optional[jax.sharding.Mesh] = None):
     """jit of the model's forward pass that also returns per-layer summaries, traced with `mesh`
-    in context as the model's own steps are (grok1/rows.py)."""
+    in context as the model's own steps are (grok1/mesh.py)."""
 
     def traced(tokens: jax.Array):
         records: dict[str, Any] = {}
-        with hk.experimental.intercept_methods(_interceptor(records)), _plain_attention(tokens.shape[1]):
-            logits, _ = forward(config, dtype, tokens, unroll_layers=True)
+        # Attention over all keys at once, not in blocks, whatever the prompt's length: the trace
+        # summarises `attention_logits`, all [T, S] of them.
+        plain = ComputeOptions(attention_key_block=max(model_lib.ATTENTION_KEY_BLOCK, tokens.shape[1]))
+        with hk.experimental.intercept_methods(_interceptor(records)):
+            logits, _ = forward(config, dtype, tokens, unroll_layers=True, options=plain)
         missing = [name for name in ("router_probs", "attention_logits", "residual")
                    if f"{name}/0" not in records]
         if missing or "embedding" not in records:
@@ -381,7 +326,7 @@ def _traced_apply(config: ModelConfig, dtype, mesh: Optional[jax.sharding.Mesh] 
 
     apply = hk.without_apply_rng(hk.transform(traced)).apply
     # One layer at a time, under the official names: stacked layers are taken apart inside the
-    # program (grok1/stacking.py), so no copy of the weights is ever made outside it.
+    # program (grok1/weights/stacking.py), so no copy of the weights is ever made outside it.
     return jit(on_mesh(lambda params, tokens: apply(unstack_layers(params), tokens), mesh))
 
 
@@ -394,7 +339,6 @@ def trace(model: Any, tokens: Any) -> Trace:
         logits, embedding_rms, layers = jax.tree_util.tree_map(np.asarray, outputs)
     else:
         # Like Model.logits: rows split over the data axis, every process receives everything.
-        from grok1.sharding import activation_sharding, from_host, to_host
         outputs = apply(model.params, from_host(tokens, activation_sharding(model.mesh, "tokens",
                                                                             tokens.shape)))
         logits, embedding_rms, layers = jax.tree_util.tree_map(to_host, outputs)

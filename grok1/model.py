@@ -8,7 +8,7 @@
 
 Module and parameter names are the official checkpoint's (`transformer/decoder_layer_3/moe/linear_v`
 ...), so a checkpoint maps 1:1 onto the parameter tree. The model also reads that tree with the
-layers stacked along a leading axis (`transformer/decoder_layers/moe/linear_v`, grok1/stacking.py):
+layers stacked along a leading axis (`transformer/decoder_layers/moe/linear_v`, grok1/params.py):
 then one layer body runs num_layers times (`jax.lax.scan`), and a program compiles one layer
 whatever the depth. Shapes: L layers, B batch, T new tokens, S keys
 (cache length), d emb_size, H query heads, N kv heads, G = H/N, K key_size, E experts, f ffn_size.
@@ -24,12 +24,12 @@ import jax
 import jax.numpy as jnp
 
 from grok1.config import ModelConfig
-from grok1 import experts as expert_kernels
-from grok1.kernels import attention_over_cache, linear, split_like_cache, table_rows, times_table
-from grok1.layout import LinearWeight
-from grok1.quant import Weight, precision
-from grok1.rows import split_rows
-from grok1.stacking import LAYERS_MODULE, has_stacked_layers, layer_module, layer_of
+from grok1.kernels import attention_over_cache, linear, moe, precision, table_rows, times_table
+from grok1.mesh import activation_sharding, split_like_cache, split_rows
+from grok1.params import LAYERS_MODULE, has_stacked_layers, layer_module
+from grok1.weights.layout import LinearWeight
+from grok1.weights.quant import Weight
+from grok1.weights.stacking import layer_of
 
 RMS_NORM_EPS = 1e-5
 ROPE_BASE = 10000.0
@@ -37,6 +37,19 @@ ATTN_LOGIT_CAP = 30.0
 MASKED_LOGIT = -1e30
 ATTENTION_KEY_BLOCK = 1024  # prompts attend to more keys than this in blocks of it (bounded memory)
 MOE_TOKEN_CHUNK = 1024      # longer prompts run their experts about this many tokens at a time
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeOptions:
+    """How the model computes, as named choices that do not change what it computes.
+
+    `expert_product`: the official tree's grouped expert product (grok1.kernels.GROUPED_PRODUCTS;
+    training takes "blocked"). `attention_key_block`: prompts attending to more keys than this do
+    so in blocks of it (None: ATTENTION_KEY_BLOCK, read when the step is traced; `trace` asks for
+    the plain path, whose [T, S] logits it summarises)."""
+
+    expert_product: str = "ragged_dot"
+    attention_key_block: Optional[int] = None
 
 
 # ---- KV cache ---------------------------------------------------------------------------------
@@ -63,6 +76,14 @@ class KVCache:
                  config.key_size)
         return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
                    valid=jnp.zeros(shape[1:3], bool), length=jnp.zeros((batch,), jnp.int32))
+
+    def sharding(self, mesh: jax.sharding.Mesh) -> "KVCache":
+        """This cache's NamedShardings on `mesh` (of a cache or its abstract shape): rows over
+        data, then kv heads over the remaining mesh axes (grok1/mesh.py, ACTIVATION_AXES)."""
+        return KVCache(keys=activation_sharding(mesh, "cache_kv", self.keys.shape),
+                       values=activation_sharding(mesh, "cache_kv", self.values.shape),
+                       valid=activation_sharding(mesh, "cache_valid", self.valid.shape),
+                       length=activation_sharding(mesh, "cache_length", self.length.shape))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +127,7 @@ class RMSNorm(hk.Module):
 
 
 class Linear(hk.Module):
-    """`x @ w` without bias; `w` int8 with block scales as stored, or float (grok1/kernels.py)."""
+    """`x @ w` without bias; `w` int8 with block scales as stored, or float (grok1/kernels)."""
 
     def __init__(self, output_size: int, dtype, name: str):
         super().__init__(name=name)
@@ -119,7 +140,7 @@ class Linear(hk.Module):
 
 
 def get_weight(name: str, shape: list[int]) -> Weight | LinearWeight:
-    """A linear weight [in, out] from the checkpoint (in the compute layout of grok1/layout.py
+    """A linear weight [in, out] from the checkpoint (in the compute layout of grok1/weights/layout.py
     once loaded); a random float array at init."""
     fan_in = shape[-2]
     init = hk.initializers.TruncatedNormal(stddev=fan_in ** -0.5)
@@ -149,10 +170,12 @@ def cap_attention_logits(logits: jax.Array) -> jax.Array:
 class MultiHeadAttention(hk.Module):
     """Grouped-query attention: H query heads read N kv heads in contiguous groups of G."""
 
-    def __init__(self, config: ModelConfig, dtype, name: str = "multi_head_attention"):
+    def __init__(self, config: ModelConfig, dtype, options: ComputeOptions = ComputeOptions(),
+                 name: str = "multi_head_attention"):
         super().__init__(name=name)
         self.config = config
         self.dtype = dtype
+        self.options = options
 
     def __call__(self, x: jax.Array, ctx: AttentionContext, layer: jax.Array | int
                  ) -> tuple[jax.Array, Optional[tuple[jax.Array, jax.Array]]]:
@@ -188,11 +211,11 @@ class MultiHeadAttention(hk.Module):
         mask [B, T, S] -> [B, T, N, G, K] float32."""
         # Attention runs in float32 on the (possibly bfloat16-cached) keys and values: the
         # official model's softmax weights and weighted sum were never rounded (docs/ARCHITECTURE.md);
-        # its products ask for full float32 (accelerators would use TensorFloat-32: quant.precision).
+        # its products ask for full float32 (accelerators would use TensorFloat-32: kernels.precision).
         k, v = k.astype(jnp.float32), v.astype(jnp.float32)
-        if q.shape[1] > 1 and k.shape[1] > ATTENTION_KEY_BLOCK:  # long prompt: never hold all [T, S] logits
-            return attention_in_blocks(q, k, v, mask, self.config.attn_output_multiplier,
-                                       ATTENTION_KEY_BLOCK)
+        block = self.options.attention_key_block or ATTENTION_KEY_BLOCK
+        if q.shape[1] > 1 and k.shape[1] > block:  # long prompt: never hold all [T, S] logits
+            return attention_in_blocks(q, k, v, mask, self.config.attn_output_multiplier, block)
         logits = self.attention_logits(q, k)                                # [B, N, G, T, S]
         logits = cap_attention_logits(logits)
         logits = jnp.where(mask[:, None, None, :, :], logits, MASKED_LOGIT)
@@ -312,12 +335,14 @@ class Router(hk.Module):
 class MoELayer(hk.Module):
     """Top-k experts per token, each `(gelu(x @ linear) * (x @ linear_v)) @ linear_1`, weighted by
     its router probability as is (not renormalised). Only the chosen experts are computed
-    (grok1/experts.py)."""
+    (grok1/kernels/experts.py)."""
 
-    def __init__(self, config: ModelConfig, dtype, name: str = "moe"):
+    def __init__(self, config: ModelConfig, dtype, options: ComputeOptions = ComputeOptions(),
+                 name: str = "moe"):
         super().__init__(name=name)
         self.config = config
         self.dtype = dtype
+        self.options = options
 
     def __call__(self, x: jax.Array, router_probs: jax.Array) -> jax.Array:
         c = self.config
@@ -331,8 +356,8 @@ class MoELayer(hk.Module):
 
         def chosen_experts(x, gates, experts):  # [B, t, ...] -> [B, t, d]
             B, t, _ = x.shape
-            out = expert_kernels.moe(x.reshape(B * t, d), gates.reshape(B * t, k),
-                                     experts.reshape(B * t, k), (w_gate, w_up, w_down), self.dtype)
+            out = moe(x.reshape(B * t, d), gates.reshape(B * t, k), experts.reshape(B * t, k),
+                      (w_gate, w_up, w_down), self.dtype, self.options.expert_product)
             return out.reshape(B, t, d)
 
         positions = max(1, MOE_TOKEN_CHUNK // B)  # per chunk: about MOE_TOKEN_CHUNK tokens of B rows
@@ -375,24 +400,28 @@ class DecoderLayer(hk.Module):
     body of all layers (parameters [L, ...], one layer picked per step); `decoder_layer_{i}` is
     layer i."""
 
-    def __init__(self, config: ModelConfig, dtype, name: str = LAYERS_MODULE):
+    def __init__(self, config: ModelConfig, dtype, options: ComputeOptions = ComputeOptions(),
+                 name: str = LAYERS_MODULE):
         super().__init__(name=name)
         self.config = config
         self.dtype = dtype
+        self.options = options
 
     def __call__(self, h: jax.Array, ctx: AttentionContext, layer: jax.Array | int
                  ) -> tuple[jax.Array, Optional[tuple[jax.Array, jax.Array]]]:
-        attn, kv = MultiHeadAttention(self.config, self.dtype)(RMSNorm(name="rms_norm")(h), ctx, layer)
+        attention = MultiHeadAttention(self.config, self.dtype, self.options)
+        attn, kv = attention(RMSNorm(name="rms_norm")(h), ctx, layer)
         h = h + RMSNorm(name="rms_norm_1")(attn)
 
         x = RMSNorm(name="rms_norm_2")(h)
         router_probs = Router(self.config)(x)
-        h = h + RMSNorm(name="rms_norm_3")(MoELayer(self.config, self.dtype)(x, router_probs))
+        moe_out = MoELayer(self.config, self.dtype, self.options)(x, router_probs)
+        h = h + RMSNorm(name="rms_norm_3")(moe_out)
         return h, kv
 
 
 class Transformer(hk.Module):
-    """The stack of decoder layers, in either of the two parameter forms of grok1/stacking.py.
+    """The stack of decoder layers, in either of the two parameter forms of grok1/weights/stacking.py.
 
     Stacked (`transformer/decoder_layers/...`, [L, ...] each): one layer body run num_layers
     times by `jax.lax.scan`, so XLA compiles the body once whatever the depth. The residual
@@ -402,11 +431,13 @@ class Transformer(hk.Module):
     training, and what `grok1.inspect` records layer by layer).
     """
 
-    def __init__(self, config: ModelConfig, dtype, unroll: bool = False, name: str = "transformer"):
+    def __init__(self, config: ModelConfig, dtype, unroll: bool = False,
+                 options: ComputeOptions = ComputeOptions(), name: str = "transformer"):
         super().__init__(name=name)
         self.config = config
         self.dtype = dtype
         self.unroll = unroll
+        self.options = options
 
     def __call__(self, h: jax.Array, ctx: AttentionContext
                  ) -> tuple[jax.Array, Optional[tuple[jax.Array, jax.Array]]]:
@@ -419,15 +450,16 @@ class Transformer(hk.Module):
                 ctx, cache=dataclasses.replace(ctx.cache, keys=kv[0], values=kv[1]))
 
         # On a mesh the residual stream stays split by rows over `data`, each row whole, in and
-        # out of every layer (grok1/rows.py).
+        # out of every layer (grok1/mesh.py).
         if self.unroll:
             for i in range(num_layers):
-                h, kv = DecoderLayer(self.config, self.dtype, name=layer_module(i))(
+                h, kv = DecoderLayer(self.config, self.dtype, self.options, name=layer_module(i))(
                     split_rows(h), with_cache(kv), i)
             return split_rows(h), kv
 
         def one_layer_body(h, kv, index):
-            h, kv = DecoderLayer(self.config, self.dtype)(split_rows(h), with_cache(kv), index)
+            decoder = DecoderLayer(self.config, self.dtype, self.options)
+            h, kv = decoder(split_rows(h), with_cache(kv), index)
             return split_rows(h), kv
 
         layer = hk.transform(one_layer_body)
@@ -487,17 +519,18 @@ class InOutEmbed(hk.Module):
 # ---- the whole forward pass -------------------------------------------------------------------
 
 def forward(config: ModelConfig, dtype, tokens: jax.Array, cache: Optional[KVCache] = None,
-            logits_at: Optional[jax.Array] = None, unroll_layers: bool = False
-            ) -> tuple[jax.Array, Optional[KVCache]]:
+            logits_at: Optional[jax.Array] = None, unroll_layers: bool = False,
+            options: ComputeOptions = ComputeOptions()) -> tuple[jax.Array, Optional[KVCache]]:
     """tokens [B, T] -> (logits, updated cache). Call inside `hk.transform`.
 
     logits are [B, T, V], or [B, V] at position `logits_at[b]` of each row when given (decoding
     needs only the last real position, and skipping the rest saves the 131072-wide projection).
     With a cache, every row's length advances by T; callers with right-padded rows set `length`.
     `unroll_layers` says the params hold the layers per layer, not stacked (see Transformer).
+    `options` says how to compute (ComputeOptions); the result is the same whatever they are.
     """
     lm = LanguageModel(config, dtype)
-    transformer = Transformer(config, dtype, unroll=unroll_layers)
+    transformer = Transformer(config, dtype, unroll=unroll_layers, options=options)
     ctx = attention_context(tokens, config.pad_token, cache)
     h = lm.embed(tokens)
     h, kv = transformer(h, ctx)
@@ -510,17 +543,19 @@ def forward(config: ModelConfig, dtype, tokens: jax.Array, cache: Optional[KVCac
     return logits, cache
 
 
-def transformed(config: ModelConfig, dtype=jnp.float32) -> hk.Transformed:
+def transformed(config: ModelConfig, dtype=jnp.float32, options: ComputeOptions = ComputeOptions()
+                ) -> hk.Transformed:
     """`hk.transform` of `forward` for this config and compute dtype (no RNG needed at apply).
 
     `init` gives the official tree, one module per layer as a checkpoint holds it; `apply` takes
-    it or its stacked form (grok1/stacking.py) and runs the layers the way that form is made for:
-    scanned when stacked, unrolled otherwise.
+    it or its stacked form (grok1/weights/stacking.py) and runs the layers the way that form is
+    made for: scanned when stacked, unrolled otherwise. `options`: ComputeOptions (training picks
+    the "blocked" grouped expert product).
     """
     def model_fn(unroll: bool):
         return hk.without_apply_rng(hk.transform(
             lambda tokens, cache=None, logits_at=None: forward(config, dtype, tokens, cache, logits_at,
-                                                               unroll)))
+                                                               unroll, options)))
 
     scanned, unrolled = model_fn(False), model_fn(True)
 

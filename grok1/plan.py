@@ -1,7 +1,7 @@
 """The full-size dry run: will a config fit a mesh of accelerators, without any weights?
 
 `make_plan` builds the parameter tree as abstract shapes in the release's storage (int8 weights
-with block scales, bfloat16 embeddings and norms), shards it with the table in `sharding.py`,
+with block scales, bfloat16 embeddings and norms), shards it with the table of `grok1/mesh.py`,
 and lowers and compiles the sharded prefill and decode steps with XLA on forced CPU devices
 (`--xla_force_host_platform_device_count`). It reports per-device bytes of
 
@@ -43,58 +43,19 @@ ACCELERATORS: dict[str, int] = {
     "B200 (192 GB) / MI300X (192 GB)": 192 * 10**9,
 }
 
-# int8 scale blocks per weight in the release: one block per shard of its 8-way model axis for
-# the row-parallel weights (attention output, moe linear_1), one block elsewhere.
-RELEASE_SCALE_BLOCKS = {"linear@attention": 8, "linear_1@moe": 8}
-QUANTIZED_PARAMS = ("query", "key", "value", "linear@attention", "linear@moe", "linear_v@moe", "linear_1@moe")
-
-
 def release_param_structs(config: ModelConfig) -> dict:
     """The parameter tree as ShapeDtypeStructs stored like the release: int8 + bf16 scales for the
-    linear weights, bf16 embeddings and norm scales, float32 router."""
-    import jax
-    import jax.numpy as jnp
+    linear weights, bf16 embeddings and norm scales, float32 router (grok1/params.py)."""
     from grok1.model import param_shapes
-    from grok1.quant import QuantizedWeight8bit
-    from grok1.sharding import param_kind
-
-    out: dict = {}
-    for module, group in param_shapes(config).items():
-        key = param_kind(module)
-        for name, struct in group.items():
-            shape = tuple(struct.shape)
-            if key in QUANTIZED_PARAMS:
-                blocks = RELEASE_SCALE_BLOCKS.get(key, 1)
-                blocks = blocks if shape[-2] % blocks == 0 else 1
-                value = QuantizedWeight8bit(
-                    weight=jax.ShapeDtypeStruct(shape, jnp.int8),
-                    scales=jax.ShapeDtypeStruct(shape[:-2] + (blocks, shape[-1]), jnp.bfloat16))
-            elif key == "router":
-                value = jax.ShapeDtypeStruct(shape, jnp.float32)
-            else:
-                value = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-            out.setdefault(module, {})[name] = value
-    return out
-
-
-def bytes_per_device(structs: Any, shardings: Any) -> int:
-    """Bytes the largest-loaded device holds of a tree of ShapeDtypeStructs under `shardings`."""
-    import jax
-    import numpy as np
-    total: dict[Any, int] = {}
-    for struct, sharding in zip(jax.tree_util.tree_leaves(structs), jax.tree_util.tree_leaves(shardings)):
-        itemsize = np.dtype(struct.dtype).itemsize
-        for device, index in sharding.devices_indices_map(tuple(struct.shape)).items():
-            n = math.prod(len(range(*s.indices(dim))) for s, dim in zip(index, struct.shape))
-            total[device] = total.get(device, 0) + n * itemsize
-    return max(total.values(), default=0)
+    from grok1.weights.placement import release_structs
+    return release_structs(param_shapes(config))
 
 
 def weight_bytes_per_device(config: ModelConfig, mesh: Mesh) -> int:
     """Bytes of the release-format parameters that each device holds under the sharding table."""
-    from grok1 import sharding as sh
+    from grok1.weights.placement import bytes_per_device, params_sharding
     params = release_param_structs(config)
-    return bytes_per_device(params, sh.params_sharding(mesh, params))
+    return bytes_per_device(params, params_sharding(mesh, params))
 
 
 def _with_sharding(structs: Any, shardings: Any) -> Any:
@@ -114,20 +75,20 @@ def compile_steps(config: ModelConfig, mesh: Mesh, *, batch: int, context: int, 
     seconds."""
     import jax
     import jax.numpy as jnp
-    from grok1 import sharding as sh
+    from grok1 import mesh as sh
     from grok1.model import KVCache, transformed
-    from grok1.layout import compute_layout_structs
-    from grok1.rows import on_mesh
-    from grok1.stacking import stack_layers
+    from grok1.weights.layout import compute_layout_structs
+    from grok1.weights.placement import params_sharding
+    from grok1.weights.stacking import stack_layers
 
-    # As grok1.load lays them out: the compute layout (grok1/layout.py), layers stacked.
+    # As grok1.load lays them out: the compute layout (grok1/weights/layout.py), layers stacked.
     params = compute_layout_structs(release_param_structs(config), mesh)
     if stacked:
         params = jax.eval_shape(stack_layers, params)
-    param_sh = sh.params_sharding(mesh, params)
+    param_sh = params_sharding(mesh, params)
     cache = jax.eval_shape(lambda: KVCache.zeros(config, batch, context, dtype))
-    cache_sh = sh.kv_cache_sharding(mesh, cache)
-    apply = on_mesh(transformed(config, dtype).apply, mesh)
+    cache_sh = cache.sharding(mesh)
+    apply = sh.on_mesh(transformed(config, dtype).apply, mesh)
 
     def step(params, tokens, cache, logits_at):
         return apply(params, tokens, cache, logits_at)
@@ -212,9 +173,10 @@ def expert_replication(config: ModelConfig, mesh: Mesh) -> dict[str, Any]:
     the ffn axis), each only where the sizes divide; a mesh axis that splits none of their axes
     holds a full copy per position along it, i.e. memory spent on copies rather than capacity.
     """
-    from grok1 import sharding as sh
+    from grok1.mesh import partition_spec
+    from grok1.params import PARAM_AXES
     shape = (config.num_experts, config.emb_size, config.ffn_size)
-    spec = sh.partition_spec(sh.PARAM_AXES["linear@moe"], shape, mesh)
+    spec = partition_spec(PARAM_AXES["linear@moe"], shape, mesh)
     used = {a for entry in spec if entry is not None for a in ((entry,) if isinstance(entry, str) else entry)}
     replicated = {axis: size for axis, size in mesh.shape.items() if size > 1 and axis not in used}
     copies = math.prod(replicated.values())
@@ -240,9 +202,10 @@ def make_plan(config: ModelConfig, mesh_spec: str, *, batch: int = 1, context: O
     """
     import jax
     import jax.numpy as jnp
-    from grok1 import sharding as sh
+    from grok1 import mesh as sh
     from grok1.inference import resolve_dtype
     from grok1.model import KVCache
+    from grok1.weights.placement import bytes_per_device
 
     if batch < 1:
         raise ValueError(f"batch must be a positive integer, got {batch}")
@@ -254,7 +217,7 @@ def make_plan(config: ModelConfig, mesh_spec: str, *, batch: int = 1, context: O
     size = math.prod(shape.values())
     if jax.device_count() < size:
         raise ValueError(f"mesh {mesh_spec!r} needs {size} devices but {jax.device_count()} are available; "
-                         f"call grok1.devices.force_cpu_devices({size}) (or set "
+                         f"call grok1.runtime.devices.force_cpu_devices({size}) (or set "
                          f"XLA_FLAGS=--xla_force_host_platform_device_count={size}) before JAX starts "
                          f"(run.py --plan and python -m grok1.plan do)")
     mesh = sh.make_mesh(shape, jax.devices()[:size])
@@ -262,7 +225,7 @@ def make_plan(config: ModelConfig, mesh_spec: str, *, batch: int = 1, context: O
 
     weights = weight_bytes_per_device(config, mesh)
     cache = jax.eval_shape(lambda: KVCache.zeros(config, batch, context, compute))
-    kv_cache = bytes_per_device(cache, sh.kv_cache_sharding(mesh, cache))
+    kv_cache = bytes_per_device(cache, cache.sharding(mesh))
     steps = compile_steps(config, mesh, batch=batch, context=context, dtype=compute)
     temporaries = {name: figures["temp"] for name, figures in steps.items()}
     decode_cost = decode_step_cost(config, mesh, batch=batch, context=context, dtype=compute)
@@ -359,10 +322,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
 
-    from grok1 import sharding
-    from grok1.devices import force_cpu_devices
+    from grok1 import mesh
+    from grok1.runtime.devices import force_cpu_devices
     try:
-        size = math.prod(sharding.parse_mesh_spec(args.mesh).values())
+        size = math.prod(mesh.parse_mesh_spec(args.mesh).values())
     except ValueError as e:
         parser.error(str(e))
     if args.cpu_devices is not None and args.cpu_devices < 1:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import json
 import math
 import os
@@ -25,16 +24,22 @@ import sys
 import sysconfig
 import tempfile
 import time
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
-from grok1 import checkpoint, experts, model
+from grok1 import checkpoint, model
 from grok1.config import ModelConfig
-from grok1.quant import quantize
+from grok1.inference import load
+from grok1.params import release_storage
+from grok1.weights.quant import quantize
+
+# Training multiplies the experts' rows with the "blocked" grouped product (grok1/kernels/xla.py,
+# `blocked_grouped_matmul`): on CPU jax.lax.ragged_dot computes every expert for every row. The
+# checkpoint's held-out loss is then re-measured through the unchanged inference path.
+TRAINING = model.ComputeOptions(expert_product="blocked")
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 HELDOUT_EVERY = 20           # document i is held out when i % 20 == 19
@@ -157,40 +162,6 @@ def next_token_loss(logits: np.ndarray, windows: np.ndarray) -> float:
 
 # ---- training ---------------------------------------------------------------------------------
 
-def blocked_grouped_matmul(xs: jax.Array, w, group_sizes: jax.Array, row_expert: jax.Array,
-                           dtype, block: int = 128) -> jax.Array:
-    """The same product as `experts.grouped_matmul` for float weights, faster on CPU.
-
-    On CPU `jax.lax.ragged_dot` computes every expert for every row (8x the work); here each
-    expert's rows are padded to whole blocks of `block` rows, each block is multiplied by its
-    expert's matrix in one batched matmul, and the padding is dropped again. Exact, no token dropped.
-    """
-    w = w.astype(dtype)
-    rows, num_experts = xs.shape[0], w.shape[0]
-    blocks = rows // block + num_experts
-    padded = (group_sizes + block - 1) // block * block
-    start = jnp.cumsum(group_sizes) - group_sizes
-    padded_start = jnp.cumsum(padded) - padded
-    dest = padded_start[row_expert] + jnp.arange(rows) - start[row_expert]          # [rows]
-    x_blocks = jnp.zeros((blocks * block, xs.shape[1]), xs.dtype).at[dest].set(xs)
-    block_expert = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(blocks) * block, side="right")
-    block_expert = jnp.minimum(block_expert, num_experts - 1)
-    out = jnp.einsum("nbi,nio->nbo", x_blocks.reshape(blocks, block, -1), w[block_expert])
-    return out.reshape(blocks * block, -1)[dest]
-
-
-@contextlib.contextmanager
-def fast_cpu_experts() -> Iterator[None]:
-    """Within this block the model's expert matmuls use `blocked_grouped_matmul` (training only;
-    the checkpoint's held-out loss is then re-measured through the unchanged inference path)."""
-    original = experts.grouped_matmul
-    experts.grouped_matmul = blocked_grouped_matmul
-    try:
-        yield
-    finally:
-        experts.grouped_matmul = original
-
-
 def init_params(config: ModelConfig, seed: int) -> dict:
     """Haiku's init of the model, with embeddings at std 1/sqrt(d) so that after the
     sqrt(d) input multiplier the residual stream starts at unit scale."""
@@ -207,7 +178,7 @@ def train(config: ModelConfig, stream: np.ndarray, *, steps: int, batch: int, le
     """AdamW (warmup + cosine decay, clipping) on random windows of the stream; float32 params."""
     import optax
 
-    fn = model.transformed(config, jnp.float32)
+    fn = model.transformed(config, jnp.float32, TRAINING)
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(100, steps // 10), steps,
                                                   learning_rate / 10)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0),
@@ -231,8 +202,7 @@ def train(config: ModelConfig, stream: np.ndarray, *, steps: int, batch: int, le
     for i in range(1, steps + 1):
         offsets = rng.integers(0, len(stream) - seq - 1, batch)
         windows = np.stack([stream[o:o + seq + 1] for o in offsets])
-        with fast_cpu_experts():
-            params, opt_state, loss = step(params, opt_state, jnp.asarray(windows))
+        params, opt_state, loss = step(params, opt_state, jnp.asarray(windows))
         losses.append(float(loss))
         if i % log_every == 0 or i == steps:
             elapsed = time.time() - start
@@ -248,12 +218,11 @@ def release_format(params: dict) -> dict:
     for module, values in params.items():
         for name, value in values.items():
             value = np.asarray(value, np.float32)
-            if name == "w" and not module.endswith("/router"):
-                stored = quantize(value, 1, scale_dtype=ml_dtypes.bfloat16)
-            elif name == "w":
-                stored = value
+            storage = release_storage(module, name, value.shape)
+            if storage.quantized:
+                stored = quantize(value, 1, scale_dtype=storage.scales_dtype)
             else:
-                stored = value.astype(ml_dtypes.bfloat16)
+                stored = value.astype(storage.dtype)
             out.setdefault(module, {})[name] = stored
     return out
 
@@ -329,7 +298,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     np.save(os.path.join(args.out, HELDOUT_FILE + ".tmp.npy"), windows)
     os.replace(os.path.join(args.out, HELDOUT_FILE + ".tmp.npy"), os.path.join(args.out, HELDOUT_FILE))
 
-    from grok1.inference import load
     shipped = load(args.out, dtype="float32")
     int8_loss = next_token_loss(shipped.logits(windows[:, :-1]), windows)
     metadata = {

@@ -15,10 +15,10 @@ import pytest
 
 from conftest import random_params, run_with_devices
 from grok1 import checkpoint
-from grok1.checkpoint import CheckpointError
+from grok1.checkpoint import CheckpointError, loading, reader
 from grok1.config import ModelConfig
-from grok1.progress import Progress
-from grok1.quant import QuantizedWeight8bit
+from grok1.runtime.progress import Progress
+from grok1.weights.quant import QuantizedWeight8bit
 
 TINY = ModelConfig(vocab_size=64, emb_size=32, num_layers=2, num_q_heads=4, num_kv_heads=2,
                    key_size=8, widening_factor=2, num_experts=4, num_selected_experts=2,
@@ -110,7 +110,7 @@ def test_fast_reader_matches_the_restricted_unpickler_on_golden_files(golden):
     for name in sorted(os.listdir(golden.path / "ckpt-0")):
         path = str(golden.path / "ckpt-0" / name)
         assert checkpoint.locate_tensor(path) is not None, f"{path} fell back to unpickling"
-        fast, slow = checkpoint.read_tensor(path), checkpoint._unpickle(path)
+        fast, slow = checkpoint.read_tensor(path), reader._unpickle(path)
         for a, b in ([(fast.weight, slow.weight), (fast.scales, slow.scales)]
                      if isinstance(fast, QuantizedWeight8bit) else [(fast, slow)]):
             assert same_bits(a, b), path
@@ -122,7 +122,7 @@ def test_read_box_reads_exactly_the_requested_slice(tmp_path):
     ref = checkpoint.locate_tensor(tmp_path / "t")
     for box in [(slice(1, 3),), (slice(None), slice(2, 4)), (slice(0, 4), slice(None), slice(5, 10)),
                 (slice(2, 3), slice(1, 5), slice(3, 4))]:
-        assert same_bits(checkpoint.read_box(ref, box), array[box])
+        assert same_bits(reader.read_box(ref, box), array[box])
 
 
 def test_unusual_pickle_layout_falls_back_to_the_restricted_unpickler(tmp_path):
@@ -136,7 +136,7 @@ def test_unusual_pickle_layout_falls_back_to_the_restricted_unpickler(tmp_path):
 
 SHARDED_LOAD = """
 import numpy as np, jax, grok1
-from grok1.sharding import make_mesh
+from grok1.mesh import make_mesh
 one = grok1.load({path!r}, dtype="float32", progress=False)
 eight = grok1.load({path!r}, dtype="float32", mesh=make_mesh("1x8"), progress=False)
 """
@@ -146,7 +146,7 @@ def test_golden_loads_sharded_over_8_devices_bit_exact_each_device_holding_its_p
     code = f"""
 import numpy as np, jax
 from grok1 import checkpoint
-from grok1.sharding import make_mesh
+from grok1.mesh import make_mesh
 config = checkpoint.read_config({str(golden.path)!r})
 one = checkpoint.load_params({str(golden.path)!r}, config, progress=False)
 eight = checkpoint.load_params({str(golden.path)!r}, config, mesh=make_mesh("1x8"), progress=False)
@@ -181,9 +181,9 @@ def test_load_places_every_tensor_on_one_device_without_a_mesh(tiny_checkpoint):
 
 
 def test_one_cpu_device_adopts_the_read_buffer_without_a_copy(tiny_checkpoint, monkeypatch):
-    read = checkpoint.read_box
+    read = loading.read_box
     buffers = []
-    monkeypatch.setattr(checkpoint, "read_box", lambda *a: buffers.append(read(*a)) or buffers[-1])
+    monkeypatch.setattr(loading, "read_box", lambda *a: buffers.append(read(*a)) or buffers[-1])
     params = checkpoint.load_params(tiny_checkpoint, TINY, workers=1, progress=False)
     weight = params["transformer/decoder_layer_0/moe/linear"]["w"].weight
     assert weight.unsafe_buffer_pointer() in {b.ctypes.data for b in buffers}
@@ -255,7 +255,7 @@ def test_refused_global_is_named_before_any_tensor_is_read(tiny_checkpoint, tmp_
     with open(tensor_file(path, last), "wb") as f:
         pickle.dump([np.zeros(10_000, np.int8), _RunsCode()], f, protocol=4)
     reads = []
-    monkeypatch.setattr(checkpoint, "read_box", lambda *a: reads.append(a))
+    monkeypatch.setattr(loading, "read_box", lambda *a: reads.append(a))
     with pytest.raises(CheckpointError, match=rf"tensor{last:05d}_000: refused pickle global "
                                               rf"(posix|os|nt)\.system"):
         checkpoint.load_params(path, TINY)
@@ -283,7 +283,7 @@ def test_config_with_another_width_is_refused_naming_the_parameter(tiny_checkpoi
 
 
 def test_too_little_memory_is_refused_with_needed_and_available(tiny_checkpoint, monkeypatch):
-    monkeypatch.setattr(checkpoint, "host_available_bytes", lambda: 1000)
+    monkeypatch.setattr(loading, "host_available_bytes", lambda: 1000)
     with pytest.raises(CheckpointError, match=r"needs [\d.]+ GB of host RAM .* only 0.00 GB is available"):
         checkpoint.load_params(tiny_checkpoint, TINY)
 
@@ -291,12 +291,13 @@ def test_too_little_memory_is_refused_with_needed_and_available(tiny_checkpoint,
 def test_memory_estimate_splits_parameters_over_the_mesh(tiny_checkpoint):
     code = f"""
 from grok1 import checkpoint
-from grok1.sharding import make_mesh
+from grok1.checkpoint import loading, reader
+from grok1.mesh import make_mesh
 from test_checkpoint import TINY
-checked = checkpoint.check_checkpoint(checkpoint.checkpoint_dir({tiny_checkpoint!r}), TINY)
+checked = reader.check_checkpoint(checkpoint.checkpoint_dir({tiny_checkpoint!r}), TINY)
 def per_device(mesh):
-    shardings = [checkpoint._sharding_for(mesh, c.spec, c.located) for c in checked]
-    return max(checkpoint.estimate_device_bytes(checked, shardings).values())
+    shardings = [loading._sharding_for(mesh, c.spec, c.located) for c in checked]
+    return max(loading.estimate_device_bytes(checked, shardings).values())
 print(per_device(None), per_device(make_mesh("1x2")))
 """
     env_path = os.path.dirname(__file__)
@@ -337,7 +338,7 @@ def test_convert_quantize_writes_an_int8_checkpoint_that_loads(tmp_path):
 
 def test_a_process_reads_only_the_box_around_its_devices_slices():
     quarter = [(slice(0, 2), slice(None)), (slice(2, 4), slice(None))]  # 2 of 8 row blocks
-    assert checkpoint._bounding_box(quarter, (16, 5)) == (slice(0, 4), slice(0, 5))
+    assert loading._bounding_box(quarter, (16, 5)) == (slice(0, 4), slice(0, 5))
 
 
 def test_progress_is_quiet_when_not_asked(capsys):
@@ -400,7 +401,7 @@ def test_located_arrays_are_checked_against_the_spec_before_their_data_is_read(t
     path = tmp_path / "t"
     checkpoint.write_tensor(path, np.zeros((4, 8), np.float32))
     reads = []
-    monkeypatch.setattr(checkpoint, "read_box", lambda *a: reads.append(a))
+    monkeypatch.setattr(reader, "read_box", lambda *a: reads.append(a))
     with pytest.raises(CheckpointError, match=r"parameter m/w .*expected shape \(8, 4\), found \(4, 8\)"):
         checkpoint.read_tensor(path, checkpoint.TensorSpec(0, "m", "w", (8, 4)))
     assert reads == []

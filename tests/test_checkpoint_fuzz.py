@@ -28,7 +28,7 @@ import pytest
 from grok1 import checkpoint
 from grok1.checkpoint import CheckpointError, TensorSpec
 from grok1.config import ModelConfig
-from grok1.quant import QuantizedWeight8bit
+from grok1.weights.quant import QuantizedWeight8bit
 
 from conftest import random_params
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from grok1 import compile_cache
+from grok1.runtime import compile_cache
 
 
 def test_default_folder_is_grok1_jax_under_the_user_cache(monkeypatch, tmp_path):

@@ -1,4 +1,4 @@
-"""grok1.compiling: the XLA options grok1's steps compile with."""
+"""grok1.runtime.compiling: the XLA options grok1's steps compile with."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import pytest
 
 import grok1
-from grok1 import compiling, sampler
-from grok1.compiling import CPU_OPTIONS, compiler_options
+from grok1.generation import steps
+from grok1.generation.runner import Runner
+from grok1.runtime import compiling
+from grok1.runtime.compiling import CPU_OPTIONS, compiler_options
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "small"
 
@@ -42,8 +44,8 @@ def test_the_decode_step_and_the_forward_compile_with_grok1s_options(monkeypatch
     """An option XLA refuses fails the compile: so these compiles do receive grok1's options."""
     model = grok1.load(SHIPPED, progress=False)
     monkeypatch.setattr(compiling, "compiler_options", lambda backend: {"xla_cpu_no_such_option": True})
-    runner = sampler.Runner(model, slots=1)
-    state = sampler.empty_state(model.config, model.dtype, 1)
+    runner = Runner(model, slots=1)
+    state = steps.empty_state(model.config, model.dtype, 1)
     with pytest.raises(Exception, match="xla_cpu_no_such_option"):
         runner.decode.lower(model.params, state).compile()
     with pytest.raises(Exception, match="xla_cpu_no_such_option"):

@@ -27,7 +27,7 @@ import json, os, sys
 from grok1 import distributed
 distributed.initialize()
 import jax, numpy as np, grok1
-from grok1.sharding import make_mesh
+from grok1.mesh import make_mesh
 
 path, steps = sys.argv[1], int(sys.argv[2])
 model = grok1.load(path, mesh=make_mesh("1x8"), dtype="float32")
@@ -51,7 +51,7 @@ import json, sys
 from grok1 import distributed
 distributed.initialize()
 import jax, grok1
-from grok1.sharding import make_mesh
+from grok1.mesh import make_mesh
 
 path = sys.argv[1]
 model = grok1.load(path, mesh=make_mesh("1x8"), dtype="float32")
@@ -265,10 +265,11 @@ def two_processes_report(worker: str, tag: str) -> list:
 
 def test_fresh_seeds_are_process_0s_draw_on_every_process():
     worker = ("import sys, json\n"
-              "from grok1 import distributed, sampler\n"
+              "from grok1 import distributed\n"
+              "from grok1.generation import settings\n"
               "distributed.initialize()\n"
               "import jax\n"
-              "agreed = sampler.draw_fresh_seeds(3)\n"
+              "agreed = settings.draw_fresh_seeds(3)\n"
               "sys.stdout.write('SEED ' + json.dumps([jax.process_index(), agreed]) + '\\n')\n"
               "sys.stdout.flush()\n")
     (_, agreed_0), (_, agreed_1) = two_processes_report(worker, "SEED")

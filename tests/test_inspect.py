@@ -12,9 +12,9 @@ import pytest
 import grok1
 from grok1.config import ModelConfig
 from grok1.inspect import describe, format_description, format_trace, plot_trace
-from grok1.layout import LinearWeight, to_official
 from grok1.model import transformed
-from grok1.quant import QuantizedWeight8bit
+from grok1.weights.layout import LinearWeight, to_official
+from grok1.weights.quant import QuantizedWeight8bit
 
 # d=256, 16 query heads over 8 kv heads of 16, 8 experts of ffn int(2*256)*2//3 = 341 -> 344.
 SMALL = ModelConfig(vocab_size=512, emb_size=256, num_layers=2, num_q_heads=16, num_kv_heads=8,
@@ -147,7 +147,7 @@ def _rope(x):  # [T, heads, K], positions 0..T-1, halves of the head dim rotate
 
 def numpy_forward(params: dict, c: ModelConfig, tokens: list[int]) -> list[dict]:
     """Per layer: router probs, top-k experts and residual RMS of one unpadded row, in numpy."""
-    from grok1.stacking import unstack_layers  # the official names, one module per layer
+    from grok1.weights.stacking import unstack_layers  # the official names, one module per layer
     p = {module: {name: _np(w) for name, w in group.items()}
          for module, group in unstack_layers(params).items()}
     T, H, N, K = len(tokens), c.num_q_heads, c.num_kv_heads, c.key_size
@@ -317,7 +317,7 @@ def test_architecture_doc_names_code_that_exists():
     paragraphs = [p for p in doc.split("\n\n") if p.startswith("Code:")]
     assert len(paragraphs) >= 10
     for paragraph in paragraphs:
-        files = ["grok1/model.py"] + re.findall(r"\]\(\.\./(grok1/\w+\.py)\)", paragraph)
+        files = ["grok1/model.py"] + re.findall(r"\]\(\.\./(grok1/[\w/]+\.py)\)", paragraph)
         assert all((repo / f).is_file() for f in files), paragraph
         modules = [importlib.import_module(f[:-3].replace("/", ".")) for f in files]
         namespaces = modules + [v for m in modules for v in vars(m).values() if isinstance(v, type)]

@@ -1,4 +1,4 @@
-"""The compute layout (grok1/layout.py: weights as stored, each a LinearWeight [.., chunks, out,
+"""The compute layout (grok1/weights/layout.py: weights as stored, each a LinearWeight [.., chunks, out,
 chunk]) computes what the official tree does, holds the checkpoint's bytes, and gives them back."""
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ import pytest
 
 import grok1
 from conftest import GOLDEN, require
-from grok1 import experts as expert_kernels, kernels, layout, model
+from grok1 import kernels, model
 from grok1.config import ModelConfig
-from grok1.layout import EmbeddingTable, LinearWeight, chunk_count, to_compute_layout, to_official
-from grok1.quant import QuantizedWeight8bit, quantize
+from grok1.kernels import experts as expert_kernels, platform, xla
+from grok1.weights import layout
+from grok1.weights.layout import EmbeddingTable, LinearWeight, chunk_count, to_compute_layout, to_official
+from grok1.weights.quant import QuantizedWeight8bit, quantize
 
 SMALL = ModelConfig(vocab_size=256, emb_size=64, num_q_heads=4, num_kv_heads=2, key_size=16,
                     num_layers=2, widening_factor=2, sequence_len=128)
@@ -106,13 +108,13 @@ def test_accelerators_multiply_int8_and_bfloat16_weights_in_bfloat16_with_the_sa
     weight = layout.to_linear_weight(stored, chunk_count(2048, 2))
     table = jnp.asarray(rng.normal(size=(48, 2048)), jnp.bfloat16)
     x = jnp.asarray(rng.normal(size=(rows, 2048)), jnp.float32)
-    on_cpu = (kernels.linear(x, weight, jnp.bfloat16), kernels.rows_times_transposed(x, table, jnp.bfloat16))
-    monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
-    assert kernels.product_dtype(jnp.int8, jnp.bfloat16) == jnp.bfloat16
-    assert kernels.product_dtype(jnp.bfloat16, jnp.bfloat16) == jnp.bfloat16
-    assert kernels.product_dtype(jnp.int8, jnp.float32) == jnp.float32
-    assert kernels.product_dtype(jnp.float32, jnp.bfloat16) == jnp.float32
-    on_gpu = (kernels.linear(x, weight, jnp.bfloat16), kernels.rows_times_transposed(x, table, jnp.bfloat16))
+    on_cpu = (kernels.linear(x, weight, jnp.bfloat16), xla.rows_times_transposed(x, table, jnp.bfloat16))
+    monkeypatch.setattr(platform.jax, "default_backend", lambda: "gpu")
+    assert platform.product_dtype(jnp.int8, jnp.bfloat16) == jnp.bfloat16
+    assert platform.product_dtype(jnp.bfloat16, jnp.bfloat16) == jnp.bfloat16
+    assert platform.product_dtype(jnp.int8, jnp.float32) == jnp.float32
+    assert platform.product_dtype(jnp.float32, jnp.bfloat16) == jnp.float32
+    on_gpu = (kernels.linear(x, weight, jnp.bfloat16), xla.rows_times_transposed(x, table, jnp.bfloat16))
     for cpu, gpu in zip(on_cpu, on_gpu):
         assert gpu.dtype == jnp.float32
         np.testing.assert_allclose(gpu, cpu, rtol=1e-5, atol=1e-4)
@@ -198,13 +200,13 @@ def test_grouped_products_on_the_compute_layout_equal_every_chosen_expert_on_eve
 
 
 def test_moe_runs_grouped_products_on_one_accelerator_for_a_few_tokens_only(monkeypatch):
-    monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
-    assert not kernels.ragged_products(1, 2)          # one token reads just its two experts
-    assert kernels.ragged_products(8, 16)
-    assert kernels.ragged_products(64, kernels.RAGGED_PAIRS_UP_TO)
-    assert not kernels.ragged_products(512, 1024)     # a prompt groups its rows per expert
-    monkeypatch.setattr(kernels.jax, "default_backend", lambda: "cpu")
-    assert not kernels.ragged_products(8, 16)
+    monkeypatch.setattr(platform.jax, "default_backend", lambda: "gpu")
+    assert not platform.ragged_products(1, 2)          # one token reads just its two experts
+    assert platform.ragged_products(8, 16)
+    assert platform.ragged_products(64, platform.RAGGED_PAIRS_UP_TO)
+    assert not platform.ragged_products(512, 1024)     # a prompt groups its rows per expert
+    monkeypatch.setattr(platform.jax, "default_backend", lambda: "cpu")
+    assert not platform.ragged_products(8, 16)
 
 
 def test_group_capacity_holds_the_balanced_share_with_margin_in_multiples_of_16():

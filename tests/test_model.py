@@ -14,7 +14,7 @@ import grok1
 from grok1.config import ModelConfig
 from grok1.model import (AttentionContext, KVCache, MoELayer, MultiHeadAttention, attention_context,
                          cap_attention_logits, transformed)
-from grok1.quant import quantize
+from grok1.weights.quant import quantize
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,4 +1,5 @@
-"""The native CPU kernels (grok1/native.py: cpu_products.cc, cpu_attention.cc) against float64 numpy references."""
+"""The native CPU kernels (grok1/kernels/native.py: cpu_products.cc, cpu_attention.cc) against float64
+numpy references."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grok1 import native
+from grok1.kernels import native
 
 if not native.available():
     pytest.skip(f"native kernel unavailable: {native.unavailable_reason()}", allow_module_level=True)
@@ -171,7 +172,7 @@ def test_loaded_model_decodes_through_the_kernel_with_the_logits_of_xla_products
     # turned off.
     import pathlib
     import grok1
-    from grok1 import kernels
+    from grok1.kernels import platform, products
     from grok1.model import transformed
 
     model = grok1.load(pathlib.Path(__file__).resolve().parents[1] / "checkpoints" / "small",
@@ -179,7 +180,7 @@ def test_loaded_model_decodes_through_the_kernel_with_the_logits_of_xla_products
     tokens = np.random.default_rng(0).integers(3, model.config.vocab_size, size=(4, 6))
     apply = jax.jit(transformed(model.config, model.dtype).apply)
     experts = model.params["transformer/decoder_layers/moe/linear_1"]["w"]
-    assert experts.dtype == jnp.int8 and kernels.native_products(experts, 8)
+    assert experts.dtype == jnp.int8 and platform.native_products(experts, 8)
 
     def decode_step_logits() -> np.ndarray:
         _, cache = apply(model.params, jnp.asarray(tokens[:, :-1]), model.init_cache(4))
@@ -187,8 +188,8 @@ def test_loaded_model_decodes_through_the_kernel_with_the_logits_of_xla_products
         return np.asarray(logits)
 
     native_logits = decode_step_logits()
-    monkeypatch.setattr(kernels, "native_products", lambda w, rows: False)
-    monkeypatch.setattr(grok1.experts, "native_products", lambda w, rows: False)
+    monkeypatch.setattr(products, "native_products", lambda w, rows: False)
+    monkeypatch.setattr(grok1.kernels.experts, "native_products", lambda w, rows: False)
     apply = jax.jit(transformed(model.config, model.dtype).apply)  # traced again, without it
     np.testing.assert_allclose(native_logits, decode_step_logits(), rtol=0, atol=1e-4)
 
@@ -277,7 +278,7 @@ def test_decode_step_through_the_attention_kernel_has_the_logits_of_xla_attentio
     # attend through the kernel; bfloat16 keeps a bfloat16 cache and rounds the logits
     import pathlib
     import grok1
-    from grok1 import kernels
+    from grok1.kernels import attention, platform
     from grok1.model import transformed
 
     model = grok1.load(pathlib.Path(__file__).resolve().parents[1] / "checkpoints" / "small",
@@ -293,9 +294,9 @@ def test_decode_step_through_the_attention_kernel_has_the_logits_of_xla_attentio
         return np.asarray(logits)
 
     probe = jnp.zeros((4, 1, model.config.num_kv_heads, model.config.q_per_kv, model.config.key_size))
-    assert kernels.native_attention(probe, jnp.zeros((1,), jnp.float32))
+    assert platform.native_attention(probe, jnp.zeros((1,), jnp.float32))
     native_logits = decode_step_logits()
-    monkeypatch.setattr(kernels, "native_attention", lambda q, keys: False)
+    monkeypatch.setattr(attention, "native_attention", lambda q, keys: False)
     xla_logits = decode_step_logits()
     # float32: rounding of the sums; bfloat16: at most one rounding step of the returned logits
     atol = 1e-4 if dtype == "float32" else 2.0 ** -7 * np.abs(xla_logits).max()
@@ -304,9 +305,10 @@ def test_decode_step_through_the_attention_kernel_has_the_logits_of_xla_attentio
 
 MESH_DECODE = """
 import re, numpy as np, jax, jax.numpy as jnp, grok1
-from grok1 import sampler
+from grok1.generation import steps
+from grok1.generation.runner import Runner
+from grok1.mesh import on_mesh
 from grok1.model import transformed
-from grok1.rows import on_mesh
 path = {path!r}
 one = grok1.load(path, dtype="float32", progress=False)
 mesh = grok1.load(path, dtype="float32", mesh={spec!r}, progress=False)
@@ -318,8 +320,8 @@ def decode_step_logits(model):
     logits, _ = apply(model.params, jnp.asarray(tokens[:, -1:]), cache)
     return np.asarray(logits)
 
-runner = sampler.Runner(mesh, slots=4)
-state = jax.device_put(sampler.empty_state(mesh.config, mesh.dtype, 4), runner._state_sharding)
+runner = Runner(mesh, slots=4)
+state = jax.device_put(steps.empty_state(mesh.config, mesh.dtype, 4), runner._state_sharding)
 hlo = runner.decode.lower(mesh.params, state).compile().as_text()
 print(len(re.findall(r"custom_call_target=.grok1_rows_times", hlo)))
 print(np.abs(decode_step_logits(mesh) - decode_step_logits(one)).max())
@@ -342,9 +344,8 @@ def test_a_mesh_decodes_through_the_kernel_on_each_devices_shard_with_the_logits
 MESH_ATTENTION = """
 import re, numpy as np, jax, jax.numpy as jnp
 from grok1 import kernels
+from grok1.mesh import ACTIVATION_AXES, activation_sharding, make_mesh, on_mesh
 from grok1.model import MASKED_LOGIT, cap_attention_logits
-from grok1.rows import on_mesh
-from grok1.sharding import ACTIVATION_AXES, activation_sharding, make_mesh
 mesh = make_mesh({spec!r})
 L, B, S, N, G, K = 2, {rows}, 40, {heads}, 3, 16
 rng = np.random.default_rng(0)
@@ -388,8 +389,8 @@ def test_each_device_kernel_call_gets_its_share_of_the_process_cores(monkeypatch
     # A mesh's devices run their programs side by side: 8 forced devices on 2 cores, each call
     # also spreading over XLA's pool, spent about a third more CPU time per decode step.
     from jax.sharding import AbstractMesh
-    from grok1 import kernels
-    monkeypatch.setattr(kernels, "_cores", lambda: cores)
+    from grok1.kernels import platform
+    monkeypatch.setattr(platform, "_cores", lambda: cores)
     monkeypatch.setattr(jax, "local_device_count", lambda: devices)
     mesh = AbstractMesh((1, 1, devices), ("data", "expert", "model"))
-    assert kernels.threads_per_device(mesh) == threads
+    assert platform.threads_per_device(mesh) == threads

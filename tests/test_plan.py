@@ -42,7 +42,7 @@ PLAN_TWO_LAYERS = """
 import contextlib, io, json, time
 from grok1 import plan
 from grok1.config import PRESETS
-from grok1.sharding import make_mesh
+from grok1.mesh import make_mesh
 full = PRESETS["grok-1"]
 start = time.perf_counter()
 printed = io.StringIO()
@@ -163,7 +163,7 @@ COMPILE_8_AND_64_LAYERS = """
 import json, jax, jax.numpy as jnp
 from grok1 import plan
 from grok1.config import PRESETS
-from grok1.sharding import make_mesh
+from grok1.mesh import make_mesh
 mesh = make_mesh("1x8")
 seconds = {}
 for layers in (8, 64):

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grok1 import quant
-from grok1.quant import QuantizedWeight8bit, matmul, quantize
+from grok1.kernels import platform
+from grok1.kernels.xla import quantized_matmul as matmul
+from grok1.weights.quant import QuantizedWeight8bit, quantize
 
 
 @pytest.mark.parametrize("blocks", [1, 2, 8])
@@ -49,7 +50,7 @@ def test_quantize_refuses_blocks_that_do_not_divide_the_input_axis():
 
 def test_float32_products_ask_for_full_float32_on_accelerators_only(monkeypatch):
     # XLA:GPU multiplies float32 as TensorFloat-32 unless told otherwise; CPUs need no telling.
-    assert quant.precision(jnp.float32) == jax.lax.Precision.DEFAULT
-    monkeypatch.setattr(quant.jax, "default_backend", lambda: "gpu")
-    assert quant.precision(jnp.float32) == jax.lax.Precision.HIGHEST
-    assert quant.precision(jnp.bfloat16) == jax.lax.Precision.DEFAULT
+    assert platform.precision(jnp.float32) == jax.lax.Precision.DEFAULT
+    monkeypatch.setattr(platform.jax, "default_backend", lambda: "gpu")
+    assert platform.precision(jnp.float32) == jax.lax.Precision.HIGHEST
+    assert platform.precision(jnp.bfloat16) == jax.lax.Precision.DEFAULT

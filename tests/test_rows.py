@@ -9,7 +9,7 @@ from conftest import run_with_devices
 
 ROWS_ON_TWO_BY_FOUR = """
 import json, numpy as np, jax, grok1
-from grok1.sharding import make_mesh
+from grok1.mesh import make_mesh
 path = {path!r}
 prompts = json.load(open(path + "/golden.json"))["prompts"]
 prompts = (prompts * 2)[:4]                                  # 4 rows: 2 per data group
@@ -24,7 +24,7 @@ TEMPORARIES = """
 import json
 from grok1 import plan
 from grok1.config import PRESETS
-from grok1.sharding import make_mesh
+from grok1.mesh import make_mesh
 # grok-1 at full width and context; two layers compile as one scanned body like all 64.
 config = PRESETS["grok-1"].replace(num_layers=2)
 out = {{}}
@@ -50,8 +50,7 @@ def test_batch_8_prefill_on_2x4_holds_at_most_60_percent_of_the_temporaries_of_1
 SPREAD = """
 import jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
-from grok1.rows import on_mesh, spread_rows
-from grok1.sharding import make_mesh
+from grok1.mesh import make_mesh, on_mesh, spread_rows
 for spec, rows in (("1x8", 8), ("2x4", 16), ("1x8", 4)):
     mesh = make_mesh(spec)
     f = jax.jit(on_mesh(lambda x: spread_rows(x * 2), mesh))

@@ -14,9 +14,12 @@ import numpy as np
 import pytest
 
 import grok1
-from grok1 import sampler
-from grok1.engine import Engine, engine_for
-from grok1.sampler import Request, runner_for, sampling_settings
+from grok1.generation import api
+from grok1.generation.engine import Engine, engine_for
+from grok1.generation.requests import Request
+from grok1.generation.runner import Runner, runner_for
+from grok1.generation.settings import sampling_settings
+from grok1.generation.steps import empty_state
 from grok1.tokenizer import REPLACEMENT_CHAR, IncrementalDecoder, Tokenizer
 
 from conftest import GOLDEN, Golden, run_with_devices
@@ -133,7 +136,7 @@ def test_no_seed_gives_batch_neighbours_their_own_streams(model):
 
 def test_unseeded_requests_take_their_seeds_from_draw_fresh_seeds(model, monkeypatch):
     prompt = prompts_of_lengths(5)[0]
-    monkeypatch.setattr(sampler, "draw_fresh_seeds", lambda count: [11] * count)
+    monkeypatch.setattr(api, "draw_fresh_seeds", lambda count: [11] * count)
     unseeded = alone(model, prompt, max_new_tokens=16, temperature=1.0)
     assert unseeded.seed == 11
     assert unseeded.token_ids == alone(model, prompt, max_new_tokens=16, temperature=1.0, seed=11).token_ids
@@ -308,8 +311,8 @@ def test_multi_token_decode_chunks_hold_no_float_copy_of_the_table(model):
     # XLA:CPU widens a bfloat16 gather to float32 by converting the whole table, and a loop of
     # decode steps hoists that conversion out of the loop: a float32 table beside the stored one.
     def temporaries(chunk: int) -> int:
-        runner = sampler.Runner(model, slots=SLOTS, decode_chunk=chunk)
-        state = sampler.empty_state(model.config, model.dtype, SLOTS)
+        runner = Runner(model, slots=SLOTS, decode_chunk=chunk)
+        state = empty_state(model.config, model.dtype, SLOTS)
         return runner.decode.lower(model.params, state).compile().memory_analysis().temp_size_in_bytes
     float_table = model.config.vocab_size * model.config.emb_size * 4
     assert temporaries(4) - temporaries(1) < float_table / 4
@@ -344,7 +347,7 @@ def test_no_compilation_during_64_decode_steps_after_warm_up(model):
 SHARDED_GENERATE = """
 import json, jax
 import grok1
-from grok1.sharding import make_mesh
+from grok1.mesh import make_mesh
 model = grok1.load({path!r}, dtype="float32", mesh=make_mesh("2x4"))
 outs = model.generate({prompts!r}, slots=4, temperature=0, max_new_tokens=8)
 sampled = model.generate({prompts!r}, slots=4, max_new_tokens=8, seed=[1, 2, 3, 4], **{sampling!r})

@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grok1 import sampler as sampler_module
 from grok1.config import ModelConfig
+from grok1.generation import sampling as sampler_module
+from grok1.generation.sampling import penalize, request_keys, sample
+from grok1.generation.settings import (draw_fresh_seeds, encode_text, fit_prompt, prompt_token_ids,
+                                       sampling_settings)
 from grok1.inference import Model
-from grok1.sampler import (draw_fresh_seeds, encode_text, fit_prompt, penalize,
-                           prompt_token_ids, request_keys, sample, sampling_settings)
 
 LOGITS = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0], np.float32)
 DRAWS = 40_000

@@ -28,8 +28,9 @@ import openai
 import pytest
 
 import grok1
-from grok1.engine import Engine
-from grok1.sampler import runner_for, sampling_settings
+from grok1.generation.engine import Engine
+from grok1.generation.runner import runner_for
+from grok1.generation.settings import sampling_settings
 from grok1.server import BackgroundServer
 
 from conftest import REPO

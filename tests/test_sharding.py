@@ -12,17 +12,19 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from conftest import run_with_devices
-from grok1 import sharding
 from grok1.config import PRESETS
+from grok1.mesh import activation_sharding, make_mesh, parse_mesh_spec, partition_spec
 from grok1.model import KVCache, param_shapes
-from grok1.quant import QuantizedWeight8bit
+from grok1.params import logical_axes
+from grok1.weights.placement import param_sharding
+from grok1.weights.quant import QuantizedWeight8bit
 
 MESHES = ("1x8", "2x4", "8x1", "1x2x4")
 LARGE = ("query", "linear", "linear_v", "linear_1", "in_out_embed")
 
 
 def abstract_mesh(spec: str) -> AbstractMesh:
-    shape = sharding.parse_mesh_spec(spec)
+    shape = parse_mesh_spec(spec)
     return AbstractMesh(tuple(shape.values()), tuple(shape))
 
 
@@ -44,7 +46,7 @@ def mesh_axes_of(spec: P) -> list[str]:
     ("expert=8", {"data": 1, "expert": 8, "model": 1}),
 ])
 def test_parse_mesh_spec_names_data_expert_model(spec, expected):
-    assert sharding.parse_mesh_spec(spec) == expected
+    assert parse_mesh_spec(spec) == expected
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -56,12 +58,12 @@ def test_parse_mesh_spec_names_data_expert_model(spec, expected):
 ])
 def test_parse_mesh_spec_rejects_bad_specs_saying_what_is_allowed(spec, message):
     with pytest.raises(ValueError, match=message):
-        sharding.parse_mesh_spec(spec)
+        parse_mesh_spec(spec)
 
 
 def test_make_mesh_refuses_a_device_count_mismatch():
     with pytest.raises(ValueError, match=r"needs 8 devices but 1 are available"):
-        sharding.make_mesh("1x8", jax.devices()[:1])
+        make_mesh("1x8", jax.devices()[:1])
 
 
 # ---- the table --------------------------------------------------------------------------------
@@ -79,7 +81,7 @@ def test_every_large_grok1_weight_is_split_over_all_eight_devices(spec, grok1_la
         if module.split("/")[-1] not in LARGE:
             continue
         for name, struct in group.items():
-            pspec = sharding.partition_spec(sharding.logical_axes(module, name), struct.shape, mesh)
+            pspec = partition_spec(logical_axes(module, name), struct.shape, mesh)
             assert math.prod(mesh.shape[a] for a in mesh_axes_of(pspec)) == 8, (module, pspec)
 
 
@@ -91,7 +93,7 @@ def test_key_and_value_projections_split_whole_kv_heads_over_expert_and_model_on
     for name in ("key", "value"):
         module = next(m for m in grok1_layer_shapes if m.endswith("multi_head_attention/" + name))
         shape = grok1_layer_shapes[module]["w"].shape
-        pspec = sharding.partition_spec(sharding.logical_axes(module, "w"), shape, mesh)
+        pspec = partition_spec(logical_axes(module, "w"), shape, mesh)
         assert "data" not in mesh_axes_of(pspec)
         assert math.prod(mesh.shape[a] for a in mesh_axes_of(pspec)) == split
         assert shape[-1] // split % PRESETS["grok-1"].key_size == 0
@@ -100,80 +102,80 @@ def test_key_and_value_projections_split_whole_kv_heads_over_expert_and_model_on
 @pytest.mark.parametrize("spec", MESHES)
 def test_small_parameters_are_replicated(spec):
     mesh = abstract_mesh(spec)
-    assert sharding.partition_spec(sharding.logical_axes("transformer/decoder_layer_0/router", "w"),
-                                   (6144, 8), mesh) == P(None, None)
-    assert sharding.partition_spec(sharding.logical_axes("transformer/decoder_layer_0/rms_norm_3", "scale"),
-                                   (6144,), mesh) == P(None)
+    assert partition_spec(logical_axes("transformer/decoder_layer_0/router", "w"),
+                          (6144, 8), mesh) == P(None, None)
+    assert partition_spec(logical_axes("transformer/decoder_layer_0/rms_norm_3", "scale"),
+                          (6144,), mesh) == P(None)
 
 
 def test_experts_go_to_the_expert_axis_and_ffn_to_the_rest():
-    axes = sharding.logical_axes("transformer/decoder_layer_0/moe/linear_1", "w")
-    assert sharding.partition_spec(axes, (8, 32768, 6144), abstract_mesh("1x2x4")) == P("expert", "model", None)
+    axes = logical_axes("transformer/decoder_layer_0/moe/linear_1", "w")
+    assert partition_spec(axes, (8, 32768, 6144), abstract_mesh("1x2x4")) == P("expert", "model", None)
 
 
 def test_an_axis_that_does_not_divide_stays_whole():
-    axes = sharding.logical_axes("transformer/decoder_layer_0/multi_head_attention/query", "w")
-    assert sharding.partition_spec(axes, (64, 12), abstract_mesh("1x8")) == P(None, None)
+    axes = logical_axes("transformer/decoder_layer_0/multi_head_attention/query", "w")
+    assert partition_spec(axes, (64, 12), abstract_mesh("1x8")) == P(None, None)
 
 
 def test_block_scales_are_split_like_the_weight_input_axis():
     mesh = abstract_mesh("2x4")
     weight = QuantizedWeight8bit(weight=jax.ShapeDtypeStruct((8, 32768, 6144), jnp.int8),
                                  scales=jax.ShapeDtypeStruct((8, 8, 6144), jnp.bfloat16))
-    s = sharding.param_sharding(mesh, "transformer/decoder_layer_0/moe/linear_1", "w", weight)
+    s = param_sharding(mesh, "transformer/decoder_layer_0/moe/linear_1", "w", weight)
     assert s.weight.spec == P(None, ("data", "model"), None)
     assert s.scales.spec == P(None, ("data", "model"), None)
 
 
 def test_unknown_parameter_names_its_path():
     with pytest.raises(KeyError, match="transformer/decoder_layer_0/adapter/w"):
-        sharding.logical_axes("transformer/decoder_layer_0/adapter", "w")
+        logical_axes("transformer/decoder_layer_0/adapter", "w")
 
 
 def test_kv_cache_rows_go_over_data_and_heads_over_the_rest():
     cache = jax.eval_shape(lambda: KVCache.zeros(PRESETS["grok-1"].replace(num_layers=2), 2, 128))
-    s = sharding.kv_cache_sharding(abstract_mesh("2x4"), cache)
+    s = cache.sharding(abstract_mesh("2x4"))
     assert s.keys.spec == s.values.spec == P(None, "data", None, "model", None)  # layers never split
     assert s.valid.spec == P("data", None) and s.length.spec == P("data")
 
 
 def test_kv_cache_of_one_row_spreads_its_heads_over_every_device():
     cache = jax.eval_shape(lambda: KVCache.zeros(PRESETS["grok-1"].replace(num_layers=1), 1, 128))
-    s = sharding.kv_cache_sharding(abstract_mesh("2x4"), cache)
+    s = cache.sharding(abstract_mesh("2x4"))
     assert s.keys.spec == P(None, None, None, ("data", "model"), None)
 
 
 def test_stacked_layer_weights_split_like_each_layer_with_the_layer_axis_whole():
     mesh = abstract_mesh("1x8")
-    one = sharding.logical_axes("transformer/decoder_layer_0/moe/linear_1", "w")
-    stacked = sharding.logical_axes("transformer/decoder_layers/moe/linear_1", "w")
+    one = logical_axes("transformer/decoder_layer_0/moe/linear_1", "w")
+    stacked = logical_axes("transformer/decoder_layers/moe/linear_1", "w")
     assert stacked == ("layers",) + one
-    assert sharding.partition_spec(stacked, (64, 8, 32768, 6144), mesh) == \
-        P(None, *sharding.partition_spec(one, (8, 32768, 6144), mesh))
+    assert partition_spec(stacked, (64, 8, 32768, 6144), mesh) == \
+        P(None, *partition_spec(one, (8, 32768, 6144), mesh))
 
 
 def test_the_embedding_table_is_split_by_vocabulary_over_every_mesh_axis():
-    axes = sharding.logical_axes("language_model/in_out_embed", "embeddings")
-    assert sharding.partition_spec(axes, (131072, 6144), abstract_mesh("2x4")) == P(("data", "model"), None)
-    assert sharding.partition_spec(axes, (131072, 6144), abstract_mesh("1x8")) == P("model", None)
+    axes = logical_axes("language_model/in_out_embed", "embeddings")
+    assert partition_spec(axes, (131072, 6144), abstract_mesh("2x4")) == P(("data", "model"), None)
+    assert partition_spec(axes, (131072, 6144), abstract_mesh("1x8")) == P("model", None)
 
 
 def test_step_inputs_are_split_by_rows_and_logits_also_by_vocabulary_like_the_table():
     mesh = abstract_mesh("2x4")
-    assert sharding.activation_sharding(mesh, "tokens", (4, 16)).spec == P("data", None)
-    assert sharding.activation_sharding(mesh, "logits", (4, 16, 512)).spec == P("data", None, "model")
-    assert sharding.activation_sharding(abstract_mesh("1x8"), "logits", (4, 16, 512)).spec == \
+    assert activation_sharding(mesh, "tokens", (4, 16)).spec == P("data", None)
+    assert activation_sharding(mesh, "logits", (4, 16, 512)).spec == P("data", None, "model")
+    assert activation_sharding(abstract_mesh("1x8"), "logits", (4, 16, 512)).spec == \
         P(None, None, "model")
     with pytest.raises(KeyError, match="unknown activation 'hidden'"):
-        sharding.activation_sharding(mesh, "hidden", (4, 16, 512))
+        activation_sharding(mesh, "hidden", (4, 16, 512))
 
 
 # ---- eight devices, real checkpoints ----------------------------------------------------------
 
 EIGHT_DEVICES = """
 import json, numpy as np, jax, grok1
-from grok1.sharding import make_mesh
-from grok1.layout import LinearWeight
+from grok1.mesh import make_mesh
+from grok1.weights.layout import LinearWeight
 path, specs = {path!r}, {specs!r}
 prompts = json.load(open(path + "/golden.json"))["prompts"]
 T = max(len(p) for p in prompts)
@@ -226,7 +228,9 @@ def test_twelve_layer_sharded_logits_equal_one_device(twelve_layer):
 
 CACHE_COLLECTIVES = """
 import re, tempfile, jax, jax.numpy as jnp, numpy as np, grok1
-from grok1 import checkpoint, sampler
+from grok1 import checkpoint
+from grok1.generation import steps
+from grok1.generation.runner import Runner
 from grok1.config import ModelConfig
 from grok1.model import transformed
 path = {path!r}
@@ -237,8 +241,8 @@ if path is None:  # 4 kv heads of 16, as bench-1b has 4: whole heads on 2x4's mo
     path = tempfile.mkdtemp()
     checkpoint.save(jax.tree.map(np.asarray, params), path, config)
 model = grok1.load(path, mesh={spec!r}, progress=False)
-runner = sampler.Runner(model, slots={rows})
-state = jax.device_put(sampler.empty_state(model.config, model.dtype, {rows}), runner._state_sharding)
+runner = Runner(model, slots={rows})
+state = jax.device_put(steps.empty_state(model.config, model.dtype, {rows}), runner._state_sharding)
 hlo = runner.decode.lower(model.params, state).compile().as_text()
 c = model.config
 stack = f"{{c.num_layers}},{{ {rows} }},{{c.sequence_len}},"
@@ -249,7 +253,9 @@ print(sum(m.group(1).startswith(stack) for m in found))
 
 STEP_COLLECTIVES = """
 import collections, re, tempfile, jax, jax.numpy as jnp, numpy as np, grok1
-from grok1 import checkpoint, sampler
+from grok1 import checkpoint
+from grok1.generation import steps
+from grok1.generation.runner import Runner
 from grok1.config import ModelConfig
 from grok1.model import transformed
 # 4 kv heads of 16 columns, as bench-1b has 4: fewer than the 8 devices
@@ -261,8 +267,8 @@ checkpoint.save(jax.tree.map(np.asarray, params), path, config)
 model = grok1.load(path, mesh="1x8", progress=False)
 counts = {}
 for rows in (1, 8):
-    runner = sampler.Runner(model, slots=rows)
-    state = jax.device_put(sampler.empty_state(model.config, model.dtype, rows), runner._state_sharding)
+    runner = Runner(model, slots=rows)
+    state = jax.device_put(steps.empty_state(model.config, model.dtype, rows), runner._state_sharding)
     hlo = runner.decode.lower(model.params, state).compile().as_text()
     found = re.findall(r" (all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(?:-start)?\\(", hlo)
     counts[rows] = dict(collections.Counter(found))
@@ -278,7 +284,7 @@ def one_by_eight_step_collectives():
 
 @pytest.mark.parametrize("rows", [1, 8])
 def test_rope_needs_no_collective_when_devices_outnumber_the_kv_heads(one_by_eight_step_collectives, rows):
-    # Before the new keys were held whole-headed (kernels.split_like_cache) ahead of RoPE, each
+    # Before the new keys were held whole-headed (mesh.split_like_cache) ahead of RoPE, each
     # layer swapped halves of heads between devices.
     assert "collective-permute" not in one_by_eight_step_collectives[rows]
 
@@ -294,7 +300,7 @@ def test_a_1x8_decode_step_compiles_at_most_20_collectives(one_by_eight_step_col
 @pytest.mark.parametrize("path, spec, rows", [
     # The shipped model's 2 kv heads of 32: the key/value projections split 8 ways (a quarter
     # head per device) while the cache keeps whole heads; 4 whole-cache all-gathers per step
-    # before kernels.split_like_cache.
+    # before mesh.split_like_cache.
     ("checkpoints/small", "1x8", 8),
     # 4 kv heads on 2x4 at batch 1: the projections split the heads over model, the cache (one
     # row, nothing for data to split) over data; 5 collectives of the stacked cache before.

@@ -15,9 +15,10 @@ import pytest
 import grok1
 from grok1 import model
 from grok1.config import ModelConfig
-from grok1.layout import LinearWeight, to_compute_layout
-from grok1.quant import QuantizedWeight8bit, quantize
-from grok1.stacking import has_stacked_layers, stack_layers, unstack_layers
+from grok1.params import has_stacked_layers
+from grok1.weights.layout import LinearWeight, to_compute_layout
+from grok1.weights.quant import QuantizedWeight8bit, quantize
+from grok1.weights.stacking import stack_layers, unstack_layers
 
 SMALL = ModelConfig(vocab_size=128, emb_size=32, num_q_heads=4, num_kv_heads=2, key_size=8,
                     num_layers=3, widening_factor=2, sequence_len=32)
@@ -145,7 +146,7 @@ def leaves_equal(a: dict, b: dict) -> bool:
 
 @pytest.mark.parametrize("blocks", [1, 2])
 def test_loading_onto_one_device_gives_the_params_of_the_mesh_path_exactly(tmp_path, blocks, monkeypatch):
-    from grok1.stacking import HostStack
+    from grok1.weights.stacking import HostStack
     write_wide_checkpoint(tmp_path / "wide", blocks)
     monkeypatch.setattr(HostStack, "PIECE_BYTES", 1000)  # the table in many bands
     one = grok1.load(tmp_path / "wide", progress=False)

@@ -9,10 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grok1 import experts, model
-from grok1.quant import QuantizedWeight8bit
-from grok1.train import (blocked_grouped_matmul, heldout_windows, main, next_token_loss, out_problem,
-                         prose, release_format, small_config, split_documents, train)
+from grok1 import model
+from grok1.kernels import xla
+from grok1.kernels.xla import blocked_grouped_matmul
+from grok1.train import (heldout_windows, main, next_token_loss, out_problem, prose, release_format,
+                         small_config, split_documents, train)
+from grok1.weights.quant import QuantizedWeight8bit
 
 
 def test_blocked_grouped_matmul_equals_the_models_ragged_dot():
@@ -22,7 +24,7 @@ def test_blocked_grouped_matmul_equals_the_models_ragged_dot():
     xs = jnp.asarray(rng.normal(size=(rows, 16)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(8, 16, 24)), jnp.float32)
     row_expert = jnp.asarray(np.repeat(np.arange(8), sizes), jnp.int32)
-    expected = experts.grouped_matmul(xs, w, jnp.asarray(sizes), row_expert, jnp.float32)
+    expected = xla.grouped_matmul(xs, w, jnp.asarray(sizes), row_expert, jnp.float32)
     got = blocked_grouped_matmul(xs, w, jnp.asarray(sizes), row_expert, jnp.float32, block=32)
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-4)
 

@@ -1,14 +1,14 @@
 """A long-lived generation engine: requests join and leave the runner's slots at any step.
 
-The Engine keeps one `sampler.Runner` (the jitted steps over one KV cache) busy for the life of
-a server, and of a model's `generate` / `stream` calls: one thread owns the runner and the device, requests are submitted from
-any thread (or an event loop, through a callback), join a free slot before the next decode call,
+The Engine keeps one `Runner` (grok1/generation/runner.py: the jitted steps over one KV cache)
+busy for the life of a server, and of a model's `generate` / `stream` calls: one thread owns the
+runner and the device, requests are submitted from any thread (or an event loop, through a callback), join a free slot before the next decode call,
 receive their Deltas as soon as the host reads them, and leave when they finish or are cancelled;
 their slot is prefilled with the next waiting request on the following step.
 
 Scheduling per step: finished and cancelled requests leave; waiting requests take free slots
 (all that fit when nothing decodes, else one per step); newcomers are prefilled, a prompt longer
-than `prefill_chunk` tokens in chunks of that size across steps (`sampler.prefill_chunk`), and
+than `prefill_chunk` tokens in chunks of that size across steps (`steps.prefill_chunk`), and
 while other requests decode only one chunk (or one short prompt) is prefilled per step, so a
 newcomer holds the running requests up by one chunk's prefill at a time, however long its
 prompt; one decode call (`decode_chunk` tokens) advances every slot whose prompt is all in; then
@@ -47,9 +47,11 @@ import jax
 import numpy as np
 
 from grok1.distributed import Broadcast, is_main_process
-from grok1.sampler import (Delta, FittedPrompt, Request, Runner, SamplingSettings, SlotState,
-                           draw_fresh_seeds, fit_prompt, runner_for)
-from grok1.sharding import to_host
+from grok1.generation.requests import Delta, Request
+from grok1.generation.runner import Runner, runner_for
+from grok1.generation.settings import FittedPrompt, SamplingSettings, draw_fresh_seeds, fit_prompt
+from grok1.generation.steps import SlotState
+from grok1.mesh import to_host
 
 DEFAULT_SLOTS = 4
 # A prefill bucket, so that a shorter prompt, padded to its bucket, is never longer than a chunk.
@@ -237,7 +239,7 @@ class Engine:
     # ---- requests ----
 
     def fit(self, prompt: Any, settings: SamplingSettings) -> FittedPrompt:
-        """The prompt checked and fitted into the context as `sampler.fit_prompt` does
+        """The prompt checked and fitted into the context as `settings.fit_prompt` does
         (ValueError on bad input, or on a prompt or max_new_tokens that do not fit when strict)."""
         return fit_prompt(prompt, self.model.config, self.model.tokenizer, settings)
 
@@ -482,7 +484,7 @@ class Engine:
     def _prefill_chunk(self, slot: int, ids: list[int], start: int, length: int, seed: int,
                        temperature: float, top_p: float, top_k: int, frequency_penalty: float,
                        presence_penalty: float):
-        """`sampler.prefill_chunk` of prompt positions [start, start + len(ids)), padded to a chunk."""
+        """`steps.prefill_chunk` of prompt positions [start, start + len(ids)), padded to a chunk."""
         padded = np.full((1, self.prefill_chunk), self.model.config.pad_token, np.int32)
         padded[0, :len(ids)] = ids
         return self.runner.prefill_chunk(

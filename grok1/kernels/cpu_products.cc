@@ -1,12 +1,12 @@
 // A few rows times a chunked int8 (block scales) or bfloat16 weight on CPU, reading the weight
-// once: the XLA FFI target behind grok1/native.py.
+// once: the XLA FFI target behind grok1/kernels/native.py.
 //
 // Why: XLA:CPU streams an int8/bfloat16 weight at memory bandwidth only in a one-row
 // matrix-vector product; 2-16 rows in one product fall 10-50x below it, so grok1 runs a few rows
 // as one-row products, each reading the weight again. Here all rows that use one weight share one
 // pass over it, the convert fused into the loop.
 //
-// Semantics (see grok1/layout.py, LinearWeight, groups == 1):
+// Semantics (see grok1/weights/layout.py, LinearWeight, groups == 1):
 //   x       float32 [P, n_in]          the rows
 //   index   int32   [P]                which stack entry s each row multiplies
 //   values  int8 | bfloat16 [S, C, O, R]  n_in = C * R; chunk c = input positions c*R .. c*R+R-1,

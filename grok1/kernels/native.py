@@ -1,14 +1,15 @@
-"""Native CPU kernels, called from jitted code through the XLA FFI (grok1/kernels.py decides when).
+"""Native CPU kernels, called from jitted code through the XLA FFI (grok1/kernels/platform.py
+says when).
 
-- `rows_times` (grok1/cpu_products.cc): a few rows times a chunked int8 or bfloat16 weight.
+- `rows_times` (cpu_products.cc, beside this file): a few rows times a chunked int8 or bfloat16 weight.
   XLA:CPU streams such a weight at memory bandwidth only in a one-row product, so a few rows ran
   as one-row products, each reading the weight again; the kernel multiplies all rows that use one
   weight in one pass over it, on all cores.
-- `cached_attention` (grok1/cpu_attention.cc): a decode step's attention over one layer of the
+- `cached_attention` (cpu_attention.cc): a decode step's attention over one layer of the
   stacked KV cache, read in place (XLA:CPU copies the layer into another order first, every
   layer of every step) and only as far as the queries may see.
 
-    from grok1 import native
+    from grok1.kernels import native
     if native.available():
         y = native.rows_times(x, index, w.values, w.scales)   # x [P, n_in] -> y float32 [P, O]
 
@@ -209,7 +210,7 @@ def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, layer: ja
     """Attention of queries q [B, T, N, G, K] over layer `layer` of the stacked cache `keys`,
     `values` [L, B, S, N, K] (float32 or bfloat16) -> float32 [B, T, N, G, K]: softmax over s of
     cap * tanh(multiplier * q.k[s] / cap), `masked_logit` where mask [B, T, S] is False, times
-    the values (grok1/cpu_attention.cc). Reads the cache in place: pass the whole stack.
+    the values (cpu_attention.cc). Reads the cache in place: pass the whole stack.
     `threads` as for `rows_times`."""
     if not available():
         raise RuntimeError(f"grok1 native kernel unavailable: {unavailable_reason()}")

@@ -1,7 +1,7 @@
-"""How the chosen experts are computed (the routing itself is in model.py).
+"""How the chosen experts are computed (the routing itself is in grok1/model.py).
 
-- The compute layout (grok1/layout.py: each expert stack a LinearWeight [E, out, in], int8 as
-  stored): where the native CPU kernel runs (grok1/kernels.py), a decode step's (token, expert)
+- The compute layout (grok1/weights/layout.py: each expert stack a LinearWeight [E, out, in], int8 as
+  stored): where the native CPU kernel runs (grok1/kernels/platform.py), a decode step's (token, expert)
   pairs are the rows of one native product per matrix, each reading its own expert. On one
   accelerator, a decode step of several tokens sorts its pairs by expert and runs one grouped
   product per matrix over the layer's stack (`sorted_ragged`). Otherwise a
@@ -10,7 +10,8 @@
   on a mesh alike; many tokens (a prompt) are grouped by expert, each expert running once on a
   window of its rows (`grouped_experts`).
 - The official tree (training, `init`: experts stacked [E, in, out]): token copies sorted by
-  expert go through `grouped_matmul` (`jax.lax.ragged_dot`), in `sorted_ragged` as well.
+  expert go through one of GROUPED_PRODUCTS (`jax.lax.ragged_dot` by default), in
+  `sorted_ragged` as well.
 """
 
 from __future__ import annotations
@@ -21,36 +22,18 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from grok1.kernels import (linear, native_linear, native_products, one_row_products, ragged_linear,
-                           ragged_products)
-from grok1.layout import LinearWeight
-from grok1.quant import QuantizedWeight8bit, Weight, precision
+from grok1.kernels.platform import native_products, one_row_products, ragged_products
+from grok1.kernels.products import linear, native_linear
+from grok1.kernels.xla import blocked_grouped_matmul, grouped_matmul, ragged_linear
+from grok1.weights.layout import LinearWeight
+from grok1.weights.quant import Weight
 
-def grouped_matmul(xs: jax.Array, w: Weight, group_sizes: jax.Array, row_expert: jax.Array,
-                   dtype) -> jax.Array:
-    """Rows of `xs` sorted by expert times their expert's [in, out] matrix (`jax.lax.ragged_dot`),
-    operands in `dtype`, result float32.
-
-    For int8 weights each scale block of the input axis is its own ragged_dot, and the block's
-    scales (per expert and output column) multiply its partial product.
-    """
-    acc = jnp.float32
-    xs = xs.astype(dtype)
-    exactly = precision(dtype)
-    if not isinstance(w, QuantizedWeight8bit):
-        return jax.lax.ragged_dot(xs, w.astype(dtype), group_sizes, precision=exactly,
-                                  preferred_element_type=acc)
-    E, n_in, n_out = w.weight.shape
-    blocks = w.num_blocks
-    size = n_in // blocks
-    out = None
-    for b in range(blocks):
-        part = jax.lax.ragged_dot(xs[:, b * size:(b + 1) * size],
-                                  w.weight[:, b * size:(b + 1) * size, :].astype(dtype), group_sizes,
-                                  precision=exactly, preferred_element_type=acc)
-        part = part * w.scales[:, b, :].astype(acc)[row_expert]
-        out = part if out is None else out + part
-    return out
+# How the official tree's experts multiply their rows sorted by expert (`sorted_ragged`), by
+# name: the model's `expert_product` option picks one (grok1.model.transformed). "ragged_dot" is
+# jax.lax.ragged_dot, the reference; "blocked" pads each expert's rows to blocks of 128 and runs
+# one batched product (the same result; on CPU, where ragged_dot computes every expert for every
+# row, training is several times faster with it).
+GROUPED_PRODUCTS = {"ragged_dot": grouped_matmul, "blocked": blocked_grouped_matmul}
 
 
 def sort_pairs_by_expert(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
@@ -84,13 +67,17 @@ def group_capacity(tokens: int, num_experts: int, k: int) -> int:
 
 def moe(x: jax.Array, gates: jax.Array, experts: jax.Array,
         weights: tuple[Weight | LinearWeight, Weight | LinearWeight, Weight | LinearWeight],
-        dtype) -> jax.Array:
+        dtype, grouped_product: str = "ragged_dot") -> jax.Array:
     """The MoE sum for tokens x [N, d] with their top-k `gates` and `experts` [N, k]: each chosen
     expert's (gelu(x @ linear) * (x @ linear_v)) @ linear_1 weighted by its gate as is, summed in
     float32 (the official model adds its experts' outputs before rounding). `weights` are the
-    stacked (linear, linear_v, linear_1) of all experts, in either layout."""
+    stacked (linear, linear_v, linear_1) of all experts, in either layout; `grouped_product`
+    names the official tree's product (GROUPED_PRODUCTS)."""
     if not isinstance(weights[0], LinearWeight):
-        return sorted_ragged(x, gates, experts, weights, dtype)
+        if grouped_product not in GROUPED_PRODUCTS:
+            raise ValueError(f"unknown grouped product {grouped_product!r}; "
+                             f"known: {', '.join(GROUPED_PRODUCTS)}")
+        return sorted_ragged(x, gates, experts, weights, dtype, GROUPED_PRODUCTS[grouped_product])
     N, k = experts.shape
     E = weights[0].shape[0]
     ffn = lambda rows, e: expert_ffn(rows, *(w[e] for w in weights), dtype=dtype)  # noqa: E731
@@ -116,7 +103,7 @@ def expert_ffn(x: jax.Array, w_gate: LinearWeight, w_up: LinearWeight, w_down: L
 def native_pairs(x: jax.Array, gates: jax.Array, experts: jax.Array,
                  weights: tuple[LinearWeight, LinearWeight, LinearWeight], dtype) -> jax.Array:
     """The N*k (token, expert) pairs as rows of one native product per matrix, each row reading
-    its own expert's matrices out of the stack (grok1/kernels.py, `native_linear`): each chosen
+    its own expert's matrices out of the stack (grok1/kernels/products.py, `native_linear`): each chosen
     expert is read once per step, whatever the number of rows that chose it."""
     N, k = experts.shape
     pairs = experts.reshape(-1)                                             # [N*k]
@@ -163,14 +150,14 @@ def chosen_experts_dense(x: jax.Array, gates: jax.Array, experts: jax.Array,
 
 def sorted_ragged(x: jax.Array, gates: jax.Array, experts: jax.Array,
                   weights: tuple[Weight | LinearWeight, Weight | LinearWeight, Weight | LinearWeight],
-                  dtype) -> jax.Array:
+                  dtype, grouped_product: Callable[..., jax.Array] = grouped_matmul) -> jax.Array:
     """The N*k (token, expert) pairs sorted by expert, so each expert sees one contiguous group
-    of rows, each matrix one grouped product over the whole stack: `grouped_matmul` for the
-    official tree, `kernels.ragged_linear` for the compute layout (a decode step's few rows on
-    an accelerator)."""
+    of rows, each matrix one grouped product over the whole stack: `grouped_product` for the
+    official tree, `ragged_linear` for the compute layout (a decode step's few rows on an
+    accelerator)."""
     N, k = experts.shape
     w_gate, w_up, w_down = weights
-    product = ragged_linear if isinstance(w_gate, LinearWeight) else grouped_matmul
+    product = ragged_linear if isinstance(w_gate, LinearWeight) else grouped_product
     order, group_sizes = sort_pairs_by_expert(experts, w_gate.shape[0])
     group_sizes = group_sizes.astype(jnp.int32)
     sorted_experts = experts.reshape(-1)[order]

@@ -1,4 +1,5 @@
-"""An OpenAI-compatible HTTP server over the generation engine (Starlette + uvicorn).
+"""The OpenAI API over the generation engine: what each request may ask, checked, and the
+responses and streamed events it gets (grok1/server/app.py serves them over HTTP).
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
 GET /metrics (Prometheus text). Requests are checked by hand against the fields each endpoint
@@ -25,37 +26,25 @@ Chat template (Grok-1 is a base model, so chat is plain text it can continue):
 
 and generation also stops at "\nUser:" (the model starting the next turn). The reply is the
 continuation with its leading whitespace removed.
-
-Several processes (`grok1.distributed`): process 0 serves; the others follow its engine's steps
-(`serve` does both, see `Engine.follow`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import math
 import secrets
-import socket
-import threading
 import time
 from typing import Any, Callable, Optional
 
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request as HttpRequest
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from grok1.distributed import is_main_process
-from grok1.engine import (DEFAULT_MAX_WAITING, DEFAULT_SLOTS, Engine, EngineClosed, EngineError,
-                          Job, QueueFull)
-from grok1.sampler import Delta, sampling_settings
+from grok1.generation.engine import Engine, EngineClosed, EngineError, Job, QueueFull
+from grok1.generation.requests import Delta
+from grok1.generation.settings import is_int, sampling_settings
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8000
 MAX_BODY_BYTES = 1 << 20
 MAX_CHOICES = 16                 # n
 MAX_STOP = 4                     # stop sequences, as in the OpenAI API
@@ -92,11 +81,7 @@ class ApiError(Exception):
 
 # ---- request checking -------------------------------------------------------------------------
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(body: dict, name: str, default: float, low: float, high: float,
+def number_field(body: dict, name: str, default: float, low: float, high: float,
             low_open: bool = False) -> float:
     value = body.get(name)
     if value is None:
@@ -108,18 +93,18 @@ def _number(body: dict, name: str, default: float, low: float, high: float,
     return float(value)
 
 
-def _integer(body: dict, name: str, default: Optional[int], low: int, high: Optional[int] = None
+def integer_field(body: dict, name: str, default: Optional[int], low: int, high: Optional[int] = None
              ) -> Optional[int]:
     value = body.get(name)
     if value is None:
         return default
-    if not _is_int(value) or value < low or (high is not None and value > high):
+    if not is_int(value) or value < low or (high is not None and value > high):
         allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
         raise ApiError(400, f"{name} must be {allowed}, got {value!r}", name)
     return value
 
 
-def _boolean(body: dict, name: str) -> bool:
+def boolean_field(body: dict, name: str) -> bool:
     value = body.get(name, False)
     if value is None:
         return False
@@ -173,7 +158,7 @@ class Service:
     def settings(self, body: dict, max_tokens: Optional[int], logprobs: bool,
                  extra_stop: tuple[str, ...] = ()) -> list:
         """The SamplingSettings of each of the request's `n` choices (seed, seed+1, ...)."""
-        n = _integer(body, "n", 1, 1, MAX_CHOICES)
+        n = integer_field(body, "n", 1, 1, MAX_CHOICES)
         stop = body.get("stop")
         stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
         if not isinstance(stops, list) or len(stops) > MAX_STOP or \
@@ -181,15 +166,15 @@ class Service:
             raise ApiError(400, f"stop must be a non-empty string or a list of at most {MAX_STOP} "
                                 f"of them, got {stop!r}", "stop")
         seed = body.get("seed")
-        if seed is not None and (not _is_int(seed) or not 0 <= seed < 2 ** 32):
+        if seed is not None and (not is_int(seed) or not 0 <= seed < 2 ** 32):
             raise ApiError(400, f"seed must be an integer in [0, 2**32), got {seed!r}", "seed")
         values = dict(
             max_new_tokens=max_tokens,
-            temperature=_number(body, "temperature", 1.0, 0.0, MAX_TEMPERATURE),
-            top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-            top_k=_integer(body, "top_k", 0, 0, self.config.vocab_size),
-            frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-            presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+            temperature=number_field(body, "temperature", 1.0, 0.0, MAX_TEMPERATURE),
+            top_p=number_field(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+            top_k=integer_field(body, "top_k", 0, 0, self.config.vocab_size),
+            frequency_penalty=number_field(body, "frequency_penalty", 0.0, -2.0, 2.0),
+            presence_penalty=number_field(body, "presence_penalty", 0.0, -2.0, 2.0),
             stop=[*stops, *extra_stop] or None, logprobs=logprobs, strict=True)
         if (stops or extra_stop) and self.tokenizer is None:
             raise ApiError(400, "stop strings need a tokenizer; this model has none", "stop")
@@ -217,7 +202,7 @@ class Service:
 
     def completion_prompts(self, body: dict) -> list:
         prompt = body["prompt"]
-        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and _is_int(prompt[0])):
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and is_int(prompt[0])):
             prompts = [prompt]
         elif isinstance(prompt, list) and prompt:
             prompts = prompt
@@ -228,7 +213,7 @@ class Service:
             if isinstance(p, str):
                 if self.tokenizer is None:
                     raise ApiError(400, "this model has no tokenizer: give prompts as token ids", "prompt")
-            elif not (isinstance(p, list) and p and all(_is_int(t) for t in p)):
+            elif not (isinstance(p, list) and p and all(is_int(t) for t in p)):
                 raise ApiError(400, f"each prompt must be a string or a non-empty list of token ids, "
                                     f"got {json.dumps(p)[:80]}", "prompt")
         return prompts
@@ -277,7 +262,7 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
 
-async def _read_json(request: HttpRequest) -> Any:
+async def read_json(request: HttpRequest) -> Any:
     size = 0
     chunks = []
     async for chunk in request.stream():
@@ -311,7 +296,7 @@ class EventStream(StreamingResponse):
             self.on_close()
 
 
-def _sse(data: Any) -> str:
+def sse_event(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
@@ -325,7 +310,7 @@ class Generation:
         self.service, self.chat, self.body = service, chat, body
         self.id = _new_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
-        self.stream = _boolean(body, "stream")
+        self.stream = boolean_field(body, "stream")
         self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         self.runs, self.prompt_tokens = [], 0
         for p, prompt in enumerate(prompts):
@@ -415,14 +400,14 @@ class Generation:
     async def events(self, events: asyncio.Queue):
         if self.chat:
             for index, _, _ in self.runs:
-                yield _sse(self.envelope([{"index": index, "delta": {"role": "assistant", "content": ""},
+                yield sse_event(self.envelope([{"index": index, "delta": {"role": "assistant", "content": ""},
                                            "logprobs": None, "finish_reason": None}], chunk=True))
         while len(self.finish) < len(self.runs):
             index, item = await events.get()
             if isinstance(item, EngineError):
                 error = ApiError(503 if isinstance(item, EngineClosed) else 500, str(item),
                                  kind="server_error")
-                yield _sse(error.body())
+                yield sse_event(error.body())
                 break
             text = self.take(index, item)
             logprobs = self.logprobs_of(item.token_ids, item.logprobs or [])
@@ -437,238 +422,10 @@ class Generation:
             chunk = self.envelope([choice], chunk=True)
             if self.include_usage:
                 chunk["usage"] = None
-            yield _sse(chunk)
+            yield sse_event(chunk)
         else:
             if self.include_usage:
                 chunk = self.envelope([], chunk=True)
                 chunk["usage"] = self.usage()
-                yield _sse(chunk)
+                yield sse_event(chunk)
         yield "data: [DONE]\n\n"
-
-
-def build_app(engine: Engine, model_name: str) -> Starlette:
-    """The Starlette app serving `engine` under `model_name`. The engine must be started (the
-    app's lifespan starts it, and closes it at shutdown)."""
-    service = Service(engine, model_name)
-
-    async def generation(request: HttpRequest, chat: bool) -> Response:
-        body = await _read_json(request)
-        if chat:
-            body = service.check_fields(body, CHAT_FIELDS, ("model", "messages"))
-            if body.get("top_logprobs"):
-                raise ApiError(400, "top_logprobs > 0 is not supported (only the chosen token's "
-                                    "logprob is computed)", "top_logprobs")
-            logprobs = _boolean(body, "logprobs")
-            if "max_tokens" in body and "max_completion_tokens" in body:
-                raise ApiError(400, "give max_tokens or max_completion_tokens, not both", "max_tokens")
-            name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-            max_tokens, default = _integer(body, name, None, 1), None
-            prompts = [service.chat_prompt(body)]
-            settings = service.settings(body, max_tokens, logprobs, extra_stop=(CHAT_STOP,))
-        else:
-            body = service.check_fields(body, COMPLETION_FIELDS, ("model", "prompt"))
-            wanted = body.get("logprobs")
-            if wanted is not None and (not _is_int(wanted) or wanted != 0):
-                raise ApiError(400, f"logprobs must be 0 (the chosen token's logprob) or null; top "
-                                    f"alternatives are not computed, got {wanted!r}", "logprobs")
-            if body.get("echo"):
-                raise ApiError(400, "echo is not supported", "echo")
-            if body.get("suffix"):
-                raise ApiError(400, "suffix is not supported: this model does not fill in the middle",
-                               "suffix")
-            if _integer(body, "best_of", 1, 1, 1) != 1:
-                raise ApiError(400, "best_of must be 1", "best_of")
-            max_tokens = _integer(body, "max_tokens", None, 1)
-            default = COMPLETIONS_DEFAULT_MAX_TOKENS
-            prompts = service.completion_prompts(body)
-            settings = service.settings(body, max_tokens, wanted is not None)
-        generation = Generation(service, chat, body, prompts, settings, default)
-        events = generation.start(asyncio.get_running_loop())
-        if generation.stream:
-            return EventStream(generation.events(events), on_close=generation.cancel)
-        return await generation.gather(request, events)
-
-    async def completions(request: HttpRequest) -> Response:
-        return await generation(request, chat=False)
-
-    async def chat_completions(request: HttpRequest) -> Response:
-        return await generation(request, chat=True)
-
-    async def models(request: HttpRequest) -> Response:
-        return JSONResponse({"object": "list", "data": [
-            {"id": model_name, "object": "model", "created": service.created, "owned_by": "grok1",
-             "context_length": service.config.sequence_len}]})
-
-    async def health(request: HttpRequest) -> Response:
-        if engine.closing:
-            return JSONResponse({"status": "shutting down"}, status_code=503)
-        return JSONResponse({"status": "ok"})
-
-    async def metrics(request: HttpRequest) -> Response:
-        return PlainTextResponse(prometheus_text(engine, service.http_responses),
-                                 media_type="text/plain; version=0.0.4")
-
-    async def api_error(request: HttpRequest, error: ApiError) -> Response:
-        return error.response()
-
-    async def http_error(request: HttpRequest, error: HTTPException) -> Response:
-        return ApiError(error.status_code, str(error.detail), kind="invalid_request_error"
-                        if error.status_code < 500 else "server_error").response()
-
-    async def client_gone(request: HttpRequest, error: ClientDisconnect) -> Response:
-        return Response(status_code=499)
-
-    async def server_error(request: HttpRequest, error: Exception) -> Response:
-        return ApiError(500, f"internal error: {type(error).__name__}: {error}",
-                        kind="server_error").response()
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        engine.start()
-        yield
-        await asyncio.get_running_loop().run_in_executor(None, engine.close)
-
-    routes = [Route("/v1/completions", completions, methods=["POST"]),
-              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-              Route("/v1/models", models, methods=["GET"]),
-              Route("/health", health, methods=["GET"]),
-              Route("/metrics", metrics, methods=["GET"])]
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={ApiError: api_error, HTTPException: http_error,
-                                        ClientDisconnect: client_gone, Exception: server_error})
-    return CountResponses(app, service.http_responses)
-
-
-class CountResponses:
-    """ASGI middleware counting responses by status code (for /metrics)."""
-
-    def __init__(self, app, counts: dict[int, int]):
-        self.app, self.counts = app, counts
-
-    def __getattr__(self, name):
-        return getattr(self.app, name)
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-
-        async def counting_send(message) -> None:
-            if message["type"] == "http.response.start":
-                self.counts[message["status"]] = self.counts.get(message["status"], 0) + 1
-            await send(message)
-        await self.app(scope, receive, counting_send)
-
-
-def prometheus_text(engine: Engine, http_responses: dict[int, int]) -> str:
-    """The engine's metrics (and responses by status) in the Prometheus text format."""
-    m = engine.snapshot()
-    lines = [
-        "# HELP grok1_slots Slots (requests decoded together) of the engine.",
-        "# TYPE grok1_slots gauge", f"grok1_slots {m.slots}",
-        "# HELP grok1_requests_running Requests holding a slot.",
-        "# TYPE grok1_requests_running gauge", f"grok1_requests_running {m.running}",
-        "# HELP grok1_requests_waiting Requests waiting for a slot.",
-        "# TYPE grok1_requests_waiting gauge", f"grok1_requests_waiting {m.waiting}",
-        "# HELP grok1_prompt_tokens_total Prompt tokens prefilled.",
-        "# TYPE grok1_prompt_tokens_total counter", f"grok1_prompt_tokens_total {m.prompt_tokens}",
-        "# HELP grok1_generated_tokens_total Tokens sampled.",
-        "# TYPE grok1_generated_tokens_total counter",
-        f"grok1_generated_tokens_total {m.generated_tokens}",
-        "# HELP grok1_requests_finished_total Requests ended, by reason (stop, length, cancelled, "
-        "aborted, error).",
-        "# TYPE grok1_requests_finished_total counter",
-        *(f'grok1_requests_finished_total{{reason="{r}"}} {c}' for r, c in sorted(m.finished.items())),
-        "# HELP grok1_time_to_first_token_seconds From submission to the first token.",
-        "# TYPE grok1_time_to_first_token_seconds histogram",
-        *m.time_to_first_token.lines("grok1_time_to_first_token_seconds"),
-        "# HELP grok1_time_per_output_token_seconds Between consecutive tokens of a request.",
-        "# TYPE grok1_time_per_output_token_seconds histogram",
-        *m.time_per_output_token.lines("grok1_time_per_output_token_seconds"),
-        "# HELP grok1_http_responses_total HTTP responses by status code.",
-        "# TYPE grok1_http_responses_total counter",
-        *(f'grok1_http_responses_total{{code="{c}"}} {n}' for c, n in sorted(dict(http_responses).items())),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-# ---- running it -------------------------------------------------------------------------------
-
-def _uvicorn_server(app, engine: Engine, log_level: str):
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        async def shutdown(self, sockets=None) -> None:
-            # End running requests with a final event first, so open streams close at once.
-            threading.Thread(target=engine.close, name="grok1-engine-close").start()
-            await super().shutdown(sockets)
-
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10,
-                            lifespan="on", access_log=False)
-    return Server(config)
-
-
-def serve(model: Any, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, slots: int = DEFAULT_SLOTS,
-          model_name: str = "grok-1", max_waiting: int = DEFAULT_MAX_WAITING, decode_chunk: int = 1,
-          log_level: str = "info", sock: Optional[socket.socket] = None) -> None:
-    """Serve `model` on host:port (or the listening `sock`) until SIGTERM or Ctrl-C (blocking).
-    Running requests end with a final event, then the port is freed.
-
-    On a cluster (`grok1.distributed`) every process calls this with the same settings: process 0
-    serves HTTP, the others follow its engine's steps (`Engine.follow`) and return when it stops."""
-    engine = Engine(model, slots=slots, decode_chunk=decode_chunk, max_waiting=max_waiting,
-                    lead_followers=True)
-    if not is_main_process():
-        engine.follow()
-        return
-    sock = sock or bind(host, port)
-    host, port = sock.getsockname()[:2]
-    print(f"serving {model_name!r} on http://{_url_host(host)}:{port}/v1 ({engine.slots} slots)",
-          flush=True)
-    _uvicorn_server(build_app(engine, model_name), engine, log_level).run(sockets=[sock])
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on host:port (port 0: any free port)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-class BackgroundServer:
-    """A server on a thread of this process (for tests and notebooks): `.url`, `.engine`,
-    `.stop()`."""
-
-    def __init__(self, model: Any, host: str = DEFAULT_HOST, port: int = 0, slots: int = DEFAULT_SLOTS,
-                 model_name: str = "grok-1", max_waiting: int = DEFAULT_MAX_WAITING,
-                 decode_chunk: int = 1, log_level: str = "warning"):
-        self.engine = Engine(model, slots=slots, decode_chunk=decode_chunk, max_waiting=max_waiting)
-        self.model_name = model_name
-        self._socket = bind(host, port)
-        self.url = f"http://{_url_host(host)}:{self._socket.getsockname()[1]}"
-        self._server = _uvicorn_server(build_app(self.engine, model_name), self.engine, log_level)
-        self._thread = threading.Thread(target=self._server.run, kwargs=dict(sockets=[self._socket]),
-                                        name="grok1-server", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 60
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the server did not start")
-            time.sleep(0.02)
-
-    def stop(self, timeout: float = 30.0) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout)
-
-    def __enter__(self) -> "BackgroundServer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

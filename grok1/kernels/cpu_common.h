@@ -1,4 +1,4 @@
-// What grok1's native CPU kernels share (grok1/cpu_products.cc, grok1/cpu_attention.cc): loads
+// What grok1's native CPU kernels share (grok1/kernels/cpu_products.cc, grok1/kernels/cpu_attention.cc): loads
 // that convert int8 / bfloat16 / float32 to eight floats, a horizontal sum, and the work sharing
 // that runs a kernel's items on XLA's intra-op thread pool.
 
@@ -94,7 +94,7 @@ inline int64_t env_threads() {
   return s ? std::atoll(s) : 0;
 }
 
-// `max_threads` > 0 caps the threads (grok1/kernels.py: on a mesh, the process's cores shared
+// `max_threads` > 0 caps the threads (grok1/kernels/platform.py: on a mesh, the process's cores shared
 // among its devices, whose programs already run side by side); GROK1_NATIVE_THREADS overrides.
 inline void run_parallel(ffi::ThreadPool& pool, int64_t total, int64_t bytes_per_item,
                   std::function<void(int64_t)> work, int64_t max_threads = 0) {

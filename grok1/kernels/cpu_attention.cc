@@ -1,5 +1,5 @@
 // Grok-1's attention for a decode step, read straight out of the stacked KV cache: the XLA FFI
-// target behind grok1/native.py's `cached_attention`.
+// target behind grok1/kernels/native.py's `cached_attention`.
 //
 // Why: XLA:CPU multiplies a few queries by the cache [L, B, S, N, K] only after copying the
 // layer's keys and values into a [B, N, K, S] / [B, N, S, K] order, every layer of every step

@@ -11,13 +11,14 @@ about 1024 (the stored [in, out] form, or a contraction of 4096, runs 30-50x slo
 benchmarks/products.py). Accelerators keep the input axis whole (`max_chunk`): their products
 take a long contraction in one go. Onto one device the rearrangement is done on the host as the
 checkpoint is read (`write_compute_layout`, a piece of a tensor at a time); on a mesh it runs per
-tensor on the devices that hold it, shard by shard (the partition table in sharding.py describes the
-stored axes; a LinearWeight's split is derived from it). No full-size float copy ever exists.
+tensor on the devices that hold it, shard by shard (the partition table of grok1/mesh.py describes
+the stored axes; a LinearWeight's split is derived from it, `LinearWeight.sharding`, and recorded
+on it once placed, `record_splits`, so a kernel can run on each device's shard). No full-size float copy ever exists.
 The embedding table [V, d] is the output projection's [out, in] weight and is cut the same way
 (`EmbeddingTable`); the router is tiny and float32.
 
 `to_official` gives the stored tree back exactly (it only rearranges again), which `Model.save`
-writes. How rows are multiplied by a LinearWeight is grok1/kernels.py.
+writes. How rows are multiplied by a LinearWeight is grok1/kernels/.
 """
 
 from __future__ import annotations
@@ -25,13 +26,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
-from grok1.quant import QuantizedWeight8bit
+from grok1.mesh import axes_of, partition_spec, to_host
+from grok1.params import is_product_weight, logical_axes
+from grok1.weights.quant import QuantizedWeight8bit
 
 
 # On CPU the input axis of a weight is cut into chunks of at most this many elements: XLA:CPU's
@@ -43,6 +47,8 @@ MAX_CHUNK = 1024
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["values", "scales", "picked"],
                    meta_fields=["groups", "mesh_split"])
+
+
 @dataclasses.dataclass(frozen=True)
 class LinearWeight:
     """A weight in the compute layout, for `x @ w` with w [..., in, out] as the checkpoint has it:
@@ -53,9 +59,9 @@ class LinearWeight:
     for float weights. Leading axes (layers, experts) index as usual; an index by a single
     (possibly traced) integer is only recorded in `picked` and applied where the weight is
     multiplied (`resolved`), so a kernel can read the entry straight out of the whole stack
-    instead of a copy of it (grok1/kernels.py). On a mesh, `mesh_split` records how `values` and
-    `scales` are split (a PartitionSpec's entries per axis, grok1/sharding.record_splits), so a
-    kernel can run on each device's shard."""
+    instead of a copy of it (grok1/kernels/). On a mesh, `mesh_split` records how `values` and
+    `scales` are split (a PartitionSpec's entries per axis, `record_splits`), so a kernel can run
+    on each device's shard (`device_split`)."""
 
     values: jax.Array
     scales: Optional[jax.Array] = None
@@ -107,6 +113,42 @@ class LinearWeight:
         return dataclasses.replace(self, values=pick(self.values), picked=(), mesh_split=(),
                                    scales=None if self.scales is None else pick(self.scales))
 
+    def sharding(self, mesh: jax.sharding.Mesh, axes: tuple) -> "LinearWeight":
+        """This weight's NamedShardings (of `values` and `scales`) for a parameter with logical
+        `axes` (of its stored form): split as the stored weight is, its last two axes swapped,
+        so each device lays out its own shard while loading. The embedding table is stored
+        [V, d] = [out, in], every other weight [..., in, out]."""
+        spec = partition_spec(axes, self.shape, mesh)
+        split_in, split_out = (spec[1], spec[0]) if isinstance(self, EmbeddingTable) else (spec[-2], spec[-1])
+        # values [..., chunks, out, chunk]: each chunk holds a run of every device's share of the
+        # stored input axis, in device order, so the input split is the same split of every chunk.
+        values = NamedSharding(mesh, P(*spec[:-2], None, split_out, split_in))
+        scales = (None if self.scales is None
+                  else NamedSharding(mesh, partition_spec(axes, self.scales.shape, mesh)))
+        return type(self)(values=values, scales=scales, groups=self.groups)
+
+    def device_split(self) -> Optional[tuple[tuple[str, ...], tuple[str, ...]]]:
+        """(mesh axes splitting the output axis, mesh axes splitting the input axis) when each
+        device's shard is a LinearWeight by itself (leading axes and chunks whole, the input
+        share's scale blocks its own), as `mesh_split` records; else None."""
+        if not self.mesh_split:
+            return None
+        values_spec, scales_spec = self.mesh_split
+        if len(values_spec) != self.values.ndim:
+            return None
+        *lead, chunks, out_split, in_split = values_spec
+        if any(lead) or chunks:
+            return None
+        out_axes, in_axes = axes_of(out_split), axes_of(in_split)
+        if scales_spec is not None:
+            if len(scales_spec) != self.scales.ndim:
+                return None
+            *scale_lead, blocks, scale_out = scales_spec
+            whole_block = self.scales.shape[-2] == 1 and not blocks
+            if any(scale_lead) or axes_of(scale_out) != out_axes or not (whole_block or axes_of(blocks) == in_axes):
+                return None
+        return out_axes, in_axes
+
     def positions(self, j: int) -> np.ndarray:
         """The input positions chunk j holds, in its order (see `chunk_count`)."""
         n_in = self.shape[-2]
@@ -133,6 +175,8 @@ class LinearWeight:
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["values", "scales", "picked"],
                    meta_fields=["groups", "mesh_split"])
+
+
 @dataclasses.dataclass(frozen=True)
 class EmbeddingTable(LinearWeight):
     """The [V, d] embedding table in the compute layout: the weight of the output projection
@@ -167,12 +211,6 @@ def chunk_count(n_in: int, blocks: int = 1, shards: int = 1) -> int:
             if run <= limit and block % run == 0:
                 return count
     return 1
-
-
-def is_linear(module: str, name: str) -> bool:
-    """Whether params[module][name] is a weight of a product: every `w` but the router's, and the
-    embedding table (the output projection's weight, [out, in] as stored)."""
-    return (name == "w" and not module.endswith("/router")) or name == "embeddings"
 
 
 def _chunked(value: Any, chunks: int, groups: int, stored_transposed: bool) -> Any:
@@ -256,7 +294,7 @@ def to_compute_layout(params: dict, mesh: Optional[jax.sharding.Mesh] = None) ->
         out[module] = {}
         for name in list(group):
             value = group.pop(name)
-            if is_linear(module, name) and not isinstance(value, LinearWeight):
+            if is_product_weight(module, name) and not isinstance(value, LinearWeight):
                 value = _to_compute(module, name, value, mesh)
             out[module][name] = value
     return out
@@ -269,10 +307,7 @@ def _layout_of(module: str, name: str, value: Any, mesh: Optional[jax.sharding.M
     table = name == "embeddings"
     n_in = value.shape[-1] if table else value.shape[-2]
     blocks = value.scales.shape[-2] if isinstance(value, QuantizedWeight8bit) else 1
-    shards = 1
-    if mesh is not None:
-        from grok1.sharding import input_shards
-        shards = input_shards(mesh, module, name, value.shape)
+    shards = 1 if mesh is None else input_shards(mesh, module, name, value.shape)
     return chunk_count(n_in, blocks, shards), table, shards
 
 
@@ -280,15 +315,15 @@ def _to_compute(module: str, name: str, value: Any, mesh: Optional[jax.sharding.
     chunks, table, groups = _layout_of(module, name, value, mesh)
     if mesh is None:
         return to_linear_weight(value, chunks, table)
-    from grok1.sharding import param_sharding
     abstract = jax.eval_shape(lambda v: to_linear_weight(v, chunks, table, groups=groups), value)
-    return to_linear_weight(value, chunks, table, param_sharding(mesh, module, name, abstract), groups)
+    sharding = abstract.sharding(mesh, logical_axes(module, name))
+    return to_linear_weight(value, chunks, table, sharding, groups)
 
 
 def compute_layout_structs(params: dict, mesh: Optional[jax.sharding.Mesh] = None) -> dict:
     """`to_compute_layout` of a tree of ShapeDtypeStructs (plans: shapes only, nothing computed)."""
     def struct(module: str, name: str, value: Any) -> Any:
-        if not is_linear(module, name):
+        if not is_product_weight(module, name):
             return value
         chunks, table, groups = _layout_of(module, name, value, mesh)
         return jax.eval_shape(lambda v: to_linear_weight(v, chunks, table, groups=groups), value)
@@ -300,9 +335,8 @@ def compute_layout_structs(params: dict, mesh: Optional[jax.sharding.Mesh] = Non
 def to_official(params: dict) -> dict:
     """The official tree of `params` (either layout) as host numpy arrays, each tensor exactly
     as the checkpoint stored it: a model saved from it writes the files it was loaded from."""
-    from grok1.sharding import to_host  # gathers a sharded array, over processes too
-
     def host(array: Any) -> np.ndarray:
+        # gathers a sharded array, over processes too
         return to_host(array) if isinstance(array, jax.Array) else np.asarray(array)
 
     def official(value: Any) -> Any:
@@ -323,6 +357,28 @@ def resident_bytes(params: dict) -> int:
     return sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in leaves)
 
 
-def is_expert_stack(module: str) -> bool:
-    """Whether `module` (a params path) holds an [E, in, out] expert stack (`.../moe/linear*`)."""
-    return module.split("/")[-2:-1] == ["moe"]
+# ---- on a mesh --------------------------------------------------------------------------------
+
+def record_splits(params: dict) -> dict:
+    """`params` (placed on a mesh) with each LinearWeight's `mesh_split` set from its arrays'
+    shardings, so that a kernel can run on each device's shard (`LinearWeight.device_split`)."""
+    def spec(array: jax.Array) -> tuple:
+        entries = tuple(array.sharding.spec) if isinstance(array.sharding, NamedSharding) else ()
+        return entries + (None,) * (array.ndim - len(entries))
+
+    def record(leaf: Any) -> Any:
+        if not isinstance(leaf, LinearWeight) or not isinstance(leaf.values, jax.Array):
+            return leaf
+        return dataclasses.replace(leaf, mesh_split=(
+            spec(leaf.values), None if leaf.scales is None else spec(leaf.scales)))
+    return jax.tree_util.tree_map(record, params, is_leaf=lambda leaf: isinstance(leaf, LinearWeight))
+
+
+def input_shards(mesh: jax.sharding.Mesh, module: str, param: str, stored_shape: Sequence[int]) -> int:
+    """Over how many devices the table splits the input axis of a stored weight (the second to
+    last axis, or the last of the [V, d] embedding table): each chunk of the compute layout is
+    split as that axis is."""
+    spec = partition_spec(logical_axes(module, param), stored_shape, mesh)
+    split = spec[-1] if param == "embeddings" else spec[-2]
+    names = () if split is None else (split,) if isinstance(split, str) else tuple(split)
+    return math.prod(mesh.shape[name] for name in names)

@@ -1,11 +1,11 @@
-"""int8 weights with block scales, as in the Grok-1 release (the official tree), and the matmul
-that reads them in that form.
+"""int8 weights with block scales, as in the Grok-1 release (the official tree): the format, its
+sharding on a mesh, and quantising a float weight into it.
 
 A `QuantizedWeight8bit` keeps the full logical shape of the weight in int8; `scales` has shape
 `[..., num_blocks, out]`: the input axis (second to last) is split into `num_blocks` equal blocks
 and block b is scaled by `scales[..., b, :]`. Loaded models hold their weights in the compute
-layout instead (grok1/layout.py); `matmul` serves the official tree (training, `init`), through
-`kernels.linear`, which model code calls whatever the weight's form.
+layout instead (grok1/weights/layout.py); the official tree (training, `init`, checkpoints) holds
+this form, and grok1/kernels multiplies by it without materialising the float weight.
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ from typing import Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+
+from grok1.mesh import partition_spec
 
 
 @jax.tree_util.register_dataclass
@@ -42,8 +45,16 @@ class QuantizedWeight8bit:
     def nbytes(self) -> int:
         return int(self.weight.nbytes) + int(self.scales.nbytes)
 
+    def sharding(self, mesh: jax.sharding.Mesh, axes: tuple) -> "QuantizedWeight8bit":
+        """NamedShardings of the weight and its scales for a parameter with logical `axes`: the
+        scales [..., blocks, out] follow the weight, the same split of the leading and output
+        axes, and the blocks axis split like the weight's input axis where the count allows."""
+        return QuantizedWeight8bit(weight=NamedSharding(mesh, partition_spec(axes, self.weight.shape, mesh)),
+                                   scales=NamedSharding(mesh, partition_spec(axes, self.scales.shape, mesh)))
+
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        """The float weight, materialised (tests, conversion; the model uses `matmul`)."""
+        """The float weight, materialised (tests, conversion; the model multiplies by the int8
+        values, grok1/kernels)."""
         xp = np if isinstance(self.weight, np.ndarray) else jnp
         *lead, n_in, n_out = self.weight.shape
         blocks = self.weight.reshape(*lead, self.num_blocks, n_in // self.num_blocks, n_out)
@@ -84,46 +95,3 @@ def quantize(w: np.ndarray | jax.Array, num_blocks: int = 1, scale_dtype=None) -
     q = np.rint(blocks / scales.astype(np.float32)[..., :, None, :])
     weight = np.clip(q, -127, 127).astype(np.int8).reshape(w.shape)
     return QuantizedWeight8bit(weight=weight, scales=scales)
-
-
-def precision(dtype) -> jax.lax.Precision:
-    """The precision of a product whose operands are `dtype`: on accelerators float32 operands
-    in full float32 (HIGHEST), which they otherwise multiply as TensorFloat-32 (10-bit
-    mantissas: on an H200 that broke the golden and equivalence tests in float32 and the float32
-    attention of bfloat16 compute). CPUs multiply float32 in float32 anyway: DEFAULT there, so
-    their compiled programs stay exactly what they were."""
-    if jnp.dtype(dtype) == jnp.dtype(jnp.float32) and jax.default_backend() != "cpu":
-        return jax.lax.Precision.HIGHEST
-    return jax.lax.Precision.DEFAULT
-
-
-def matmul(x: jax.Array, w: Weight, dtype=None, out_dtype=None) -> jax.Array:
-    """`x @ w` over the last axis of x, for a plain or block-quantized weight [in, out].
-
-    The operands are cast to `dtype` (default x's), the products accumulate in float32 and the
-    result is returned in `out_dtype` (default `dtype`): the model asks for float32, so a
-    bfloat16 matmul rounds its inputs but not its output (docs/ARCHITECTURE.md, "Where the model
-    rounds to bfloat16").
-    For int8 weights the block scales are applied to the partial products of each block, so the
-    float weight is never materialised: `sum_b (x_b @ int8_b) * scales_b`.
-    """
-    dtype = dtype or x.dtype
-    out_dtype = out_dtype or dtype
-    x = x.astype(dtype)
-    acc = jnp.float32  # the same result for float32, the fast CPU kernels for bfloat16
-    if not isinstance(w, QuantizedWeight8bit):
-        return jnp.matmul(x, w, precision=precision(jnp.promote_types(x.dtype, w.dtype)),
-                          preferred_element_type=acc).astype(out_dtype)
-    n_in, n_out = w.weight.shape
-    blocks = w.num_blocks
-    if blocks == 1:
-        y = jnp.matmul(x, w.weight.astype(dtype), precision=precision(dtype), preferred_element_type=acc)
-        return (y * w.scales[0].astype(acc)).astype(out_dtype)
-    # One plain matmul per block (XLA:CPU has no batched bfloat16 dot with a float32 result).
-    size = n_in // blocks
-    out = None
-    for b in range(blocks):
-        part = jnp.matmul(x[..., b * size:(b + 1) * size], w.weight[b * size:(b + 1) * size].astype(dtype),
-                          precision=precision(dtype), preferred_element_type=acc) * w.scales[b].astype(acc)
-        out = part if out is None else out + part
-    return out.astype(out_dtype)

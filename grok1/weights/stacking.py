@@ -1,11 +1,11 @@
-"""The one place that maps the official parameter tree to the stacked one the model reads.
+"""Stacking: the official parameter tree as the stacked one the model reads, and back.
 
 Checkpoints (and everything that shows or writes parameter names) use the official tree, one
-module per layer: `transformer/decoder_layer_{i}/moe/linear`. The model runs one layer body over
+module per layer: `transformer/decoder_layer_{i}/moe/linear` (the names: grok1/params.py). The model runs one layer body over
 all layers (grok1/model.py), so it reads each such module once, stacked along a new leading
 layer axis: `transformer/decoder_layers/moe/linear` holds all L layers' tensors as [L, ...].
 
-`grok1.load` holds the stacked form (in the compute layout of grok1/layout.py, whose int8
+`grok1.load` holds the stacked form (in the compute layout of grok1/weights/layout.py, whose int8
 weights XLA streams straight out of the stacked arrays); `grok1.model.transformed` runs
 whichever form it is given, the official one unrolled. Onto one device, `HostStack` assembles
 that form on the host as the checkpoint is read, each tensor written once into its layer's slot;
@@ -15,14 +15,13 @@ over a mesh each tensor is placed where it belongs, laid out there, then stacked
 Both directions are generic pytree operations on a module's group of parameters: each leaf is
 stacked (or indexed) on its own, whatever dataclass holds it (`QuantizedWeight8bit`, a layout's
 own registered dataclass, ...), so a new parameter layout needs nothing here. Inside the layer
-loop, `layer_of` picks one layer: a LinearWeight only records the layer (grok1/layout.py), so the
+loop, `layer_of` picks one layer: a LinearWeight only records the layer (grok1/weights/layout.py), so the
 kernel that multiplies by it reads the layer out of the stack where it lies.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import threading
 from typing import Any, Callable, Optional
 
@@ -31,36 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from grok1.layout import EmbeddingTable, LinearWeight, compute_layout_structs, write_compute_layout
-
-LAYERS_MODULE = "decoder_layers"                  # the model's module name for all layers at once
-STACKED_PREFIX = f"transformer/{LAYERS_MODULE}/"
-_OFFICIAL_LAYER = re.compile(r"^transformer/decoder_layer_(\d+)/(.+)$")
-
-
-def layer_module(layer: int) -> str:
-    """The official module name of decoder layer `layer` (inside `transformer`)."""
-    return f"decoder_layer_{layer}"
-
-
-def official_module(layer: int, inner: str) -> str:
-    """The official module path of `inner` (e.g. "moe/linear") in decoder layer `layer`."""
-    return f"transformer/{layer_module(layer)}/{inner}"
-
-
-def stacked_module(inner: str) -> str:
-    """The stacked module path of `inner` (e.g. "moe/linear"), all layers at once."""
-    return STACKED_PREFIX + inner
-
-
-def is_stacked(module: str) -> bool:
-    """Whether `module` is a stacked path, whose tensors have a leading layer axis."""
-    return module.startswith(STACKED_PREFIX)
-
-
-def has_stacked_layers(params: dict) -> bool:
-    """Whether a params dict holds its decoder layers stacked (else one module per layer)."""
-    return any(is_stacked(module) for module in params)
+from grok1.params import STACKED_PREFIX, is_stacked, official_layer, official_module, stacked_module
+from grok1.runtime.buffers import aligned_empty
+from grok1.weights.layout import (EmbeddingTable, LinearWeight, compute_layout_structs,
+                                  write_compute_layout)
 
 
 def stack_layers(params: dict) -> dict:
@@ -71,16 +44,16 @@ def stack_layers(params: dict) -> dict:
     keeps its layer's sharding, unsplit along the layer axis."""
     layers: dict[str, dict[int, str]] = {}
     for module in params:
-        match = _OFFICIAL_LAYER.match(module)
-        if match:
-            layers.setdefault(match.group(2), {})[int(match.group(1))] = module
+        where = official_layer(module)
+        if where:
+            layers.setdefault(where[1], {})[where[0]] = module
     stacked: dict[str, Any] = {}
     for module in list(params):
-        match = _OFFICIAL_LAYER.match(module)
-        if not match:
+        where = official_layer(module)
+        if not where:
             stacked[module] = params.pop(module)
             continue
-        inner = match.group(2)
+        inner = where[1]
         if stacked_module(inner) in stacked or inner not in layers:
             continue
         found = layers.pop(inner)
@@ -109,7 +82,7 @@ def unstack_layers(params: dict) -> dict:
 
 
 class HostStack:
-    """The `place` of `checkpoint.load_params` for one device: each tensor is read in pieces
+    """The `place` of `grok1.checkpoint.load_params` for one device: each tensor is read in pieces
     (an expert, a band of the embedding table) and each piece written, in its compute layout,
     into its layer's slot of host buffers already shaped as the stacked tree; `placed` then puts
     them on the device, which on CPU takes the buffers over without a copy. So the weights are
@@ -124,17 +97,16 @@ class HostStack:
         self._lock = threading.Lock()  # load_params calls from several threads
 
     def __call__(self, spec: Any, read: Callable[[Optional[slice]], Any]) -> None:
-        match = _OFFICIAL_LAYER.match(spec.module)
-        module = stacked_module(match.group(2)) if match else spec.module
+        found = official_layer(spec.module)
+        module = stacked_module(found[1]) if found else spec.module
         # Expert stacks [E, in, out] and the embedding table [V, d] are read a band of their
         # first axis at a time (the rows of weight and scales alike); anything else whole.
         banded = len(spec.shape) == 3 or spec.param == "embeddings"
         rows = spec.shape[0]
         first = read(slice(0, 1) if banded else None)
         slot = self._slot(module, spec, first, rows if banded else None)
-        if match:
-            layer = int(match.group(1))
-            slot = jax.tree_util.tree_map(lambda buffer: buffer[layer], slot)
+        if found:
+            slot = jax.tree_util.tree_map(lambda buffer: buffer[found[0]], slot)
         if not banded:
             write_compute_layout(first, slot)
             return
@@ -154,7 +126,6 @@ class HostStack:
     def _slot(self, module: str, spec: Any, first: Any, rows: Optional[int]) -> Any:
         """The host buffers of params[module][spec.param] (all layers), made on first use from
         `first`: the tensor, or (`rows` given) its first row along the first axis."""
-        from grok1.checkpoint import aligned_empty
         with self._lock:
             group = self.buffers.setdefault(module, {})
             if spec.param not in group:

@@ -1,0 +1,260 @@
+"""An OpenAI-compatible HTTP server over the generation engine (Starlette + uvicorn): the app
+and its routes, Prometheus metrics, and serving until stopped (grok1/server/protocol.py checks
+each request and shapes each answer).
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
+GET /metrics (Prometheus text). Several processes (`grok1.distributed`): process 0 serves; the
+others follow its engine's steps (`serve` does both, see `Engine.follow`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from typing import Any, Optional
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request as HttpRequest
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from grok1.distributed import is_main_process
+from grok1.generation.engine import DEFAULT_MAX_WAITING, DEFAULT_SLOTS, Engine
+from grok1.server.protocol import (CHAT_FIELDS, CHAT_STOP, COMPLETION_FIELDS, COMPLETIONS_DEFAULT_MAX_TOKENS,
+                                   ApiError, EventStream, Generation, Service, boolean_field,
+                                   integer_field, is_int, read_json)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+
+
+def build_app(engine: Engine, model_name: str) -> Starlette:
+    """The Starlette app serving `engine` under `model_name`. The engine must be started (the
+    app's lifespan starts it, and closes it at shutdown)."""
+    service = Service(engine, model_name)
+
+    async def generation(request: HttpRequest, chat: bool) -> Response:
+        body = await read_json(request)
+        if chat:
+            body = service.check_fields(body, CHAT_FIELDS, ("model", "messages"))
+            if body.get("top_logprobs"):
+                raise ApiError(400, "top_logprobs > 0 is not supported (only the chosen token's "
+                                    "logprob is computed)", "top_logprobs")
+            logprobs = boolean_field(body, "logprobs")
+            if "max_tokens" in body and "max_completion_tokens" in body:
+                raise ApiError(400, "give max_tokens or max_completion_tokens, not both", "max_tokens")
+            name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+            max_tokens, default = integer_field(body, name, None, 1), None
+            prompts = [service.chat_prompt(body)]
+            settings = service.settings(body, max_tokens, logprobs, extra_stop=(CHAT_STOP,))
+        else:
+            body = service.check_fields(body, COMPLETION_FIELDS, ("model", "prompt"))
+            wanted = body.get("logprobs")
+            if wanted is not None and (not is_int(wanted) or wanted != 0):
+                raise ApiError(400, f"logprobs must be 0 (the chosen token's logprob) or null; top "
+                                    f"alternatives are not computed, got {wanted!r}", "logprobs")
+            if body.get("echo"):
+                raise ApiError(400, "echo is not supported", "echo")
+            if body.get("suffix"):
+                raise ApiError(400, "suffix is not supported: this model does not fill in the middle",
+                               "suffix")
+            if integer_field(body, "best_of", 1, 1, 1) != 1:
+                raise ApiError(400, "best_of must be 1", "best_of")
+            max_tokens = integer_field(body, "max_tokens", None, 1)
+            default = COMPLETIONS_DEFAULT_MAX_TOKENS
+            prompts = service.completion_prompts(body)
+            settings = service.settings(body, max_tokens, wanted is not None)
+        generation = Generation(service, chat, body, prompts, settings, default)
+        events = generation.start(asyncio.get_running_loop())
+        if generation.stream:
+            return EventStream(generation.events(events), on_close=generation.cancel)
+        return await generation.gather(request, events)
+
+    async def completions(request: HttpRequest) -> Response:
+        return await generation(request, chat=False)
+
+    async def chat_completions(request: HttpRequest) -> Response:
+        return await generation(request, chat=True)
+
+    async def models(request: HttpRequest) -> Response:
+        return JSONResponse({"object": "list", "data": [
+            {"id": model_name, "object": "model", "created": service.created, "owned_by": "grok1",
+             "context_length": service.config.sequence_len}]})
+
+    async def health(request: HttpRequest) -> Response:
+        if engine.closing:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def metrics(request: HttpRequest) -> Response:
+        return PlainTextResponse(prometheus_text(engine, service.http_responses),
+                                 media_type="text/plain; version=0.0.4")
+
+    async def api_error(request: HttpRequest, error: ApiError) -> Response:
+        return error.response()
+
+    async def http_error(request: HttpRequest, error: HTTPException) -> Response:
+        return ApiError(error.status_code, str(error.detail), kind="invalid_request_error"
+                        if error.status_code < 500 else "server_error").response()
+
+    async def client_gone(request: HttpRequest, error: ClientDisconnect) -> Response:
+        return Response(status_code=499)
+
+    async def server_error(request: HttpRequest, error: Exception) -> Response:
+        return ApiError(500, f"internal error: {type(error).__name__}: {error}",
+                        kind="server_error").response()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, engine.close)
+
+    routes = [Route("/v1/completions", completions, methods=["POST"]),
+              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+              Route("/v1/models", models, methods=["GET"]),
+              Route("/health", health, methods=["GET"]),
+              Route("/metrics", metrics, methods=["GET"])]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={ApiError: api_error, HTTPException: http_error,
+                                        ClientDisconnect: client_gone, Exception: server_error})
+    return CountResponses(app, service.http_responses)
+
+
+class CountResponses:
+    """ASGI middleware counting responses by status code (for /metrics)."""
+
+    def __init__(self, app, counts: dict[int, int]):
+        self.app, self.counts = app, counts
+
+    def __getattr__(self, name):
+        return getattr(self.app, name)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message) -> None:
+            if message["type"] == "http.response.start":
+                self.counts[message["status"]] = self.counts.get(message["status"], 0) + 1
+            await send(message)
+        await self.app(scope, receive, counting_send)
+
+
+def prometheus_text(engine: Engine, http_responses: dict[int, int]) -> str:
+    """The engine's metrics (and responses by status) in the Prometheus text format."""
+    m = engine.snapshot()
+    lines = [
+        "# HELP grok1_slots Slots (requests decoded together) of the engine.",
+        "# TYPE grok1_slots gauge", f"grok1_slots {m.slots}",
+        "# HELP grok1_requests_running Requests holding a slot.",
+        "# TYPE grok1_requests_running gauge", f"grok1_requests_running {m.running}",
+        "# HELP grok1_requests_waiting Requests waiting for a slot.",
+        "# TYPE grok1_requests_waiting gauge", f"grok1_requests_waiting {m.waiting}",
+        "# HELP grok1_prompt_tokens_total Prompt tokens prefilled.",
+        "# TYPE grok1_prompt_tokens_total counter", f"grok1_prompt_tokens_total {m.prompt_tokens}",
+        "# HELP grok1_generated_tokens_total Tokens sampled.",
+        "# TYPE grok1_generated_tokens_total counter",
+        f"grok1_generated_tokens_total {m.generated_tokens}",
+        "# HELP grok1_requests_finished_total Requests ended, by reason (stop, length, cancelled, "
+        "aborted, error).",
+        "# TYPE grok1_requests_finished_total counter",
+        *(f'grok1_requests_finished_total{{reason="{r}"}} {c}' for r, c in sorted(m.finished.items())),
+        "# HELP grok1_time_to_first_token_seconds From submission to the first token.",
+        "# TYPE grok1_time_to_first_token_seconds histogram",
+        *m.time_to_first_token.lines("grok1_time_to_first_token_seconds"),
+        "# HELP grok1_time_per_output_token_seconds Between consecutive tokens of a request.",
+        "# TYPE grok1_time_per_output_token_seconds histogram",
+        *m.time_per_output_token.lines("grok1_time_per_output_token_seconds"),
+        "# HELP grok1_http_responses_total HTTP responses by status code.",
+        "# TYPE grok1_http_responses_total counter",
+        *(f'grok1_http_responses_total{{code="{c}"}} {n}' for c, n in sorted(dict(http_responses).items())),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ---- running it -------------------------------------------------------------------------------
+
+def _uvicorn_server(app, engine: Engine, log_level: str):
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            # End running requests with a final event first, so open streams close at once.
+            threading.Thread(target=engine.close, name="grok1-engine-close").start()
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10,
+                            lifespan="on", access_log=False)
+    return Server(config)
+
+
+def serve(model: Any, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, slots: int = DEFAULT_SLOTS,
+          model_name: str = "grok-1", max_waiting: int = DEFAULT_MAX_WAITING, decode_chunk: int = 1,
+          log_level: str = "info", sock: Optional[socket.socket] = None) -> None:
+    """Serve `model` on host:port (or the listening `sock`) until SIGTERM or Ctrl-C (blocking).
+    Running requests end with a final event, then the port is freed.
+
+    On a cluster (`grok1.distributed`) every process calls this with the same settings: process 0
+    serves HTTP, the others follow its engine's steps (`Engine.follow`) and return when it stops."""
+    engine = Engine(model, slots=slots, decode_chunk=decode_chunk, max_waiting=max_waiting,
+                    lead_followers=True)
+    if not is_main_process():
+        engine.follow()
+        return
+    sock = sock or bind(host, port)
+    host, port = sock.getsockname()[:2]
+    print(f"serving {model_name!r} on http://{_url_host(host)}:{port}/v1 ({engine.slots} slots)",
+          flush=True)
+    _uvicorn_server(build_app(engine, model_name), engine, log_level).run(sockets=[sock])
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: any free port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+class BackgroundServer:
+    """A server on a thread of this process (for tests and notebooks): `.url`, `.engine`,
+    `.stop()`."""
+
+    def __init__(self, model: Any, host: str = DEFAULT_HOST, port: int = 0, slots: int = DEFAULT_SLOTS,
+                 model_name: str = "grok-1", max_waiting: int = DEFAULT_MAX_WAITING,
+                 decode_chunk: int = 1, log_level: str = "warning"):
+        self.engine = Engine(model, slots=slots, decode_chunk=decode_chunk, max_waiting=max_waiting)
+        self.model_name = model_name
+        self._socket = bind(host, port)
+        self.url = f"http://{_url_host(host)}:{self._socket.getsockname()[1]}"
+        self._server = _uvicorn_server(build_app(self.engine, model_name), self.engine, log_level)
+        self._thread = threading.Thread(target=self._server.run, kwargs=dict(sockets=[self._socket]),
+                                        name="grok1-server", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout)
+
+    def __enter__(self) -> "BackgroundServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

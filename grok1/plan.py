@@ -28,9 +28,20 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from grok1.config import ModelConfig
+from grok1 import mesh as mesh_rules
+from grok1.config import PRESETS, ModelConfig
+from grok1.inference import resolve_dtype
+from grok1.inspect import describe
+from grok1.model import KVCache, param_shapes, transformed
+from grok1.params import PARAM_AXES
+from grok1.runtime.devices import force_cpu_devices
+from grok1.weights.layout import compute_layout_structs
+from grok1.weights.placement import bytes_per_device, params_sharding, release_structs
+from grok1.weights.stacking import stack_layers
 
 # Named accelerators and their memory per device in bytes (vendor figures, decimal units).
 ACCELERATORS: dict[str, int] = {
@@ -43,23 +54,20 @@ ACCELERATORS: dict[str, int] = {
     "B200 (192 GB) / MI300X (192 GB)": 192 * 10**9,
 }
 
+
 def release_param_structs(config: ModelConfig) -> dict:
     """The parameter tree as ShapeDtypeStructs stored like the release: int8 + bf16 scales for the
     linear weights, bf16 embeddings and norm scales, float32 router (grok1/params.py)."""
-    from grok1.model import param_shapes
-    from grok1.weights.placement import release_structs
     return release_structs(param_shapes(config))
 
 
 def weight_bytes_per_device(config: ModelConfig, mesh: Mesh) -> int:
     """Bytes of the release-format parameters that each device holds under the sharding table."""
-    from grok1.weights.placement import bytes_per_device, params_sharding
     params = release_param_structs(config)
     return bytes_per_device(params, params_sharding(mesh, params))
 
 
 def _with_sharding(structs: Any, shardings: Any) -> Any:
-    import jax
     return jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                                   structs, shardings)
 
@@ -73,14 +81,6 @@ def compile_steps(config: ModelConfig, mesh: Mesh, *, batch: int, context: int, 
     device, the compiled program's cost_analysis (FLOPs and bytes accessed, per device: the
     program XLA compiles is one device's part of the partitioned step) and the compile time in
     seconds."""
-    import jax
-    import jax.numpy as jnp
-    from grok1 import mesh as sh
-    from grok1.model import KVCache, transformed
-    from grok1.weights.layout import compute_layout_structs
-    from grok1.weights.placement import params_sharding
-    from grok1.weights.stacking import stack_layers
-
     # As grok1.load lays them out: the compute layout (grok1/weights/layout.py), layers stacked.
     params = compute_layout_structs(release_param_structs(config), mesh)
     if stacked:
@@ -88,13 +88,13 @@ def compile_steps(config: ModelConfig, mesh: Mesh, *, batch: int, context: int, 
     param_sh = params_sharding(mesh, params)
     cache = jax.eval_shape(lambda: KVCache.zeros(config, batch, context, dtype))
     cache_sh = cache.sharding(mesh)
-    apply = sh.on_mesh(transformed(config, dtype).apply, mesh)
+    apply = mesh_rules.on_mesh(transformed(config, dtype).apply, mesh)
 
     def step(params, tokens, cache, logits_at):
         return apply(params, tokens, cache, logits_at)
 
-    rows = sh.activation_sharding(mesh, "cache_length", (batch,))
-    out_sh = (sh.activation_sharding(mesh, "last_logits", (batch, config.vocab_size)), cache_sh)
+    rows = mesh_rules.activation_sharding(mesh, "cache_length", (batch,))
+    out_sh = (mesh_rules.activation_sharding(mesh, "last_logits", (batch, config.vocab_size)), cache_sh)
     jitted = jax.jit(step, out_shardings=out_sh, donate_argnums=(2,))
     figures = {}
     for name, length in (("prefill", context), ("decode", 1)):
@@ -102,7 +102,7 @@ def compile_steps(config: ModelConfig, mesh: Mesh, *, batch: int, context: int, 
             continue
         start = time.perf_counter()
         tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32,
-                                      sharding=sh.activation_sharding(mesh, "tokens", (batch, length)))
+                                      sharding=mesh_rules.activation_sharding(mesh, "tokens", (batch, length)))
         logits_at = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)
         compiled = jitted.lower(_with_sharding(params, param_sh), tokens, _with_sharding(cache, cache_sh),
                                 logits_at).compile()
@@ -173,10 +173,8 @@ def expert_replication(config: ModelConfig, mesh: Mesh) -> dict[str, Any]:
     the ffn axis), each only where the sizes divide; a mesh axis that splits none of their axes
     holds a full copy per position along it, i.e. memory spent on copies rather than capacity.
     """
-    from grok1.mesh import partition_spec
-    from grok1.params import PARAM_AXES
     shape = (config.num_experts, config.emb_size, config.ffn_size)
-    spec = partition_spec(PARAM_AXES["linear@moe"], shape, mesh)
+    spec = mesh_rules.partition_spec(PARAM_AXES["linear@moe"], shape, mesh)
     used = {a for entry in spec if entry is not None for a in ((entry,) if isinstance(entry, str) else entry)}
     replicated = {axis: size for axis, size in mesh.shape.items() if size > 1 and axis not in used}
     copies = math.prod(replicated.values())
@@ -200,27 +198,20 @@ def make_plan(config: ModelConfig, mesh_spec: str, *, batch: int = 1, context: O
     `force_cpu_devices(N)` (or set XLA_FLAGS=--xla_force_host_platform_device_count=N) before
     JAX's first computation.
     """
-    import jax
-    import jax.numpy as jnp
-    from grok1 import mesh as sh
-    from grok1.inference import resolve_dtype
-    from grok1.model import KVCache
-    from grok1.weights.placement import bytes_per_device
-
     if batch < 1:
         raise ValueError(f"batch must be a positive integer, got {batch}")
     context = config.sequence_len if context is None else context
     if context < 1:
         raise ValueError(f"context must be a positive integer, got {context}")
     compute = resolve_dtype(dtype)
-    shape = sh.parse_mesh_spec(mesh_spec)
+    shape = mesh_rules.parse_mesh_spec(mesh_spec)
     size = math.prod(shape.values())
     if jax.device_count() < size:
         raise ValueError(f"mesh {mesh_spec!r} needs {size} devices but {jax.device_count()} are available; "
                          f"call grok1.runtime.devices.force_cpu_devices({size}) (or set "
                          f"XLA_FLAGS=--xla_force_host_platform_device_count={size}) before JAX starts "
                          f"(run.py --plan and python -m grok1.plan do)")
-    mesh = sh.make_mesh(shape, jax.devices()[:size])
+    mesh = mesh_rules.make_mesh(shape, jax.devices()[:size])
     start = time.perf_counter()
 
     weights = weight_bytes_per_device(config, mesh)
@@ -231,7 +222,6 @@ def make_plan(config: ModelConfig, mesh_spec: str, *, batch: int = 1, context: O
     decode_cost = decode_step_cost(config, mesh, batch=batch, context=context, dtype=compute)
     # The products a decode step needs at least: every active weight once per row (2 FLOPs per
     # multiply-add), split over the devices: only the chosen experts computed.
-    from grok1.inspect import describe
     decode_cost["ideal_product_flops"] = describe(config)["flops_per_token"]["matmul"] * batch / size
     # Cross-check of the byte accounting: XLA's own size of the compiled program's inputs.
     check = {"compiled_argument_bytes": steps["decode"]["argument"],
@@ -322,10 +312,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
 
-    from grok1 import mesh
-    from grok1.runtime.devices import force_cpu_devices
     try:
-        size = math.prod(mesh.parse_mesh_spec(args.mesh).values())
+        size = math.prod(mesh_rules.parse_mesh_spec(args.mesh).values())
     except ValueError as e:
         parser.error(str(e))
     if args.cpu_devices is not None and args.cpu_devices < 1:
@@ -333,7 +321,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.layers is not None and args.layers < 1:
         parser.error(f"--layers must be >= 1, got {args.layers}")
     force_cpu_devices(args.cpu_devices or size)
-    from grok1.config import PRESETS, ModelConfig
     if args.config:
         config = ModelConfig.from_json(args.config)
     elif args.preset in PRESETS:

@@ -274,7 +274,7 @@ def check_mesh_covers_the_cluster(spec: Optional[str]) -> None:
 def listen(args: argparse.Namespace):
     """--serve's listening socket, opened before the model loads so a busy port fails at once;
     None on processes other than 0 of a cluster, which follow process 0's engine instead."""
-    from grok1.distributed import is_main_process
+    from grok1.runtime.processes import is_main_process
     from grok1.server import bind
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must lie in [0, 65535], got {args.port}")
@@ -584,7 +584,7 @@ def read_prompts(tty: bool) -> Iterator[str]:
 
 
 def run_interactive(args: argparse.Namespace, model, settings: dict[str, Any]) -> None:
-    from grok1.distributed import is_main_process, share_from_main
+    from grok1.runtime.processes import is_main_process, share_from_main
 
     main_process = is_main_process()
     tty = main_process and sys.stdin.isatty() and sys.stdout.isatty()
@@ -631,7 +631,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             run_generate(args, model, settings)
         return 0
     except UserError as e:
-        from grok1.distributed import error_stream
+        from grok1.runtime.processes import error_stream
         print(f"run.py: error: {e}", file=error_stream(), flush=True)
         return EXIT_USAGE
     except KeyboardInterrupt:

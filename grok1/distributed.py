@@ -3,7 +3,7 @@
 JAX is multi-controller: the same program runs once per process, each process drives its own
 local devices, and `jax.devices()` lists the devices of all of them, so `make_mesh` spans them
 all. Each process reads from a tensor file only the slices of its own devices
-(`checkpoint.load_params`); results are gathered to every process (`sharding.to_host`).
+(`checkpoint.load_params`); results are gathered to every process (`mesh.to_host`).
 
 One machine, N processes on the loopback interface (CPU devices for testing):
 
@@ -21,9 +21,8 @@ The launcher passes the cluster to the command through environment variables; th
 `grok1.distributed.initialize()` before any other JAX call (a no-op when they are absent).
 `run.py` calls `join_cluster()`, which also leaves all printing to process 0.
 
-Every process runs the same program and must issue the same jitted calls in the same order: data
-that only one process has (a line typed on process 0's stdin, a seed drawn from the OS) is sent
-to the others with `share_from_main` before it steers any computation.
+Every process runs the same program and must issue the same jitted calls in the same order
+(grok1/runtime/processes.py: `share_from_main`, `Broadcast`).
 """
 
 from __future__ import annotations
@@ -35,13 +34,19 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
+
+from grok1.runtime.processes import native_logs_wanted, silence_other_processes
 
 ENV_COORDINATOR = "GROK1_COORDINATOR"
 ENV_NUM_PROCESSES = "GROK1_NUM_PROCESSES"
 ENV_PROCESS_ID = "GROK1_PROCESS_ID"
-ENV_COLLECTIVE_LOGS = "GROK1_COLLECTIVE_LOGS"
-DEFAULT_TIMEOUT_S = 300
+DEFAULT_TIMEOUT_S = 300             # joining: how long processes wait for each other
+# Stopping a cluster from outside: process 0 first (a server's engine then tells the others to
+# stop, and they leave together); whatever still runs after this many seconds is stopped too.
+LEADER_GRACE_S = 30.0
+# After process 0 ends by itself, the others get this long to end too before they are stopped.
+FOLLOWER_GRACE_S = 60.0
 
 # Runs before each launched command, then becomes it (exec): the command gets SIGKILL when the
 # launcher dies, even by SIGKILL (Linux PR_SET_PDEATHSIG; elsewhere nothing). Done in the child
@@ -83,7 +88,7 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
                          f"`python -m grok1.distributed`")
     if not 0 <= process_id < num_processes:
         raise ValueError(f"process id must lie in [0, {num_processes}), got {process_id}")
-    if os.environ.get(ENV_COLLECTIVE_LOGS, "") in ("", "0"):
+    if not native_logs_wanted():
         quiet_native_stdout()
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -112,141 +117,6 @@ def quiet_native_stdout() -> None:
                       encoding=sys.stdout.encoding, errors=sys.stdout.errors)
     moved._grok1_moved = True
     sys.stdout = moved
-
-
-def process_index() -> int:
-    """This process's index in the cluster (0 alone, or before joining one)."""
-    import jax
-    return jax.process_index()
-
-
-def is_main_process() -> bool:
-    """True on process 0, the one that reads input and prints."""
-    return process_index() == 0
-
-
-_silenced = False  # set on processes other than 0 by silence_other_processes
-
-
-def silence_other_processes() -> None:
-    """On every process but 0: standard output and error go to /dev/null, so that the cluster
-    prints each line once. An uncaught exception still reaches the real stderr, tagged with the
-    process index, so that a failure of one process is explained."""
-    global _silenced
-    if is_main_process():
-        return
-    index, real_stderr = process_index(), sys.stderr
-    _silenced = True
-    sys.stdout = open(os.devnull, "w")
-    sys.stderr = open(os.devnull, "w")
-    default_hook = sys.excepthook
-
-    def report(kind, value, traceback):
-        sys.stderr = real_stderr
-        print(f"[process {index}]", end=" ", file=real_stderr, flush=True)
-        default_hook(kind, value, traceback)
-
-    sys.excepthook = report
-
-
-def error_stream():
-    """Where a one-line error of this process goes: stderr on process 0, the real stderr tagged
-    with the process index on the others (silenced otherwise)."""
-    if not _silenced:
-        return sys.stderr
-    return _Tagged(sys.__stderr__, f"[process {process_index()}] ")
-
-
-class _Tagged:
-    """A text stream that prefixes every write with a tag (used for one-line errors)."""
-
-    def __init__(self, stream, tag: str):
-        self.stream, self.tag = stream, tag
-
-    def write(self, text: str) -> int:
-        return self.stream.write(self.tag + text if text.strip() else text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
-def share_from_main(value: Any) -> Any:
-    """`value` as process 0 has it, on every process (a JSON-serialisable value: text, numbers,
-    lists). With one process, `value` itself. Every process must call it at the same point.
-
-    This is how input that only process 0 sees (its stdin) or that each process would draw
-    differently (a fresh random seed) becomes the same on all of them, so they go on issuing the
-    same computations. It goes through the coordinator's key-value store, not a collective: the
-    others may wait for as long as a person takes to type a line (a gloo collective gives up
-    after 30 s), and if process 0 dies the coordinator ends them.
-    """
-    import jax
-    global _main_values
-    if jax.process_count() == 1:
-        return value
-    if _main_values is None:
-        _main_values = Broadcast("share_from_main")
-    if is_main_process():
-        _main_values.publish(value)
-        return value
-    return _main_values.receive()
-
-
-_main_values: Optional["Broadcast"] = None  # share_from_main's stream, made after initialize()
-_SHARE_WAIT_MS = 3_600_000           # one wait; it is renewed until process 0 answers or dies
-
-
-class Broadcast:
-    """A stream of values from process 0 to every other process, one per `publish`, received in
-    order: how a server's engine on process 0 tells the other processes each step's schedule, and
-    what `share_from_main` sends.
-
-    It goes through the coordinator's key-value store, and a receiver blocks (without spinning)
-    until the next value comes, however long process 0 stays idle; each value goes to one key per
-    receiving process, which that process deletes once read, so a long-lived stream leaves nothing
-    behind in the store. Process 0 never waits for the others.
-    """
-
-    def __init__(self, name: str):
-        import jax
-        self.name = name
-        self.count = 0
-        self.processes = jax.process_count()
-        self.index = jax.process_index()
-
-    def _key(self, count: int, process: int) -> str:
-        return f"grok1/broadcast/{self.name}/{count}/{process}"
-
-    def publish(self, value: Any) -> None:
-        """(Process 0.) Send `value` (JSON-serialisable) to every other process."""
-        import json
-        client = _store_client()
-        text = json.dumps(value)
-        for process in range(1, self.processes):
-            client.key_value_set(self._key(self.count, process), text)
-        self.count += 1
-
-    def receive(self) -> Any:
-        """(Other processes.) The next published value; blocks until it comes."""
-        import jax
-        import json
-        client = _store_client()
-        key = self._key(self.count, self.index)
-        while True:
-            try:
-                text = client.blocking_key_value_get(key, _SHARE_WAIT_MS)
-                break
-            except jax.errors.JaxRuntimeError as e:
-                if "DEADLINE_EXCEEDED" not in str(e):
-                    raise
-        client.key_value_delete(key)
-        self.count += 1
-        return json.loads(text)
-
-
-def _store_client():
-    from jax._src import distributed as jax_distributed  # the store has no public API yet
-    return jax_distributed.global_state.client
 
 
 def join_cluster(timeout_s: int = DEFAULT_TIMEOUT_S) -> bool:
@@ -289,65 +159,113 @@ def process_env(base: dict, coordinator: str, num_processes: int, process_id: in
 
 def launch(command: Sequence[str], num_processes: int, *, devices_per_process: Optional[int] = None,
            coordinator: Optional[str] = None, process_ids: Optional[Sequence[int]] = None,
-           timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
+           timeout_s: Optional[float] = None) -> int:
     """Run `command` as processes `process_ids` (default: all) of an N-process cluster; return its exit code.
 
-    0 when all succeed. If one fails, the others are killed and its code is returned; past
-    `timeout_s` all are killed and 124 is returned. Either way the reason goes to stderr.
+    0 when all succeed. The processes run until they end (a server: until it is stopped), or
+    for `timeout_s` when given (then 124). If one fails, the others are stopped and its code is
+    returned; if the launcher is interrupted or sent SIGTERM, the cluster is stopped. Stopping
+    takes process 0 first, so that it can tell the others to finish (`stop_cluster`). Each cause
+    is one line on stderr.
     """
     if not command:
         raise ValueError("no command to launch (put it after `--`)")
     if num_processes < 1:
         raise ValueError(f"--num-processes must be at least 1, got {num_processes}")
+    if timeout_s is not None and not timeout_s > 0:
+        raise ValueError(f"--timeout must be a positive number of seconds, got {timeout_s:g}")
     coordinator = coordinator or f"127.0.0.1:{free_port()}"
     ids = list(range(num_processes)) if process_ids is None else list(process_ids)
     if any(not 0 <= i < num_processes for i in ids):
         raise ValueError(f"process ids must lie in [0, {num_processes}), got {ids}")
-    procs = {i: subprocess.Popen([sys.executable, "-c", _DIE_WITH_PARENT, *command], start_new_session=True,
+    procs = {i: subprocess.Popen([sys.executable, "-c", _DIE_WITH_PARENT, *command],
+                                 start_new_session=True,
                                  env=process_env(os.environ, coordinator, num_processes, i, devices_per_process))
              for i in ids}
-    deadline = time.monotonic() + timeout_s
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    leader_done_at: Optional[float] = None
+    orderly = True  # stopping for a reason outside the cluster: process 0 first
     try:
         while True:
             codes = {i: p.poll() for i, p in procs.items()}
             failed = [i for i, code in codes.items() if code not in (None, 0)]
             if failed:
                 code = codes[failed[0]]
-                how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-                print(f"grok1.distributed: process {failed[0]} {how}; stopping the others",
-                      file=sys.stderr, flush=True)
+                _say(f"process {failed[0]} {_how(code)}; stopping the others")
+                orderly = False  # the cluster cannot finish together any more
                 return 128 - code if code < 0 else code
             if all(code == 0 for code in codes.values()):
                 return 0
-            if time.monotonic() > deadline:
-                running = [i for i, code in codes.items() if code is None]
-                print(f"grok1.distributed: process(es) {running} still running after {timeout_s:g} s; "
-                      f"stopping them", file=sys.stderr, flush=True)
+            running = [i for i, code in codes.items() if code is None]
+            now = time.monotonic()
+            if deadline is not None and now > deadline:
+                _say(f"process(es) {running} still running after {timeout_s:g} s (--timeout); stopping them")
                 return 124
+            if codes.get(min(procs)) == 0 and len(procs) > 1:
+                leader_done_at = leader_done_at or now
+                if now - leader_done_at > FOLLOWER_GRACE_S:
+                    _say(f"process {min(procs)} ended but process(es) {running} still run after "
+                         f"{FOLLOWER_GRACE_S:g} s; stopping them")
+                    return 1
             time.sleep(0.1)
+    except KeyboardInterrupt:
+        _say("interrupted; stopping the cluster, process 0 first")
+        return 130
+    except SystemExit as e:  # SIGTERM (see _raise_exit)
+        _say(f"stopped by signal {e.code - 128}; stopping the cluster, process 0 first")
+        raise
     finally:
-        for p in procs.values():
-            _stop(p)
+        stop_cluster(procs, orderly)
+
+
+def stop_cluster(procs: dict[int, subprocess.Popen], orderly: bool = True) -> None:
+    """Stop the processes still running. `orderly`: the lowest-numbered one (process 0, the
+    leader) first, so that a server's engine tells the others to finish and they all leave their
+    distributed runtime together (killing them all at once left one aborting with a page of C++
+    frames: JAX's client of a process whose coordinator vanished), and whatever still runs after
+    LEADER_GRACE_S. Otherwise (a process failed, so the others cannot finish together) all at
+    once. What lingers 5 s after SIGTERM is killed."""
+    running = {i: p for i, p in procs.items() if p.poll() is None}
+    if not running:
+        return
+    leader = min(procs)
+    if orderly and leader in running:
+        _signal(running[leader], signal.SIGTERM)
+        end = time.monotonic() + LEADER_GRACE_S
+        while time.monotonic() < end and any(p.poll() is None for p in running.values()):
+            time.sleep(0.1)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = [p for p in running.values() if p.poll() is None]
+        for p in alive:
+            _signal(p, sig)
+        end = time.monotonic() + 5.0
+        while time.monotonic() < end and any(p.poll() is None for p in alive):
+            time.sleep(0.05)
+
+
+def _say(line: str) -> None:
+    print(f"grok1.distributed: {line}", file=sys.stderr, flush=True)
+
+
+def _how(code: int) -> str:
+    """How a process ended, from its exit code (negative: the signal that killed it)."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        return f"was killed by signal {-code} ({signal.Signals(-code).name})"
+    except ValueError:
+        return f"was killed by signal {-code}"
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _raise_exit(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Terminate a launched process and its children (its own session), then kill if it lingers."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -360,8 +278,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--coordinator", help="host:port of process 0 (default: 127.0.0.1 and a free port)")
     parser.add_argument("--devices-per-process", type=int,
                         help="force this many CPU devices per process (testing without accelerators)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
-                        help=f"seconds before every process is stopped (default {DEFAULT_TIMEOUT_S})")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds after which every process is stopped (default: none; the processes "
+                             "run until they end, a server until it is stopped with Ctrl-C or SIGTERM)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command

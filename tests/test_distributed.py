@@ -253,6 +253,76 @@ def test_interactive_run_py_answers_on_process_0_and_a_killed_process_ends_the_r
             launcher.kill()
 
 
+def serving_cluster(**env: str) -> tuple[subprocess.Popen, str]:
+    """`run.py --serve` on 2 processes x 4 devices under the launcher with no --timeout: the
+    launcher and the server's URL, once process 0 listens."""
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "grok1.distributed", "--num-processes", "2", "--devices-per-process", "4",
+         "--", sys.executable, "run.py", "--serve", "--port", "0", "--mesh", "1x8", "--quiet"],
+        cwd=str(REPO), env=repo_env(PYTHONUNBUFFERED="1", **env), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = []
+    for line in launcher.stdout:   # with GROK1_COLLECTIVE_LOGS=1, gloo's lines come first
+        seen.append(line)
+        if line.startswith("serving"):
+            return launcher, line.split(" on ", 1)[1].split()[0]
+    launcher.kill()
+    raise AssertionError("".join(seen)[-2000:] + launcher.stderr.read()[-3000:])
+
+
+def launcher_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("grok1.distributed:")]
+
+
+def test_the_launcher_sets_no_time_limit_of_its_own():
+    """Servers and interactive runs under the launcher run until stopped (the launcher once
+    stopped everything after 300 s)."""
+    import inspect
+    assert inspect.signature(distributed.launch).parameters["timeout_s"].default is None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds the launched processes in /proc")
+def test_a_served_cluster_stopped_by_sigterm_ends_with_one_line_and_no_abort():
+    # GROK1_COLLECTIVE_LOGS=1 keeps the native output of process 1, where JAX's client printed a
+    # page of C++ frames when its coordinator (process 0) went first.
+    launcher, url = serving_cluster(GROK1_COLLECTIVE_LOGS="1")
+    try:
+        import httpx
+        answer = httpx.post(url + "/completions", timeout=120,
+                            json=dict(model="small", prompt="Once upon a time", max_tokens=4, temperature=0))
+        assert answer.status_code == 200
+        follower = launched_process(launcher, 1)
+        launcher.send_signal(signal.SIGTERM)
+        code = launcher.wait(timeout=90)
+        stderr = launcher.stderr.read()
+        assert code == 128 + signal.SIGTERM
+        assert launcher_lines(stderr) == ["grok1.distributed: stopped by signal 15; stopping the cluster, "
+                                          "process 0 first"]
+        assert "Check failure" not in stderr and "Terminating process" not in stderr, stderr[-3000:]
+        assert not os.path.exists(f"/proc/{follower}")
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="finds the launched processes in /proc")
+def test_a_follower_whose_leader_dies_ends_without_an_abort_dump():
+    launcher, _ = serving_cluster()
+    try:
+        os.kill(launched_process(launcher, 0), signal.SIGKILL)
+        code = launcher.wait(timeout=60)
+        stderr = launcher.stderr.read()
+        assert code != 0
+        assert launcher_lines(stderr) == ["grok1.distributed: process 0 was killed by signal 9 (SIGKILL); "
+                                          "stopping the others"]
+        assert "Check failure" not in stderr and "Terminating process" not in stderr, stderr[-3000:]
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+
+
 def two_processes_report(worker: str, tag: str) -> list:
     """Run `worker` (Python source) as 2 processes of one device each; the JSON each printed
     after `tag`, sorted (so by process index when that comes first)."""
@@ -279,9 +349,10 @@ def test_fresh_seeds_are_process_0s_draw_on_every_process():
 def test_broadcast_delivers_process_0s_values_in_order_and_leaves_no_keys_behind():
     worker = ("import sys, json, time\n"
               "from grok1 import distributed\n"
+              "from grok1.runtime import processes\n"
               "distributed.initialize()\n"
               "import jax\n"
-              "stream = distributed.Broadcast('test')\n"
+              "stream = processes.Broadcast('test')\n"
               "values = [{'step': i, 'ids': list(range(i))} for i in range(3)]\n"
               "if jax.process_index() == 0:\n"
               "    for value in values:\n"
@@ -290,7 +361,7 @@ def test_broadcast_delivers_process_0s_values_in_order_and_leaves_no_keys_behind
               "    got = values\n"
               "else:\n"
               "    got = [stream.receive() for _ in values]\n"
-              "    client = distributed._store_client()\n"
+              "    client = processes._store_client()\n"
               "    left = [k for k, _ in client.key_value_dir_get('grok1/broadcast/test/')]\n"
               "    assert left == [], left\n"
               "sys.stdout.write('GOT ' + json.dumps([jax.process_index(), got]) + '\\n')\n"

@@ -25,7 +25,7 @@ same order. `generate` gets that by submitting the same requests on every proces
 takes requests on process 0 only, so its engine is built with `lead_followers=True`: before each
 step process 0 publishes the step's schedule (the newcomers' slots, prompt ids and sampling
 settings with their seeds, whether a decode call runs, or that the engine stopped) through a
-`distributed.Broadcast`, and the other processes run `Engine.follow`, which makes the same calls
+`Broadcast` (grok1/runtime/processes.py), and the other processes run `Engine.follow`, which makes the same calls
 on their part of the global state. The schedule is all they need: which slots hold or have
 freed a request only matters on the host, and the step's results reach every process.
 """
@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import jax
 import numpy as np
 
-from grok1.distributed import Broadcast, is_main_process
+from grok1.runtime.processes import Broadcast, is_main_process
 from grok1.generation.requests import Delta, Request
 from grok1.generation.runner import Runner, runner_for
 from grok1.generation.settings import FittedPrompt, SamplingSettings, draw_fresh_seeds, fit_prompt

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import numpy as np
 
 from grok1.config import ModelConfig
-from grok1.distributed import share_from_main
+from grok1.runtime.processes import share_from_main
 
 MAX_SEED = 2 ** 32
 MAX_PENALTY = 2.0    # frequency_penalty and presence_penalty lie in [-2, 2], as in the OpenAI API

@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect, Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from grok1.distributed import is_main_process
+from grok1.runtime.processes import is_main_process
 from grok1.generation.engine import DEFAULT_MAX_WAITING, DEFAULT_SLOTS, Engine
 from grok1.server.protocol import (CHAT_FIELDS, CHAT_STOP, COMPLETION_FIELDS, COMPLETIONS_DEFAULT_MAX_TOKENS,
                                    ApiError, EventStream, Generation, Service, boolean_field,

@@ -1,5 +1,6 @@
-"""The OpenAI-compatible server: the official client, requests joining while others decode,
-determinism against `generate`, a load test with disconnecting clients, malformed input, and
+"""The OpenAI-compatible server: the official client, the chat template and the seeds of `n`
+choices, compiling before listening, requests joining while others decode, determinism against
+`generate`, a load test with disconnecting clients, malformed and hostile input, an API key, and
 graceful shutdown.
 
 One server (4 slots, on 127.0.0.1 and a free port, in a thread of this process) serves the
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import queue
@@ -27,11 +29,14 @@ import httpx
 import openai
 import pytest
 
+from starlette.testclient import TestClient
+
 import grok1
 from grok1.generation.engine import Engine
+from grok1.generation.requests import Request
 from grok1.generation.runner import runner_for
 from grok1.generation.settings import sampling_settings
-from grok1.server import BackgroundServer
+from grok1.server import BackgroundServer, api_key_from, build_app
 
 from conftest import REPO
 from test_distributed import launched_process
@@ -137,6 +142,97 @@ def test_logprobs_come_with_each_returned_token(client):
 def test_models_lists_the_served_model_and_health_is_ok(client, http):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert http.get("/health").json() == {"status": "ok"}
+
+
+# ---- the chat template and the seeds of n choices ---------------------------------------------
+
+def test_chat_answers_what_generate_continues_greedily_from_the_documented_template(client, model):
+    messages = [{"role": "system", "content": "You write code."}, {"role": "user", "content": "Say hello"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Say it twice"}]
+    # protocol.py's module docstring, written out by hand
+    template = ("System: You write code.\n\nUser: Say hello\n\nAssistant: Hello.\n\n"
+                "User: Say it twice\n\nAssistant:")
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0)
+    [expected] = model.generate([template], slots=SLOTS, max_new_tokens=20, temperature=0.0,
+                                stop=["\nUser:"])
+    assert out.usage.prompt_tokens == len(expected.prompt_token_ids)
+    assert out.choices[0].message.content == expected.text.lstrip()
+    assert out.choices[0].finish_reason == expected.finish_reason
+
+
+@contextlib.contextmanager
+def submitted_settings(engine: Engine):
+    """The SamplingSettings of each request submitted to `engine` inside the block (submitted
+    as usual; the engine's own `submit` is back after it)."""
+    seen, submit = [], engine.submit
+
+    def recording(requests, **options):
+        seen.extend(settings for _, settings, _ in requests)
+        return submit(requests, **options)
+
+    engine.submit = recording
+    try:
+        yield seen
+    finally:
+        del engine.submit
+
+
+def test_chat_generation_stops_at_the_next_user_turn(server, client, model):
+    # The shipped model never writes "\nUser:" itself (greedy or sampled), so the reply that does
+    # is given as token ids to the progress of a request with the settings the server submitted.
+    with submitted_settings(server.engine) as seen:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                       max_tokens=4, stop=["END"])
+    [settings] = seen
+    assert sorted(settings.stop_strings) == ["\nUser:", "END"]
+    prompt = model.tokenizer.encode("User: Hi\n\nAssistant:")
+    progress = Request(prompt, dataclasses.replace(settings, max_new_tokens=None), model.config,
+                       model.tokenizer)
+    for token in model.tokenizer.encode(" Hello.\n\nUser: and the model speaks for the user"):
+        if progress.add(token, 0.0).finish_reason is not None:
+            break
+    assert (progress.finish_reason, progress.stop_reason) == ("stop", "\nUser:")
+    assert progress.text.strip() == "Hello."
+
+
+def test_n_choices_sample_with_seeds_seed_seed_plus_1_and_so_on(client):
+    settings = dict(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=1.0)
+    together = client.completions.create(**settings, n=3, seed=40)
+    alone = [client.completions.create(**settings, seed=40 + i).choices[0].text for i in range(3)]
+    assert [choice.text for choice in together.choices] == alone
+    assert len(set(alone)) == 3, "the seeds must sample different texts for the check to mean anything"
+
+
+# ---- compiling before listening ---------------------------------------------------------------
+
+SERVING_STEPS = ("decode", "_prefill_slot", "_prefill_chunk", "_start_slot")
+
+
+def test_a_server_compiles_its_serving_steps_before_it_listens_so_requests_compile_nothing(model):
+    runner = runner_for(model, 3)   # slots=3: a runner no other test compiles
+    steps = {name: getattr(runner, name) for name in SERVING_STEPS}
+    assert not any(step._cache_size() for step in steps.values())
+    with BackgroundServer(model, slots=3, model_name=MODEL) as fresh:
+        compiled = {name: step._cache_size() for name, step in steps.items()}
+        assert all(compiled.values()), compiled
+        ids = model.tokenizer.encode(LONG_PROMPT)
+        # a short prompt, one of the bucket a prefill chunk fills, and one prefilled in chunks
+        for prompt in (PROMPT, ids[:100], ids[:150]):
+            response = httpx.post(fresh.url + "/v1/completions", timeout=60,
+                                  json=dict(model=MODEL, prompt=prompt, max_tokens=3))
+            assert response.status_code == 200, response.text
+    assert {name: step._cache_size() for name, step in steps.items()} == compiled
+
+
+def test_a_server_says_in_one_line_on_stderr_that_it_compiles_before_it_starts(model, capfd):
+    capfd.readouterr()
+    with BackgroundServer(model, slots=SLOTS, model_name=MODEL, log_level="info"):
+        pass
+    lines = capfd.readouterr().err.splitlines()
+    [compiling] = [i for i, line in enumerate(lines) if "compiling" in line]
+    assert re.fullmatch(r"grok1: compiling the serving steps \(or loading them from the compilation "
+                        r"cache\) \.\.\. done in \d+\.\d s", lines[compiling])
+    assert compiling < next(i for i, line in enumerate(lines) if "startup complete" in line)
 
 
 # ---- scheduling -------------------------------------------------------------------------------
@@ -375,6 +471,157 @@ def test_unknown_path_and_wrong_method_get_json_errors(http):
     assert response.status_code == 405 and response.json()["error"]["message"]
 
 
+def nested(depth: int, inner: str = "1") -> str:
+    return "[" * depth + inner + "]" * depth
+
+
+def test_a_body_nested_100000_arrays_deep_gets_a_400_and_the_server_keeps_serving(http):
+    response = http.post("/v1/completions", content=nested(100_000).encode())
+    assert response.status_code == 400
+    assert "nests" in response.json()["error"]["message"]
+    assert http.post("/v1/completions", json=GOOD).status_code == 200
+
+
+def completion_with(field: str, raw_json: str) -> bytes:
+    return f'{{"model": "{MODEL}", "prompt": "a", "max_tokens": 2, "{field}": {raw_json}}}'.encode()
+
+
+def chat_with(raw_message: str) -> bytes:
+    return f'{{"model": "{MODEL}", "max_tokens": 2, "messages": [{raw_message}]}}'.encode()
+
+
+HUGE = "1" + "0" * 4000      # within Python's 4300-digit limit on parsing ints
+HOSTILE = {   # (path, raw body): each gets a 4xx JSON error, never a 5xx
+    "a deep prompt": ("completions", completion_with("prompt", nested(900))),
+    "a deep stop list": ("completions", completion_with("stop", nested(900, '"x"'))),
+    "a deep model": ("completions", f'{{"model": {nested(900)}, "prompt": "a"}}'.encode()),
+    "a deep ignored field": ("completions", completion_with("user", nested(900))),
+    "deep objects": ("completions", b'{"a": ' * 50_000 + b"1" + b"}" * 50_000),
+    "deep messages": ("chat/completions", f'{{"model": "{MODEL}", "messages": {nested(900)}}}'.encode()),
+    "deep message content": ("chat/completions", chat_with(f'{{"role": "user", "content": {nested(900)}}}')),
+    "a list as role": ("chat/completions", chat_with('{"role": ["user"], "content": "hi"}')),
+    "a huge integer temperature": ("completions", completion_with("temperature", HUGE)),
+    "a huge integer top_p": ("completions", completion_with("top_p", HUGE)),
+    "a huge integer max_tokens": ("completions", completion_with("max_tokens", HUGE)),
+    "a huge integer seed": ("completions", completion_with("seed", HUGE)),
+    "a huge token id": ("completions", completion_with("prompt", f"[1, {HUGE}]")),
+    "an integer past the parser's limit": ("completions", completion_with("n", "1" + "0" * 5000)),
+    "1e999 (infinite) temperature": ("completions", completion_with("temperature", "1e999")),
+    "NaN": ("completions", completion_with("top_p", "NaN")),
+    "Infinity": ("completions", completion_with("presence_penalty", "Infinity")),
+    "-Infinity": ("chat/completions", chat_with('{"role": "user", "content": -Infinity}')),
+    "bytes that are not UTF-8": ("completions", completion_with("prompt", '"?"').replace(b"?", b"\xff\xfe")),
+    "a lone surrogate in the prompt": ("completions", completion_with("prompt", '"\\ud800"')),
+    "a lone surrogate in a message": ("chat/completions",
+                                      chat_with('{"role": "user", "content": "\\udc00"}')),
+    "a JSON number": ("completions", b"42"),
+    "a JSON string": ("chat/completions", b'"hello"'),
+    "a JSON null": ("completions", b"null"),
+    "a JSON array": ("chat/completions", f'[{{"model": "{MODEL}"}}]'.encode()),
+}
+
+
+@pytest.mark.parametrize("path,body", HOSTILE.values(), ids=HOSTILE.keys())
+def test_a_hostile_body_gets_a_4xx_json_error_in_one_short_line(http, path, body):
+    response = http.post(f"/v1/{path}", content=body, headers={"Content-Type": "application/json"})
+    assert 400 <= response.status_code < 500, response.text[:300]
+    message = response.json()["error"]["message"]
+    assert message and "\n" not in message and len(message) < 300
+    assert http.post("/v1/completions", json=GOOD).status_code == 200
+
+
+# ---- an API key -------------------------------------------------------------------------------
+
+KEY = "sk-grok1-test-3f9a7c"
+
+
+@pytest.fixture(scope="module")
+def keyed(model):
+    with BackgroundServer(model, slots=SLOTS, model_name=MODEL, api_key=KEY) as running:
+        yield running
+
+
+def test_with_an_api_key_the_openai_client_given_the_key_is_served(keyed):
+    client = openai.OpenAI(base_url=keyed.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, seed=1)
+    assert out.choices[0].finish_reason in ("stop", "length")
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_with_an_api_key_the_openai_client_with_a_wrong_key_gets_authentication_error(keyed):
+    client = openai.OpenAI(base_url=keyed.url + "/v1", api_key="sk-wrong", max_retries=0, timeout=120)
+    with pytest.raises(openai.AuthenticationError) as refused:
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3)
+    assert refused.value.status_code == 401 and refused.value.code == "invalid_api_key"
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer sk-wrong"},
+                                     {"Authorization": f"Basic {KEY}"}, {"Authorization": "Bearer"},
+                                     {"Authorization": f"Bearer {KEY}x"}],
+                         ids=["no header", "wrong key", "not bearer", "empty key", "key with more"])
+@pytest.mark.parametrize("method,path", [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
+                                         ("GET", "/v1/models"), ("GET", "/v1/nothing")])
+def test_with_an_api_key_every_v1_request_without_it_gets_401_in_the_openai_error_shape(
+        keyed, method, path, headers):
+    response = httpx.request(method, keyed.url + path, headers=headers, timeout=60,
+                             json=dict(model=MODEL, prompt=PROMPT, max_tokens=2))
+    assert response.status_code == 401
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == "invalid_api_key"
+    assert "Bearer" in error["message"] and "\n" not in error["message"] and KEY not in error["message"]
+
+
+def test_with_an_api_key_health_and_metrics_stay_open(keyed):
+    assert httpx.get(keyed.url + "/health", timeout=60).json() == {"status": "ok"}
+    assert "grok1_slots" in httpx.get(keyed.url + "/metrics", timeout=60).text
+
+
+def unstarted_app(model, **options) -> TestClient:
+    """The app over an engine that never starts: enough for the key checks and GET endpoints."""
+    return TestClient(build_app(Engine(model, slots=SLOTS), MODEL, **options))
+
+
+def test_metrics_need_key_closes_metrics_to_requests_without_the_key(model):
+    app = unstarted_app(model, api_key=KEY, metrics_need_key=True)
+    assert app.get("/metrics").status_code == 401
+    assert app.get("/metrics", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+    assert app.get("/health").status_code == 200
+
+
+ENV_KEY = "sk-from-the-environment"
+
+
+def test_the_key_comes_from_grok1_api_key_when_none_is_given(model, monkeypatch):
+    monkeypatch.setenv("GROK1_API_KEY", ENV_KEY)
+    app = unstarted_app(model)
+    assert app.get("/v1/models").status_code == 401
+    assert app.get("/v1/models", headers={"Authorization": f"Bearer {ENV_KEY}"}).status_code == 200
+
+
+def test_a_key_given_as_an_argument_wins_over_grok1_api_key(model, monkeypatch):
+    monkeypatch.setenv("GROK1_API_KEY", ENV_KEY)
+    app = unstarted_app(model, api_key=KEY)
+    assert app.get("/v1/models", headers={"Authorization": f"Bearer {ENV_KEY}"}).status_code == 401
+    assert app.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+def test_an_empty_grok1_api_key_means_no_key(model, monkeypatch):
+    monkeypatch.setenv("GROK1_API_KEY", "")
+    assert unstarted_app(model).get("/v1/models").status_code == 200
+
+
+@pytest.mark.parametrize("options", [dict(api_key=""), dict(api_key="two words"), dict(api_key="clé"),
+                                     dict(metrics_need_key=True)])
+def test_a_key_that_cannot_be_sent_or_metrics_need_key_without_one_is_refused_in_one_line(
+        model, monkeypatch, options):
+    monkeypatch.delenv("GROK1_API_KEY", raising=False)
+    with pytest.raises(ValueError) as refused:
+        api_key_from(**options)
+    message = str(refused.value)
+    assert "\n" not in message and (not options.get("api_key") or options["api_key"] not in message)
+    assert ("api_key" if "api_key" in options else "metrics_need_key") in message
+
+
 # ---- run.py --serve and shutdown --------------------------------------------------------------
 
 def test_run_py_serves_and_sigterm_ends_a_running_stream_and_frees_the_port():
@@ -403,6 +650,33 @@ def test_run_py_serves_and_sigterm_ends_a_running_stream_and_frees_the_port():
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_run_py_with_an_api_key_refuses_requests_without_it_and_serves_the_openai_client_with_it():
+    env = {k: v for k, v in os.environ.items() if k != "GROK1_API_KEY"}
+    process = subprocess.Popen([sys.executable, str(REPO / "run.py"), "--serve", "--port", "0", "--quiet",
+                                "--api-key", "sesame-42"], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**env, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = process.stdout.readline()
+        url = re.search(r"(http://\S+/v1)", line).group(1)
+        refused = httpx.post(url + "/completions", json=dict(model="small", prompt=PROMPT, max_tokens=2))
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        client = openai.OpenAI(base_url=url, api_key="sesame-42")
+        out = client.completions.create(model="small", prompt=PROMPT, max_tokens=3, temperature=0)
+        assert out.usage.completion_tokens >= 1
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+
+
+def test_run_py_refuses_metrics_need_key_without_a_key_in_one_line():
+    env = {k: v for k, v in os.environ.items() if k != "GROK1_API_KEY"}
+    result = subprocess.run([sys.executable, str(REPO / "run.py"), "--serve", "--metrics-need-key"],
+                            cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("run.py: error: --metrics-need-key needs --api-key KEY "
+                                     "(or GROK1_API_KEY in the environment)")
 
 
 def test_run_py_refuses_a_port_in_use_in_one_line_before_loading_the_model():

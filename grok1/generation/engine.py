@@ -2,9 +2,10 @@
 
 The Engine keeps one `Runner` (grok1/generation/runner.py: the jitted steps over one KV cache)
 busy for the life of a server, and of a model's `generate` / `stream` calls: one thread owns the
-runner and the device, requests are submitted from any thread (or an event loop, through a callback), join a free slot before the next decode call,
-receive their Deltas as soon as the host reads them, and leave when they finish or are cancelled;
-their slot is prefilled with the next waiting request on the following step.
+runner and the device, requests are submitted from any thread (or an event loop, through a
+callback), join a free slot before the next decode call, receive their Deltas as soon as the
+host reads them, and leave when they finish or are cancelled; their slot is prefilled with the
+next waiting request on the following step.
 
 Scheduling per step: finished and cancelled requests leave; waiting requests take free slots
 (all that fit when nothing decodes, else one per step); newcomers are prefilled, a prompt longer
@@ -25,8 +26,8 @@ same order. `generate` gets that by submitting the same requests on every proces
 takes requests on process 0 only, so its engine is built with `lead_followers=True`: before each
 step process 0 publishes the step's schedule (the newcomers' slots, prompt ids and sampling
 settings with their seeds, whether a decode call runs, or that the engine stopped) through a
-`Broadcast` (grok1/runtime/processes.py), and the other processes run `Engine.follow`, which makes the same calls
-on their part of the global state. The schedule is all they need: which slots hold or have
+`Broadcast` (grok1/runtime/processes.py), and the other processes run `Engine.follow`, which
+makes the same calls on their part of the global state. The schedule is all they need: which slots hold or have
 freed a request only matters on the host, and the step's results reach every process.
 """
 
@@ -226,6 +227,28 @@ class Engine:
         for job in waiting:
             self._end(job, EngineClosed("the server is shutting down"), reason="aborted")
 
+    def warm_up(self) -> None:
+        """Compile (or load from the compilation cache) the device steps a request can need, so
+        that the first one does not wait for them: the prefill of each bucket a whole prompt may
+        take, a chunk of a longer prompt, the first token's sampling and the decode call, each
+        run once on a scratch state that is then dropped (the engine's own state stays as it
+        was). Call it before `start()`; on a cluster, on every process (the steps are collective)."""
+        if self._thread is not None:
+            raise RuntimeError("warm_up() goes before start(): the engine thread owns the state")
+        buckets, chunk = self.runner.buckets, self.prefill_chunk
+        whole = [b for b in buckets if b < chunk] + [min(b for b in buckets if b >= chunk)]
+        settings, pad = _device_settings(SamplingSettings(seed=0)), self.model.config.pad_token
+        kept, self._state = self._state, self.runner._fresh_state()
+        try:
+            for bucket in whole:
+                self._state = self._prefill(0, [pad] * bucket, *settings)[0]
+            if chunk < self.model.config.sequence_len:   # longer prompts go in chunks
+                self._state = self._prefill_chunk(0, [pad], 0, 1, *settings)[0]
+            self._state = self.runner.decode(self.model.params, self._state)[0]
+            jax.block_until_ready(self._state)
+        finally:
+            self._state = kept
+
     @property
     def closing(self) -> bool:
         return self._closing
@@ -246,8 +269,8 @@ class Engine:
     def submit(self, requests: Sequence[tuple[list[int], SamplingSettings, Deliver]],
                bounded: bool = True) -> list[Job]:
         """Queue (prompt ids, settings, deliver) requests, all or none: QueueFull when they do
-        not fit in the waiting queue (unless not `bounded`), EngineClosed when shutting down. A request without a seed
-        gets a fresh one. `deliver` receives each Delta (the last has a finish_reason) or, if the
+        not fit in the waiting queue (unless not `bounded`), EngineClosed when shutting down. A
+        request without a seed gets a fresh one. `deliver` receives each Delta (the last has a finish_reason) or, if the
         request cannot finish, one EngineError."""
         config, tokenizer = self.model.config, self.model.tokenizer
         # A leading engine's followers get the seeds in the schedule, not by a draw of their own.

@@ -5,36 +5,71 @@ each request and shapes each answer).
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
 GET /metrics (Prometheus text). Several processes (`grok1.distributed`): process 0 serves; the
 others follow its engine's steps (`serve` does both, see `Engine.follow`).
+
+Before it listens, a server compiles (or loads from the compilation cache) the device steps a
+request needs (`Engine.warm_up`), so the first request does not wait for them.
+
+An API key keeps a server private: with one, every request to /v1/* must carry the header
+`Authorization: Bearer <key>` (what the openai client's `api_key=` sends), or it gets 401 in the
+OpenAI error shape (code "invalid_api_key"); keys are compared in constant time. /health stays
+open, and /metrics too unless `metrics_need_key`. The key is, first to last: the `api_key`
+argument, else the environment variable GROK1_API_KEY when it is set and not empty (a key there
+stays out of `ps`), else none (every request is served).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import os
+import signal
 import socket
+import sys
 import threading
 import time
 from typing import Any, Optional
 
+import jax
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request as HttpRequest
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from grok1.runtime.processes import is_main_process
 from grok1.generation.engine import DEFAULT_MAX_WAITING, DEFAULT_SLOTS, Engine
+from grok1.runtime.processes import is_main_process
 from grok1.server.protocol import (CHAT_FIELDS, CHAT_STOP, COMPLETION_FIELDS, COMPLETIONS_DEFAULT_MAX_TOKENS,
                                    ApiError, EventStream, Generation, Service, boolean_field,
-                                   integer_field, is_int, read_json)
+                                   integer_field, is_int, read_json, shown)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+API_KEY_ENV = "GROK1_API_KEY"
 
 
-def build_app(engine: Engine, model_name: str) -> Starlette:
+def api_key_from(api_key: Optional[str] = None, metrics_need_key: bool = False) -> Optional[str]:
+    """The key requests to /v1/* must bear: `api_key`, else $GROK1_API_KEY when set and not
+    empty, else None (no key). ValueError for a key that cannot travel in an HTTP header (the
+    message never shows the key), or for `metrics_need_key` without a key."""
+    source = "api_key"
+    if api_key is None:
+        api_key, source = os.environ.get(API_KEY_ENV) or None, f"${API_KEY_ENV}"
+    if api_key is not None and (not isinstance(api_key, str) or not api_key
+                                or not all("!" <= c <= "~" for c in api_key)):
+        raise ValueError(f"{source} must be a non-empty string of printable ASCII characters "
+                         f"without spaces (it travels in the Authorization header)")
+    if metrics_need_key and api_key is None:
+        raise ValueError(f"metrics_need_key needs an API key: give api_key or set ${API_KEY_ENV}")
+    return api_key
+
+
+def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None,
+              metrics_need_key: bool = False) -> Starlette:
     """The Starlette app serving `engine` under `model_name`. The engine must be started (the
-    app's lifespan starts it, and closes it at shutdown)."""
+    app's lifespan starts it, and closes it at shutdown). With an API key (`api_key_from`),
+    requests to /v1/*, and to /metrics when `metrics_need_key`, must bear it."""
+    key = api_key_from(api_key, metrics_need_key)
     service = Service(engine, model_name)
 
     async def generation(request: HttpRequest, chat: bool) -> Response:
@@ -48,7 +83,7 @@ def build_app(engine: Engine, model_name: str) -> Starlette:
             if "max_tokens" in body and "max_completion_tokens" in body:
                 raise ApiError(400, "give max_tokens or max_completion_tokens, not both", "max_tokens")
             name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-            max_tokens, default = integer_field(body, name, None, 1), None
+            max_tokens, default = integer_field(body, name, None, 1, service.config.sequence_len), None
             prompts = [service.chat_prompt(body)]
             settings = service.settings(body, max_tokens, logprobs, extra_stop=(CHAT_STOP,))
         else:
@@ -56,7 +91,7 @@ def build_app(engine: Engine, model_name: str) -> Starlette:
             wanted = body.get("logprobs")
             if wanted is not None and (not is_int(wanted) or wanted != 0):
                 raise ApiError(400, f"logprobs must be 0 (the chosen token's logprob) or null; top "
-                                    f"alternatives are not computed, got {wanted!r}", "logprobs")
+                                    f"alternatives are not computed, got {shown(wanted)}", "logprobs")
             if body.get("echo"):
                 raise ApiError(400, "echo is not supported", "echo")
             if body.get("suffix"):
@@ -64,7 +99,7 @@ def build_app(engine: Engine, model_name: str) -> Starlette:
                                "suffix")
             if integer_field(body, "best_of", 1, 1, 1) != 1:
                 raise ApiError(400, "best_of must be 1", "best_of")
-            max_tokens = integer_field(body, "max_tokens", None, 1)
+            max_tokens = integer_field(body, "max_tokens", None, 1, service.config.sequence_len)
             default = COMPLETIONS_DEFAULT_MAX_TOKENS
             prompts = service.completion_prompts(body)
             settings = service.settings(body, max_tokens, wanted is not None)
@@ -122,7 +157,41 @@ def build_app(engine: Engine, model_name: str) -> Starlette:
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={ApiError: api_error, HTTPException: http_error,
                                         ClientDisconnect: client_gone, Exception: server_error})
+    if key is not None:
+        app = RequireKey(app, key, metrics_need_key)
     return CountResponses(app, service.http_responses)
+
+
+class RequireKey:
+    """ASGI middleware: a request to /v1/* (and /metrics when `metrics_need_key`) without
+    `Authorization: Bearer <key>` gets 401, code "invalid_api_key"; the key is compared in
+    constant time (hmac.compare_digest)."""
+
+    def __init__(self, app, key: str, metrics_need_key: bool):
+        self.app, self.key, self.metrics_need_key = app, key.encode(), metrics_need_key
+
+    def __getattr__(self, name):
+        return getattr(self.app, name)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and self.guards(scope["path"]):
+            refusal = self.refusal(next((v for k, v in scope["headers"] if k == b"authorization"), None))
+            if refusal is not None:
+                error = ApiError(401, refusal, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                return await error.response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def guards(self, path: str) -> bool:
+        return path == "/v1" or path.startswith("/v1/") or (self.metrics_need_key and path == "/metrics")
+
+    def refusal(self, header: Optional[bytes]) -> Optional[str]:
+        """Why a request with this Authorization header is refused; None when its key is right."""
+        scheme, _, token = (header or b"").strip().partition(b" ")
+        if scheme.lower() != b"bearer" or not token.strip():
+            return "this server needs an API key: send the header Authorization: Bearer <key>"
+        if not hmac.compare_digest(token.strip(), self.key):
+            return "the API key is wrong: send the server's key as Authorization: Bearer <key>"
+        return None
 
 
 class CountResponses:
@@ -195,22 +264,58 @@ def _uvicorn_server(app, engine: Engine, log_level: str):
 
 def serve(model: Any, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, slots: int = DEFAULT_SLOTS,
           model_name: str = "grok-1", max_waiting: int = DEFAULT_MAX_WAITING, decode_chunk: int = 1,
-          log_level: str = "info", sock: Optional[socket.socket] = None) -> None:
+          log_level: str = "info", sock: Optional[socket.socket] = None, api_key: Optional[str] = None,
+          metrics_need_key: bool = False) -> None:
     """Serve `model` on host:port (or the listening `sock`) until SIGTERM or Ctrl-C (blocking).
-    Running requests end with a final event, then the port is freed.
+    The serving steps are compiled first (a line on stderr says so, unless `log_level` hides
+    info); running requests end with a final event at shutdown, then the port is freed. With an
+    API key (`api_key`, else $GROK1_API_KEY), requests to /v1/* (and /metrics when
+    `metrics_need_key`) must bear it (module docstring).
 
     On a cluster (`grok1.distributed`) every process calls this with the same settings: process 0
     serves HTTP, the others follow its engine's steps (`Engine.follow`) and return when it stops."""
+    key = api_key_from(api_key, metrics_need_key)   # a bad key fails before anything compiles
     engine = Engine(model, slots=slots, decode_chunk=decode_chunk, max_waiting=max_waiting,
                     lead_followers=True)
-    if not is_main_process():
+    main = is_main_process()
+    app = build_app(engine, model_name, key, metrics_need_key) if main else None
+    warm_up(engine, say=main and _shows_info(log_level))
+    if not main:
         engine.follow()
         return
     sock = sock or bind(host, port)
     host, port = sock.getsockname()[:2]
-    print(f"serving {model_name!r} on http://{_url_host(host)}:{port}/v1 ({engine.slots} slots)",
-          flush=True)
-    _uvicorn_server(build_app(engine, model_name), engine, log_level).run(sockets=[sock])
+    if jax.process_count() > 1:
+        # uvicorn stops on SIGTERM, then raises it again; by default that ends this process at
+        # once, and with it the cluster's coordination service while the others are still
+        # leaving (their JAX client then aborted). As SystemExit, the exit runs JAX's shutdown,
+        # which waits for them.
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+    print(f"serving {model_name!r} on http://{_url_host(host)}:{port}/v1 ({engine.slots} slots"
+          f"{', API key required' if key else ''})", flush=True)
+    _uvicorn_server(app, engine, log_level).run(sockets=[sock])
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def warm_up(engine: Engine, say: bool) -> None:
+    """`engine.warm_up()`, timed in one line on stderr when `say`."""
+    start = time.monotonic()
+    if say:
+        print("grok1: compiling the serving steps (or loading them from the compilation cache) ...",
+              end="", file=sys.stderr, flush=True)
+    engine.warm_up()
+    if say:
+        print(f" done in {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+def _shows_info(log_level: Any) -> bool:
+    """Whether uvicorn's `log_level` (a name or a logging level) shows info messages."""
+    if isinstance(log_level, int):
+        return log_level <= 20
+    return str(log_level).lower() in ("trace", "debug", "info")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -230,16 +335,20 @@ def _url_host(host: str) -> str:
 
 class BackgroundServer:
     """A server on a thread of this process (for tests and notebooks): `.url`, `.engine`,
-    `.stop()`."""
+    `.stop()`. It listens once its serving steps are compiled; `api_key` and `metrics_need_key`
+    as in `serve`."""
 
     def __init__(self, model: Any, host: str = DEFAULT_HOST, port: int = 0, slots: int = DEFAULT_SLOTS,
                  model_name: str = "grok-1", max_waiting: int = DEFAULT_MAX_WAITING,
-                 decode_chunk: int = 1, log_level: str = "warning"):
+                 decode_chunk: int = 1, log_level: str = "warning", api_key: Optional[str] = None,
+                 metrics_need_key: bool = False):
         self.engine = Engine(model, slots=slots, decode_chunk=decode_chunk, max_waiting=max_waiting)
         self.model_name = model_name
+        app = build_app(self.engine, model_name, api_key, metrics_need_key)
+        warm_up(self.engine, say=_shows_info(log_level))
         self._socket = bind(host, port)
         self.url = f"http://{_url_host(host)}:{self._socket.getsockname()[1]}"
-        self._server = _uvicorn_server(build_app(self.engine, model_name), self.engine, log_level)
+        self._server = _uvicorn_server(app, self.engine, log_level)
         self._thread = threading.Thread(target=self._server.run, kwargs=dict(sockets=[self._socket]),
                                         name="grok1-server", daemon=True)
         self._thread.start()

@@ -5,6 +5,11 @@ Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET 
 GET /metrics (Prometheus text). Requests are checked by hand against the fields each endpoint
 accepts, so every mistake is a 4xx in the OpenAI error shape, {"error": {"message", "type",
 "param", "code"}}, naming the field and what is allowed; the server never dies from a request.
+No body a client can send gets a 5xx: a body is at most 1 MiB of UTF-8 JSON (no NaN or Infinity),
+nests arrays and objects at most 64 levels deep and holds valid Unicode text only (no lone
+surrogates, which JSON's \\u escapes can spell); an error message shows at most 60 characters of
+the value it refuses. With an API key (grok1/server/app.py), a request to /v1/* without
+`Authorization: Bearer <key>` gets 401, code "invalid_api_key".
 
 Choices: `n` choices of a request sample with seeds seed, seed+1, ... (fresh seeds when no seed
 is given). Completions default to max_tokens 16 (lowered to the room the prompt leaves when not
@@ -46,6 +51,8 @@ from grok1.generation.requests import Delta
 from grok1.generation.settings import is_int, sampling_settings
 
 MAX_BODY_BYTES = 1 << 20
+MAX_DEPTH = 64                   # levels of arrays and objects in a body
+MAX_SHOWN = 60                   # characters of a refused value an error message shows
 MAX_CHOICES = 16                 # n
 MAX_STOP = 4                     # stop sequences, as in the OpenAI API
 MAX_TEMPERATURE = 2.0
@@ -86,10 +93,12 @@ def number_field(body: dict, name: str, default: float, low: float, high: float,
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+    # An int compares with the bounds exactly, however large (math.isfinite would overflow).
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or (isinstance(value, float) and not math.isfinite(value)) \
             or value > high or value < low or (low_open and value == low):
         bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise ApiError(400, f"{name} must be a number in {bounds}, got {value!r}", name)
+        raise ApiError(400, f"{name} must be a number in {bounds}, got {shown(value)}", name)
     return float(value)
 
 
@@ -100,7 +109,7 @@ def integer_field(body: dict, name: str, default: Optional[int], low: int, high:
         return default
     if not is_int(value) or value < low or (high is not None and value > high):
         allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
-        raise ApiError(400, f"{name} must be {allowed}, got {value!r}", name)
+        raise ApiError(400, f"{name} must be {allowed}, got {shown(value)}", name)
     return value
 
 
@@ -109,8 +118,27 @@ def boolean_field(body: dict, name: str) -> bool:
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise ApiError(400, f"{name} must be true or false, got {value!r}", name)
+        raise ApiError(400, f"{name} must be true or false, got {shown(value)}", name)
     return value
+
+
+def shown(value: Any) -> str:
+    """`value` as an error message shows it: its repr, nested lists and objects abbreviated, cut to
+    MAX_SHOWN characters (one field of a body may hold a megabyte)."""
+    text = _brief(value, depth=2)
+    return text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN - 3] + "..."
+
+
+def _brief(value: Any, depth: int) -> str:
+    if isinstance(value, (list, dict)) and value:
+        if depth == 0:
+            return "[...]" if isinstance(value, list) else "{...}"
+        pairs = value.items() if isinstance(value, dict) else enumerate(value)
+        items = [(f"{_brief(k, 0)}: " if isinstance(value, dict) else "") + _brief(v, depth - 1)
+                 for _, (k, v) in zip(range(4), pairs)]
+        items += ["..."] if len(value) > 4 else []
+        return ("{%s}" if isinstance(value, dict) else "[%s]") % ", ".join(items)
+    return repr(value[:MAX_SHOWN + 1] if isinstance(value, str) else value)
 
 
 class Service:
@@ -132,16 +160,17 @@ class Service:
             raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
         unknown = sorted(set(body) - allowed)
         if unknown:
-            raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; allowed: "
-                                f"{', '.join(sorted(allowed))}", unknown[0])
+            more = f" (and {len(unknown) - 3} more)" if len(unknown) > 3 else ""
+            raise ApiError(400, f"unknown field(s) {', '.join(shown(u) for u in unknown[:3])}{more}; "
+                                f"allowed: {', '.join(sorted(allowed))}", unknown[0][:MAX_SHOWN])
         for name in required:
             if name not in body:
                 raise ApiError(400, f"missing required field {name}", name)
         model = body["model"]
         if not isinstance(model, str):
-            raise ApiError(400, f"model must be a string, got {model!r}", "model")
+            raise ApiError(400, f"model must be a string, got {shown(model)}", "model")
         if model != self.model_name:
-            raise ApiError(404, f"the model {model!r} does not exist; this server serves "
+            raise ApiError(404, f"the model {shown(model)} does not exist; this server serves "
                                 f"{self.model_name!r}", "model", code="model_not_found")
         if body.get("logit_bias"):
             raise ApiError(400, "logit_bias is not supported (give {} or leave it out)", "logit_bias")
@@ -164,10 +193,10 @@ class Service:
         if not isinstance(stops, list) or len(stops) > MAX_STOP or \
                 not all(isinstance(s, str) and s for s in stops):
             raise ApiError(400, f"stop must be a non-empty string or a list of at most {MAX_STOP} "
-                                f"of them, got {stop!r}", "stop")
+                                f"of them, got {shown(stop)}", "stop")
         seed = body.get("seed")
         if seed is not None and (not is_int(seed) or not 0 <= seed < 2 ** 32):
-            raise ApiError(400, f"seed must be an integer in [0, 2**32), got {seed!r}", "seed")
+            raise ApiError(400, f"seed must be an integer in [0, 2**32), got {shown(seed)}", "seed")
         values = dict(
             max_new_tokens=max_tokens,
             temperature=number_field(body, "temperature", 1.0, 0.0, MAX_TEMPERATURE),
@@ -215,7 +244,7 @@ class Service:
                     raise ApiError(400, "this model has no tokenizer: give prompts as token ids", "prompt")
             elif not (isinstance(p, list) and p and all(is_int(t) for t in p)):
                 raise ApiError(400, f"each prompt must be a string or a non-empty list of token ids, "
-                                    f"got {json.dumps(p)[:80]}", "prompt")
+                                    f"got {shown(p)}", "prompt")
         return prompts
 
     def chat_prompt(self, body: dict) -> str:
@@ -225,7 +254,7 @@ class Service:
         lines = []
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or set(message) - {"role", "content", "name"} \
-                    or message.get("role") not in CHAT_ROLES:
+                    or not isinstance(message.get("role"), str) or message["role"] not in CHAT_ROLES:
                 raise ApiError(400, f"messages[{i}] must be {{role, content}} with role one of "
                                     f"{', '.join(CHAT_ROLES)}", "messages")
             content = message.get("content")
@@ -263,6 +292,8 @@ def _new_id(prefix: str) -> str:
 
 
 async def read_json(request: HttpRequest) -> Any:
+    """The request's body parsed, or a 4xx ApiError: larger than MAX_BODY_BYTES (413), not JSON,
+    NaN or Infinity, nested deeper than MAX_DEPTH, or text that is not valid Unicode (400)."""
     size = 0
     chunks = []
     async for chunk in request.stream():
@@ -271,9 +302,47 @@ async def read_json(request: HttpRequest) -> Any:
             raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks), parse_constant=_refuse_constant)
+        body = json.loads(b"".join(chunks), parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ApiError(400, TOO_DEEP) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+    check_values(body)
+    return body
+
+
+TOO_DEEP = f"the request body nests arrays and objects more than {MAX_DEPTH} levels deep"
+
+
+def check_values(body: Any) -> None:
+    """Refuse (400) a parsed body nested more than MAX_DEPTH levels deep, or holding a string
+    (value or key) that is not valid Unicode: anything that walks it later (a repr, the
+    tokenizer, the JSON encoder of a response) would fail on it with a 5xx. Iterative, so any
+    depth json.loads returns is safe to check."""
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            _check_text(value)
+        if not isinstance(value, (list, dict)):
+            continue
+        if depth > MAX_DEPTH:
+            raise ApiError(400, TOO_DEEP)
+        for item in value if isinstance(value, list) else [*value, *value.values()]:
+            if isinstance(item, (list, dict)):
+                stack.append((item, depth + 1))
+            elif isinstance(item, str):
+                _check_text(item)
+
+
+def _check_text(text: str) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"the request body holds text that is not valid Unicode: a lone surrogate "
+                            f"{text[e.start]!r} at character {e.start} of {shown(text)}") from None
 
 
 def _refuse_constant(name: str):

@@ -18,6 +18,7 @@ import collections
 import json
 import math
 import os
+import stat
 import sys
 import time
 from typing import Any, Iterator, Optional, Sequence
@@ -30,6 +31,8 @@ RELEASE_HINT = ("put the release's ckpt-0/ folder (from the official torrent or 
                 "--checkpoint checkpoints/grok-1 --preset grok-1")
 EXIT_USAGE = 2
 TO_CONTEXT_END = "max"       # --max-new-tokens max: generate up to the end of the context
+STDIN_PROMPT = "-"           # --prompt -: the prompt is standard input
+SERVER_PACKAGES = ("starlette", "uvicorn")   # what --serve needs beyond the library (extra `serve`)
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -74,15 +77,17 @@ def parser() -> argparse.ArgumentParser:
     model.add_argument("--no-compilation-cache", action="store_true",
                        help="compile everything afresh and store nothing")
     model.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
-                       help="compute dtype; auto = bfloat16 on GPU/TPU, float32 on CPU with bfloat16 "
-                            "expert matmuls for long prompts (grok1.load)")
+                       help="compute dtype; auto = what grok1.load picks: float32 on CPU, bfloat16 on "
+                            "GPU/TPU (--plan: bfloat16, as on the accelerators it plans for)")
 
     gen = p.add_argument_group("generation")
     gen.add_argument("--prompt", action="append", default=None, metavar="TEXT",
-                     help=f"prompt to continue; repeat for several (default: {DEFAULT_PROMPT!r})")
+                     help=f"prompt to continue, or {STDIN_PROMPT}: read it from standard input; repeat "
+                          f"for several (default: {DEFAULT_PROMPT!r})")
     gen.add_argument("--max-new-tokens", type=max_new_tokens, default=100, metavar="N",
                      help=f"tokens to generate per prompt, or {TO_CONTEXT_END!r}: up to the end of the "
-                          f"context; lowered (with a note) to the room the prompt leaves")
+                          f"context; a prompt longer than the context loses its oldest tokens to make room "
+                          f"for them, and more than the room left is lowered to it (with a note)")
     gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
     gen.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass in (0, 1]; 1 = off")
     gen.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens; 0 = off")
@@ -108,6 +113,12 @@ def parser() -> argparse.ArgumentParser:
                              "Ctrl-C or SIGTERM")
     server.add_argument("--host", default="127.0.0.1", help="--serve: address to listen on")
     server.add_argument("--port", type=int, default=8000, help="--serve: port to listen on (0: any free one)")
+    server.add_argument("--api-key", default=None, metavar="KEY",
+                        help="--serve: requests to /v1/* need the header 'Authorization: Bearer KEY' (401 "
+                             "without it); default: $GROK1_API_KEY if set, which keeps the key out of ps")
+    server.add_argument("--metrics-need-key", action="store_true",
+                        help="--serve: /metrics needs the API key too (by default only /v1/* does; "
+                             "/health never)")
     research = p.add_argument_group("research and planning")
     research.add_argument("--plan", action="store_true",
                           help="print the memory and sharding plan of --preset (or the checkpoint's "
@@ -123,7 +134,9 @@ def parser() -> argparse.ArgumentParser:
                           help="--trace: also plot the expert load to this image, in the format its "
                                "extension names (.png, .svg, .pdf, ...; needs matplotlib)")
     research.add_argument("--json", action="store_true",
-                          help="machine-readable output for --plan, --describe and --no-stream")
+                          help="machine-readable output for --plan, --describe, generation (a list of "
+                               "completions, as --no-stream runs them) and --interactive (one completion "
+                               "per line)")
     return p
 
 
@@ -152,10 +165,12 @@ FLAG_MODES: dict[str, tuple[str, ...]] = {
     "quiet": ("trace", "interactive", "serve", "generate"),
     "host": ("serve",),
     "port": ("serve",),
+    "api_key": ("serve",),
+    "metrics_need_key": ("serve",),
     "batch": ("plan",),
     "context": ("plan",),
     "plot": ("trace",),
-    "json": ("plan", "describe", "generate"),
+    "json": ("plan", "describe", "interactive", "generate"),
     "cpu_devices": ("plan", "trace", "interactive", "serve", "generate"),
     # The plan compiles afresh on purpose: it reports compile times.
     "compilation_cache": ("trace", "interactive", "serve", "generate"),
@@ -212,6 +227,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         raise UserError("--interactive reads prompts from standard input; drop --prompt")
     if args.prompt and not all(args.prompt):
         raise UserError("--prompt is empty: give the text to continue")
+    if (args.prompt or []).count(STDIN_PROMPT) > 1:
+        raise UserError(f"--prompt {STDIN_PROMPT} reads standard input, which holds one prompt: give "
+                        f"--prompt {STDIN_PROMPT} once")
     if args.plot:
         check_plot_path(args.plot)
     if args.batch < 1:
@@ -275,15 +293,36 @@ def listen(args: argparse.Namespace):
     """--serve's listening socket, opened before the model loads so a busy port fails at once;
     None on processes other than 0 of a cluster, which follow process 0's engine instead."""
     from grok1.runtime.processes import is_main_process
-    from grok1.server import bind
+    server = server_module()
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must lie in [0, 65535], got {args.port}")
+    # A bad key fails before the model loads.
+    if args.metrics_need_key and not (args.api_key or os.environ.get(server.API_KEY_ENV)):
+        raise UserError(f"--metrics-need-key needs --api-key KEY (or {server.API_KEY_ENV} in the environment)")
+    try:
+        server.api_key_from(args.api_key)
+    except ValueError as e:
+        raise UserError(str(e).replace("api_key must", "--api-key must", 1)) from None
     if not is_main_process():
         return None
     try:
-        return bind(args.host, args.port)
+        return server.bind(args.host, args.port)
     except OSError as e:
         raise UserError(f"--serve: cannot listen on {args.host}:{args.port} ({e.strerror or e})") from None
+
+
+def server_module() -> Any:
+    """grok1.server, or a UserError saying what to install when the `serve` extra is missing
+    (`pip install -e .` alone brings the library's dependencies, not the server's)."""
+    try:
+        import grok1.server as server
+        import uvicorn  # noqa: F401  (grok1.server imports it only when serving starts)
+    except ModuleNotFoundError as e:
+        if (e.name or "").partition(".")[0] not in SERVER_PACKAGES:
+            raise
+        raise UserError(f"--serve needs {e.name}, which is not installed: python3 -m pip install -e "
+                        f"\".[serve]\" in {REPO} (or python3 -m pip install -r requirements.txt)") from None
+    return server
 
 
 # ---- config, tokenizer, model -----------------------------------------------------------------
@@ -364,8 +403,14 @@ def cpu_devices_hint(spec: str) -> str:
     return f"; to try this mesh on this machine's CPU, pass --cpu-devices {needed}"
 
 
+# The library's words for a setting left as None, and what the command line says instead.
+CLI_WORDS = {"(or None: up to the context end)": f"(or {TO_CONTEXT_END}: up to the context end)",
+             "(or None: a fresh seed)": "(or leave it out: a fresh seed)"}
+
+
 def sampling(args: argparse.Namespace, config, tokenizer) -> dict[str, Any]:
-    """Sampling settings, checked by the sampler; a bad value is a UserError naming the flag."""
+    """Sampling settings, checked by the sampler; a bad value is a UserError naming the flag, in
+    the command line's words (CLI_WORDS)."""
     from grok1.generation.settings import sampling_settings
 
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -378,6 +423,8 @@ def sampling(args: argparse.Namespace, config, tokenizer) -> dict[str, Any]:
         for name in settings:
             if message.startswith(name + " "):
                 message = "--" + name.replace("_", "-") + message[len(name):]
+        for library, cli in CLI_WORDS.items():
+            message = message.replace(library, cli)
         raise UserError(message) from None
     return settings
 
@@ -437,14 +484,26 @@ def run_trace(args: argparse.Namespace, model) -> None:
 
 
 class CompileClock:
-    """Seconds jax has spent compiling (tracing, lowering, XLA) since the process started, summed
-    from jax.monitoring, so the speed reported leaves compilation out."""
+    """What jax has spent on compiled programs since the process started, summed from
+    jax.monitoring: `seconds` of tracing, lowering and compiling them (or reading them from the
+    persistent compilation cache), and `cache_hits`, the programs read from that cache in
+    `cache_seconds`. The speeds reported leave all of it out.
+
+    Why events rather than timing: jax records its compile events on a cache hit too
+    (backend_compile_duration spans `compile_or_get_cached`, and tracing and lowering run either
+    way), so their seconds alone cannot tell a program read from the cache from one XLA compiled;
+    jax records /jax/compilation_cache/cache_retrieval_time_sec only for a hit. Comparing the
+    first call's time against later ones could not tell a cache read from a short compile either,
+    and would depend on the machine's load."""
 
     seconds = 0.0
+    cache_hits = 0
+    cache_seconds = 0.0
     _listening = False
 
     @classmethod
     def now(cls) -> float:
+        """`seconds` so far (listening from the first call on)."""
         if not cls._listening:
             import jax.monitoring
             jax.monitoring.register_event_duration_secs_listener(cls._record)
@@ -452,9 +511,35 @@ class CompileClock:
         return cls.seconds
 
     @classmethod
+    def mark(cls) -> tuple[float, int, float]:
+        """The clock's readings now, for `since`."""
+        return cls.now(), cls.cache_hits, cls.cache_seconds
+
+    @classmethod
+    def since(cls, mark: tuple[float, int, float]) -> tuple[float, int, float]:
+        """(seconds, cache hits, seconds reading the cache) since `mark`."""
+        seconds, hits, cache_seconds = mark
+        return cls.now() - seconds, cls.cache_hits - hits, cls.cache_seconds - cache_seconds
+
+    @classmethod
     def _record(cls, event: str, duration: float, **_: Any) -> None:
         if event.startswith("/jax/core/compile/"):
             cls.seconds += duration
+        elif event == "/jax/compilation_cache/cache_retrieval_time_sec":
+            cls.cache_hits += 1
+            cls.cache_seconds += duration
+
+
+def compile_words(work: tuple[float, int, float], elapsed: float) -> str:
+    """What of `elapsed` seconds went to compiled programs (`CompileClock.since`), in words; ''
+    when nothing was compiled or read from the compilation cache."""
+    seconds, hits, cache_seconds = work
+    # Programs traced in several threads at once can sum to more than the time that passed.
+    compiling = min(seconds - cache_seconds, elapsed)
+    words = [f"{compiling:.2f} s of it compiling"] if compiling >= 0.005 else []
+    if hits:
+        words.append(f"{hits} program{'s' if hits > 1 else ''} read from the compilation cache")
+    return ", ".join(words)
 
 
 def ending(finish_reason: str, stop_reason: Any, prompt_tokens: int, tokens: int, config) -> str:
@@ -468,17 +553,18 @@ def ending(finish_reason: str, stop_reason: Any, prompt_tokens: int, tokens: int
     return "ended at max-new-tokens"
 
 
-def fit_notes(fitted, prompt_tokens: int, config) -> list[str]:
+def fit_notes(fitted, prompt_tokens: int, config, max_new_tokens: Optional[int] = None) -> list[str]:
     """One plain line per change made to fit a request into the context, from `fitted`: a
-    sampler.FittedPrompt or a Completion (both carry the two fields)."""
+    settings.FittedPrompt or a Completion (both carry the two fields); `max_new_tokens` as asked."""
     notes = []
     if fitted.dropped_prompt_tokens:
-        notes.append(f"note: the prompt is longer than the {config.sequence_len}-token context allows: "
-                     f"its first {fitted.dropped_prompt_tokens} tokens were dropped")
+        beside = "" if max_new_tokens is None else f" with --max-new-tokens {max_new_tokens}"
+        notes.append(f"note: the prompt is longer than the {config.sequence_len}-token context allows"
+                     f"{beside}: its first {fitted.dropped_prompt_tokens} tokens were dropped")
     if fitted.max_new_tokens_lowered_from is not None:
         room = config.sequence_len - prompt_tokens
-        notes.append(f"note: --max-new-tokens {fitted.max_new_tokens_lowered_from} lowered to {room}: "
-                     f"the room a {prompt_tokens}-token prompt leaves in the {config.sequence_len}-token context")
+        notes.append(f"note: --max-new-tokens {fitted.max_new_tokens_lowered_from} lowered to {room}: the "
+                     f"room a {prompt_tokens}-token prompt leaves in the {config.sequence_len}-token context")
     return notes
 
 
@@ -487,24 +573,34 @@ def print_notes(notes: Sequence[str]) -> None:
         print(note, file=sys.stderr, flush=True)
 
 
+def prompt_as_run(prompt: str, prompt_ids: Sequence[int], dropped: int, model) -> str:
+    """The prompt as the model saw it: `prompt` itself, or when its oldest `dropped` tokens were
+    dropped to fit the context, the text of the ids it kept (`prompt_ids`, after their BOS)."""
+    if not dropped:
+        return prompt
+    if model.config.add_bos and prompt_ids and prompt_ids[0] == model.config.bos_token:
+        prompt_ids = prompt_ids[1:]
+    return model.tokenizer.decode(prompt_ids)
+
+
 def stream_one(model, prompt: str, settings: dict[str, Any], quiet: bool, echo: bool = True) -> None:
-    """Print the prompt (unless quiet, or not `echo`: already on screen) and its continuation as it
-    arrives, then the speed and why it ended."""
+    """Print the prompt (unless quiet, or not `echo`: already on screen) as the model sees it and
+    its continuation as it arrives, then the speed and why it ended."""
     from grok1.generation.settings import fit_prompt, sampling_settings
 
     fitted = fit_prompt(prompt, model.config, model.tokenizer,
                         sampling_settings(model.config, model.tokenizer, **settings))
     prompt_tokens = len(fitted.token_ids)
-    print_notes(fit_notes(fitted, prompt_tokens, model.config))
+    print_notes(fit_notes(fitted, prompt_tokens, model.config, settings["max_new_tokens"]))
     if echo and not quiet:
-        sys.stdout.write(prompt)
+        sys.stdout.write(prompt_as_run(prompt, fitted.token_ids, fitted.dropped_prompt_tokens, model))
         sys.stdout.flush()
-    start, compiled = time.perf_counter(), CompileClock.now()
-    first, count, last = None, 0, None
+    start, mark = time.perf_counter(), CompileClock.mark()
+    first, count, last, compiled = None, 0, None, None
     for delta in model.stream(prompt, **settings):
         count += len(delta.token_ids)
         if first is None and delta.token_ids:
-            first, compiled = time.perf_counter(), CompileClock.now() - compiled
+            first, compiled = time.perf_counter(), CompileClock.since(mark)
         sys.stdout.write(delta.text)
         sys.stdout.flush()
         last = delta
@@ -519,7 +615,8 @@ def stream_one(model, prompt: str, settings: dict[str, Any], quiet: bool, echo: 
         return
     # The first token may wait for compilation; the rate after it is the decoding speed.
     rate = f"then {(count - 1) / (end - first):.1f} tokens/s" if count > 1 else "no more tokens"
-    compilation = " (compilation included)" if compiled > 0 else ""
+    compilation = compile_words(compiled, first - start)
+    compilation = f" ({compilation})" if compilation else ""
     print(f"[{count} tokens in {end - start:.2f} s: first after {first - start:.2f} s{compilation}, "
           f"{rate}; {why}]", file=sys.stderr, flush=True)
 
@@ -530,31 +627,49 @@ def run_generate(args: argparse.Namespace, model, settings: dict[str, Any]) -> N
         for prompt in prompts:
             stream_one(model, prompt, settings, args.quiet)
         return
-    start, compiled = time.perf_counter(), CompileClock.now()
+    generate_together(args, model, settings, prompts)
+
+
+def generate_together(args: argparse.Namespace, model, settings: dict[str, Any], prompts: list[str],
+                      json_lines: bool = False) -> None:
+    """--no-stream and --json: `prompts` as one batch, printed when all are done; --json as a
+    list of completions, or with `json_lines` (--interactive --json) one completion per line."""
+    start, mark = time.perf_counter(), CompileClock.mark()
     completions = model.generate(prompts, **settings)
-    seconds, compiled = time.perf_counter() - start, CompileClock.now() - compiled
+    seconds, compiled = time.perf_counter() - start, CompileClock.since(mark)
     for completion in completions:
-        print_notes(fit_notes(completion, len(completion.prompt_token_ids), model.config))
+        print_notes(fit_notes(completion, len(completion.prompt_token_ids), model.config,
+                              settings["max_new_tokens"]))
     if args.json:
-        print(json.dumps([{"prompt": p, "text": c.text, "token_ids": c.token_ids,
-                           "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
-                           "seed": c.seed, "dropped_prompt_tokens": c.dropped_prompt_tokens}
-                          for p, c in zip(prompts, completions)], indent=1))
+        records = [{"prompt": p, "text": c.text, "token_ids": c.token_ids,
+                    "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
+                    "seed": c.seed, "dropped_prompt_tokens": c.dropped_prompt_tokens}
+                   for p, c in zip(prompts, completions)]
+        if json_lines:
+            for record in records:
+                print(json.dumps(record), flush=True)
+        else:
+            print(json.dumps(records, indent=1))
     else:
-        for prompt, completion in zip(prompts, completions):
-            print(completion.text if args.quiet else prompt + completion.text)
+        for prompt, c in zip(prompts, completions):
+            print(c.text if args.quiet else
+                  prompt_as_run(prompt, c.prompt_token_ids, c.dropped_prompt_tokens, model) + c.text)
     if not args.quiet:
         endings = collections.Counter(
             ending(c.finish_reason, c.stop_reason, len(c.prompt_token_ids), len(c.token_ids), model.config)
             for c in completions)
-        print(report(sum(len(c.token_ids) for c in completions), seconds, compiled,
-                     ", ".join(f"{n} {why}" if len(completions) > 1 else why for why, n in endings.items())),
+        print(report(sum(len(c.token_ids) for c in completions), seconds, compiled[0],
+                     ", ".join(f"{n} {why}" if len(completions) > 1 else why for why, n in endings.items()),
+                     cache_hits=compiled[1], cache_seconds=compiled[2]),
               file=sys.stderr, flush=True)
 
 
-def report(tokens: int, seconds: float, compile_seconds: float, why: str) -> str:
-    """The --no-stream stats line: the rate leaves compilation out."""
-    compiling = f" ({compile_seconds:.2f} s of it compiling)" if compile_seconds > 0 else ""
+def report(tokens: int, seconds: float, compile_seconds: float, why: str, cache_hits: int = 0,
+           cache_seconds: float = 0.0) -> str:
+    """The --no-stream stats line: the rate leaves compiling (and reading the compilation cache)
+    out."""
+    compiling = compile_words((compile_seconds, cache_hits, cache_seconds), seconds)
+    compiling = f" ({compiling})" if compiling else ""
     running = max(seconds - compile_seconds, 1e-9)
     return f"[{tokens} tokens in {seconds:.2f} s{compiling}: {tokens / running:.1f} tokens/s; {why}]"
 
@@ -594,8 +709,79 @@ def run_interactive(args: argparse.Namespace, model, settings: dict[str, Any]) -
         prompt = share_from_main(next(prompts, None) if main_process else None)
         if prompt is None:
             return
-        # On a terminal the prompt is on screen already: the continuation follows on the next line.
-        stream_one(model, prompt, settings, args.quiet, echo=not tty)
+        if args.json:
+            generate_together(args, model, settings, [prompt], json_lines=True)
+        else:
+            # On a terminal the prompt is on screen already: the continuation follows on the next line.
+            stream_one(model, prompt, settings, args.quiet, echo=not tty)
+
+
+def read_stdin_prompt(args: argparse.Namespace) -> None:
+    """--prompt -: replace it with standard input (read by process 0, shared with the others),
+    without the line breaks it ends with."""
+    from grok1.runtime.processes import is_main_process, share_from_main
+
+    if STDIN_PROMPT not in (args.prompt or []):
+        return
+    read: dict[str, str] = {}
+    if is_main_process():
+        if sys.stdin.isatty():
+            print("run.py: reading the prompt from standard input; end it with Ctrl-D", file=sys.stderr,
+                  flush=True)
+        try:
+            read["text"] = sys.stdin.read().rstrip("\r\n")
+        except UnicodeDecodeError as e:
+            read["error"] = (f"--prompt {STDIN_PROMPT}: standard input is not {sys.stdin.encoding} text "
+                             f"({e.reason})")
+    read = share_from_main(read)
+    if "error" in read:
+        raise UserError(read["error"])
+    if not read["text"]:
+        raise UserError(f"--prompt {STDIN_PROMPT}: standard input is empty: pipe the text to continue "
+                        f"into it")
+    args.prompt = [read["text"] if prompt == STDIN_PROMPT else prompt for prompt in args.prompt]
+
+
+def stdin_waiting() -> bool:
+    """Whether standard input is a pipe or a file with data in it (not a terminal, /dev/null or an
+    empty pipe, as under a process manager or a test)."""
+    try:
+        fd = sys.stdin.fileno()
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode):
+            return os.fstat(fd).st_size > os.lseek(fd, 0, os.SEEK_CUR)
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            import fcntl
+            import termios
+            waiting = fcntl.ioctl(fd, termios.FIONREAD, bytes(4))   # bytes ready to read
+            return int.from_bytes(waiting, sys.byteorder) > 0
+    except (AttributeError, OSError, ValueError, ImportError):   # no stdin, a test's stand-in, Windows
+        pass
+    return False
+
+
+def note_unread_stdin(args: argparse.Namespace) -> None:
+    """One line on stderr when input piped into standard input goes unread (it would otherwise be
+    ignored silently), saying how to use it."""
+    if args.interactive or STDIN_PROMPT in (args.prompt or []) or not stdin_waiting():
+        return
+    mode = next((m for m in ("plan", "describe", "trace", "serve") if getattr(args, m)), None)
+    if mode is None:
+        use = f"--prompt {STDIN_PROMPT} continues it, --interactive each of its lines"
+    elif mode == "trace":
+        use = f"--prompt {STDIN_PROMPT} traces it"
+    else:
+        use = f"--{mode} reads none"
+    print(f"note: piped standard input is ignored; {use}", file=sys.stderr, flush=True)
+
+
+def build_native_kernels() -> None:
+    """On CPU, build (or load) grok1's native kernels now: their first build takes about 10 s and
+    says so on stderr, a line that belongs before the generated text, not inside it."""
+    import jax
+    if jax.default_backend() == "cpu":
+        from grok1.kernels import native
+        native.available()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -605,6 +791,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             force_cpu_devices(args.mesh, args.cpu_devices)
         if args.mesh is not None:
             mesh_shape(args.mesh)  # a bad spec is a one-line error before anything loads
+        if args.plan or args.describe:
+            note_unread_stdin(args)
         if args.plan:
             run_plan(args)
             return 0
@@ -614,19 +802,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_checkpoint_folder(args.checkpoint)
         start_jax(args)
         check_mesh_covers_the_cluster(args.mesh)
+        note_unread_stdin(args)   # after joining a cluster: process 0 alone prints
+        read_stdin_prompt(args)
         listening = listen(args) if args.serve else None
         config = model_config(args)
         tokenizer_path, tokenizer = load_tokenizer(args, config)
         settings = sampling(args, config, tokenizer)
         model = load_model(args, config, tokenizer_path)
+        build_native_kernels()
         if args.trace:
             run_trace(args, model)
         elif args.interactive:
             run_interactive(args, model, settings)
         elif args.serve:
-            from grok1.server import serve
+            serve = server_module().serve
             serve(model, sock=listening, model_name=os.path.basename(os.path.normpath(args.checkpoint)),
-                  log_level="warning" if args.quiet else "info")
+                  log_level="warning" if args.quiet else "info", api_key=args.api_key,
+                  metrics_need_key=args.metrics_need_key)
         else:
             run_generate(args, model, settings)
         return 0

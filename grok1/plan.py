@@ -302,9 +302,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--preset", default="grok-1", help="config preset (default grok-1)")
     parser.add_argument("--config", help="config.json instead of a preset")
     parser.add_argument("--mesh", default="1x8", help="DATAxMODEL, DATAxEXPERTxMODEL or axis=size,...")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1,
+                        help="rows prefilled and decoded together, each with its --context positions "
+                             "of KV cache (default 1)")
     parser.add_argument("--context", type=int, help="positions per row (default: the config's sequence_len)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                        help="compute dtype of activations and the KV cache; the weights stay as the "
+                             "release stores them (default bfloat16, what grok1.load picks on accelerators)")
     parser.add_argument("--layers", type=int, metavar="N",
                         help="decoder layers (default: the config's num_layers), e.g. to time 8 against 64")
     parser.add_argument("--cpu-devices", type=int, metavar="N",

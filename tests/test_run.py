@@ -16,11 +16,12 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 GREEDY = ["--prompt", "Once upon a time", "--temperature", "0", "--max-new-tokens", "24", "--quiet"]
+DEFAULT_PROMPT = "The function returns"
 
 
-def run(*args: str, devices: int | None = None, stdin: str = "",
-        timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+def run(*args: str, devices: int | None = None, stdin: str = "", timeout: float = 300,
+        env_vars: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | (env_vars or {})
     if devices is not None:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=REPO, env=env,
@@ -49,7 +50,7 @@ def test_no_arguments_streams_a_continuation_and_says_how_fast_and_why_it_ended(
     # Unseeded, so the text differs run to run (and may end at EOS after a few tokens).
     result = run()
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("The function returns")
+    assert result.stdout.startswith(DEFAULT_PROMPT)
     assert re.search(r"\[(\d+ tokens in [\d.]+ s: first after [\d.]+ s.*; ended at |no tokens: )", result.stderr)
 
 
@@ -87,6 +88,22 @@ def test_help_explains_every_flag_with_its_default():
         assert default in text
 
 
+def test_help_gives_the_default_dtype_grok1_load_picks_as_the_readme_does():
+    help_text = " ".join(run("--help").stdout.split())
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert "auto = what grok1.load picks: float32 on CPU, bfloat16 on GPU/TPU" in help_text
+    assert "the default is bfloat16 on GPU/TPU and float32 on CPU" in readme
+
+
+def test_plan_help_explains_batch_and_dtype():
+    result = subprocess.run([sys.executable, "-m", "grok1.plan", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "--batch BATCH rows prefilled and decoded together" in text
+    assert "--dtype {bfloat16,float32} compute dtype" in text
+
+
 @pytest.mark.slow
 def test_no_stream_json_returns_one_completion_per_prompt():
     result = run("--prompt", "The module", "--prompt", "A list", "--max-new-tokens", "5",
@@ -95,6 +112,32 @@ def test_no_stream_json_returns_one_completion_per_prompt():
     completions = json.loads(result.stdout)
     assert [c["prompt"] for c in completions] == ["The module", "A list"]
     assert all(len(c["token_ids"]) == 5 or c["finish_reason"] == "stop" for c in completions)
+
+
+def test_building_the_native_kernels_is_a_status_line_on_stderr_and_stdout_holds_only_the_text(greedy,
+                                                                                               tmp_path):
+    result = run(*GREEDY, env_vars={"GROK1_NATIVE_CACHE": str(tmp_path)})     # a first build
+    assert result.returncode == 0, result.stderr
+    assert f"grok1: compiling the native CPU kernels into {tmp_path} (once)" in result.stderr.splitlines()
+    assert result.stdout == greedy
+
+
+def test_a_run_served_from_the_compilation_cache_says_so_instead_of_compiling(tmp_path):
+    argv = ["--compilation-cache", str(tmp_path), "--prompt", "The module", "--max-new-tokens", "2",
+            "--temperature", "0"]
+    first, again = run(*argv), run(*argv)
+    assert first.returncode == 0 and again.returncode == 0, first.stderr + again.stderr
+    first_stats, again_stats = first.stderr.splitlines()[-1], again.stderr.splitlines()[-1]
+    assert "s of it compiling" in first_stats and "compilation cache" not in first_stats
+    assert "read from the compilation cache" in again_stats and "compilation included" not in again_stats
+
+
+def test_piped_input_that_is_not_read_is_named_in_one_note_line():
+    result = run("--max-new-tokens", "1", "--temperature", "0", stdin="Once upon a time\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(DEFAULT_PROMPT)
+    assert ("note: piped standard input is ignored; --prompt - continues it, --interactive each of its lines"
+            in result.stderr.splitlines())
 
 
 def test_interactive_mode_continues_each_line_until_an_empty_one(greedy):
@@ -199,6 +242,70 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
         assert fragment in lines[0]
 
 
+@pytest.mark.parametrize("flag, value, allowed", [
+    ("--max-new-tokens", "0", "(or max: up to the context end)"),
+    ("--seed", "-1", "(or leave it out: a fresh seed)")])
+def test_a_bad_sampling_value_is_refused_in_the_command_lines_words(main, flag, value, allowed):
+    code, _, err = main(flag, value)
+    assert_one_line_error(code, err, flag, allowed)
+    assert "None" not in err
+
+
+def test_prompt_dash_continues_standard_input(main):
+    _, expected, _ = main(*GREEDY)
+    code, out, err = main("--prompt", "-", *GREEDY[2:], stdin="Once upon a time\n")
+    assert code == 0, err
+    assert out == expected
+
+
+def test_prompt_dash_with_empty_standard_input_is_a_one_line_error(main):
+    code, _, err = main("--prompt", "-", stdin="")
+    assert_one_line_error(code, err, "--prompt -", "standard input is empty")
+
+
+def test_prompt_dash_twice_is_a_one_line_error(main):
+    code, _, err = main("--prompt", "-", "--prompt", "-", stdin="x")
+    assert_one_line_error(code, err, "--prompt -", "once")
+
+
+def test_interactive_json_answers_each_line_with_one_completion_object(main):
+    code, out, err = main("--interactive", "--json", "--max-new-tokens", "3", "--temperature", "0", "--quiet",
+                          stdin="The module\nA list\n")
+    assert code == 0, err
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert [a["prompt"] for a in answers] == ["The module", "A list"]
+    assert all(len(a["token_ids"]) == 3 or a["finish_reason"] == "stop" for a in answers)
+
+
+def test_native_kernels_are_built_before_the_prompt_is_echoed(main, monkeypatch):
+    from grok1.kernels import native
+    real, calls, status = native.available, [], "grok1: compiling the native CPU kernels into DIR (once)"
+
+    def building() -> bool:          # says what a first build says, once
+        if not calls:
+            print(status, file=sys.stderr, flush=True)
+        calls.append(True)
+        return real()
+    monkeypatch.setattr(native, "available", building)
+    terminal = io.StringIO()          # stdout and stderr interleaved, as on a terminal
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    code, _, _ = main("--prompt", "The module", "--max-new-tokens", "2", "--temperature", "0")
+    lines = terminal.getvalue().splitlines()
+    assert code == 0 and lines[0] == status and lines[1].startswith("The module"), lines
+
+
+def test_serve_without_the_serve_extra_says_what_to_install(main, monkeypatch):
+    # As if starlette were not installed: its submodules go too (an import of one that is still
+    # in sys.modules would succeed, as after the server tests in the same session).
+    for name in [n for n in sys.modules if n.split(".")[:2] == ["grok1", "server"]
+                 or n.split(".")[0] in ("starlette", "uvicorn")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "starlette", None)
+    code, _, err = main("--serve", "--port", "0")
+    assert_one_line_error(code, err, "--serve needs starlette", "pip install", "[serve]", "requirements.txt")
+
+
 @pytest.mark.parametrize("mode", [[], ["--trace"]])
 def test_empty_prompt_is_a_one_line_error(main, mode):
     code, _, err = main(*mode, "--prompt", "")
@@ -267,6 +374,21 @@ def test_prompt_longer_than_the_context_is_one_plain_note_line(main, mode):
     assert len(lines) == 1 and re.fullmatch(r"note: .* its first \d+ tokens were dropped", lines[0]), err
 
 
+@pytest.mark.parametrize("mode", [[], ["--no-stream"]])
+def test_prompt_longer_than_the_context_makes_room_for_max_new_tokens_and_echoes_what_the_model_saw(
+        main, shipped, mode):
+    long = " ".join(str(i) for i in range(400))
+    ids, context = shipped.tokenizer.encode(long), shipped.config.sequence_len
+    bos = 1 if shipped.config.add_bos else 0
+    kept = ids[len(ids) - (context - 20 - bos):]                    # room for 20 new tokens
+    code, out, err = main(*mode, "--prompt", long, "--max-new-tokens", "20", "--temperature", "0")
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: the prompt is longer than the {context}-token context allows with "
+                     f"--max-new-tokens 20: its first {len(ids) - len(kept)} tokens were dropped"]
+    assert out.startswith(shipped.tokenizer.decode(kept)) and not out.startswith("0 1 2")
+
+
 def test_stats_line_says_why_generation_ended(main):
     _, _, err = main("--prompt", "The module", "--max-new-tokens", "3", "--temperature", "0", "--no-stream")
     assert err.strip().endswith("ended at max-new-tokens]")
@@ -294,14 +416,14 @@ def test_compile_clock_counts_compilation(cli):
     assert cli.CompileClock.now() > before
 
 
-def test_interactive_says_compilation_included_only_when_something_compiled(main, shipped):
+def test_interactive_mentions_compiling_only_when_something_compiled(main, shipped):
     warm = bool(shipped.__dict__.get("_runners"))
     code, _, err = main("--interactive", "--max-new-tokens", "2", "--temperature", "0",
                         stdin="The module\nA list\n")
     assert code == 0, err
     stats = [line for line in err.splitlines() if line.startswith("[")]
-    assert len(stats) == 2 and "compilation included" not in stats[1]
-    assert ("compilation included" in stats[0]) == (not warm)
+    compiled = [bool(re.search(r"of it compiling|compilation cache", line)) for line in stats]
+    assert compiled == [not warm, False]
 
 
 def test_interactive_terminal_edits_lines_with_readline_and_does_not_echo_the_prompt(main, monkeypatch):

@@ -194,6 +194,18 @@ def test_prompt_longer_than_the_context_keeps_its_last_tokens_and_reports_how_ma
     assert fitted.max_new_tokens == 1 and fitted.max_new_tokens_lowered_from is None
 
 
+def test_prompt_longer_than_the_context_makes_room_for_the_new_tokens_asked():
+    fitted = fit_prompt(list(range(1, 71)), CONFIG, None, sampling_settings(CONFIG, max_new_tokens=10))
+    assert fitted.token_ids == list(range(17, 71)) and fitted.dropped_prompt_tokens == 16
+    assert fitted.max_new_tokens == 10 and fitted.max_new_tokens_lowered_from is None
+
+
+def test_prompt_longer_than_the_context_keeps_one_token_when_max_new_tokens_exceeds_the_context():
+    fitted = fit_prompt(list(range(1, 71)), CONFIG, None, sampling_settings(CONFIG, max_new_tokens=1000))
+    assert fitted.token_ids == [70] and fitted.dropped_prompt_tokens == 69
+    assert fitted.max_new_tokens == 63 and fitted.max_new_tokens_lowered_from == 1000
+
+
 def test_fitting_a_prompt_raises_no_python_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -206,7 +218,8 @@ def test_without_max_new_tokens_the_request_runs_to_the_context_end():
 
 
 @pytest.mark.parametrize("prompt, max_new_tokens, message", [
-    (list(range(1, 31)), 54, "at most 34"), (list(range(1, 71)), None, "at most 63 tokens")])
+    (list(range(1, 31)), 54, "at most 34"), (list(range(1, 71)), None, "at most 63 tokens"),
+    (list(range(1, 71)), 10, "room for max_new_tokens 10 .* at most 54 tokens")])
 def test_strict_refuses_to_lower_max_new_tokens_or_drop_prompt_tokens(prompt, max_new_tokens, message):
     settings = sampling_settings(CONFIG, max_new_tokens=max_new_tokens, strict=True)
     with pytest.raises(ValueError, match=message):
@@ -283,3 +296,14 @@ def test_a_text_prompt_longer_than_the_context_keeps_its_bos():
     assert fitted.token_ids[0] == config.bos_token and len(fitted.token_ids) == config.sequence_len - 1
     assert fitted.token_ids[1:] == Characters().encode("abcdefghij" * 7)[-62:]
     assert fitted.dropped_prompt_tokens == 71 - 63
+
+
+def test_a_text_prompt_longer_than_the_context_keeps_its_bos_and_room_for_the_new_tokens_asked():
+    config = CONFIG.replace(add_bos=True)
+    text = "abcdefghij" * 7
+    fitted = fit_prompt(text, config, Characters(), sampling_settings(config, max_new_tokens=10))
+    assert fitted.token_ids == [config.bos_token, *Characters().encode(text)[-53:]]
+    assert fitted.dropped_prompt_tokens == 71 - 54 and fitted.max_new_tokens == 10
+    fitted = fit_prompt(text, config, Characters(), sampling_settings(config, max_new_tokens=1000))
+    assert fitted.token_ids == [config.bos_token, Characters().encode(text)[-1]]
+    assert fitted.max_new_tokens == 62 and fitted.max_new_tokens_lowered_from == 1000

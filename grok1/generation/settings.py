@@ -32,8 +32,10 @@ class SamplingSettings:
     `stop_token_ids` or `stop_strings` (none of which appear in the output), after
     `max_new_tokens` (None: up to the end of the context), or at the end of the context.
     `max_new_tokens` beyond the room the prompt leaves is lowered to that room, and a prompt that
-    leaves no room for one new token loses its oldest tokens; both are reported on the Completion
-    (and the first Delta), or raise ValueError when `strict`. `seed` None draws a fresh seed.
+    leaves no room for one new token loses its oldest tokens, as many as make room for
+    `max_new_tokens` (one when None; at least one prompt token stays); both are reported on the
+    Completion (and the first Delta), or raise ValueError when `strict`. `seed` None draws a
+    fresh seed.
     """
 
     max_new_tokens: Optional[int] = None
@@ -164,9 +166,11 @@ class FittedPrompt:
 def fit_prompt(prompt: Any, config: ModelConfig, tokenizer: Any,
                settings: SamplingSettings) -> FittedPrompt:
     """A prompt (string or token ids; strings get BOS when `config.add_bos`) checked and fitted
-    into the context: new tokens are limited to the room the prompt leaves, and a prompt that
-    leaves no room for one new token keeps its last `sequence_len - 1` tokens (after its BOS). With
-    `settings.strict` either change raises ValueError instead."""
+    into the context. A prompt that leaves room for a new token is kept whole, and new tokens
+    are limited to the room it leaves. A longer one keeps its newest tokens (after its BOS), as
+    many as leave room for `settings.max_new_tokens` (for one when None), but at least one: a
+    limit larger than that room is lowered to it. With `settings.strict` dropping tokens or
+    lowering the limit raises ValueError instead."""
     if isinstance(prompt, str):
         ids = encode_text(prompt, config, tokenizer)
     elif isinstance(prompt, (list, tuple, np.ndarray)):
@@ -181,22 +185,40 @@ def fit_prompt(prompt: Any, config: ModelConfig, tokenizer: Any,
     bad = [t for t in ids if not 0 <= t < config.vocab_size]
     if bad:
         raise ValueError(f"token ids must lie in [0, {config.vocab_size}), got {bad[:5]}")
-    limit = config.sequence_len - 1
-    dropped = max(0, len(ids) - limit)
-    if dropped and settings.strict:
-        raise ValueError(f"prompt of {len(ids)} tokens leaves no room for a new token in "
-                         f"sequence_len {config.sequence_len}; shorten it to at most {limit} tokens")
-    # A text prompt keeps its BOS: the tokens dropped are the oldest ones after it.
-    keep_bos = dropped and isinstance(prompt, str) and config.add_bos
-    ids = [ids[0], *ids[dropped + 1:]] if keep_bos else ids[dropped:]
-    room = config.sequence_len - len(ids)
+    limit = config.sequence_len - 1          # the longest prompt that leaves room for a new token
     asked = settings.max_new_tokens
+    # A text prompt keeps its BOS: the tokens dropped are the oldest ones after it.
+    keep_bos = isinstance(prompt, str) and config.add_bos
+    dropped = 0
+    if len(ids) > limit:
+        # Room for the tokens asked (one when None), but at least one prompt token stays.
+        wanted = 1 if asked is None else min(asked, limit)
+        if settings.strict:
+            raise ValueError(_no_room(len(ids), asked, config.sequence_len))
+        keep = min(max(config.sequence_len - wanted, 2 if keep_bos else 1), limit)
+        dropped = len(ids) - keep
+        ids = [ids[0], *ids[dropped + 1:]] if keep_bos else ids[dropped:]
+    room = config.sequence_len - len(ids)
     if asked is not None and asked > room and settings.strict:
         raise ValueError(f"max_new_tokens {asked} does not fit beside the {len(ids)}-token prompt "
                          f"in sequence_len {config.sequence_len}; at most {room} (or None: to the end)")
     return FittedPrompt(token_ids=ids, max_new_tokens=min(asked or room, room),
                         dropped_prompt_tokens=dropped,
                         max_new_tokens_lowered_from=asked if asked is not None and asked > room else None)
+
+
+def _no_room(length: int, asked: Optional[int], sequence_len: int) -> str:
+    """Why a strict request's prompt of `length` tokens does not fit, and what would."""
+    start = f"prompt of {length} tokens leaves no room for"
+    if asked is None:
+        return (f"{start} a new token in sequence_len {sequence_len}; shorten it to at most "
+                f"{sequence_len - 1} tokens")
+    if asked < sequence_len:
+        fits = sequence_len - asked
+        return (f"{start} max_new_tokens {asked} in sequence_len {sequence_len}; shorten it to at most "
+                f"{fits} token{'s' if fits > 1 else ''}")
+    return (f"{start} max_new_tokens {asked} in sequence_len {sequence_len}, nor would any prompt; shorten "
+            f"it to at most {sequence_len - 1} tokens and max_new_tokens to the room it leaves")
 
 
 def prompt_token_ids(prompt: Any, config: ModelConfig, tokenizer: Any,

@@ -117,9 +117,10 @@ def _load() -> None:
         raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH")
     path = library_path(compiler, flags)
     if not path.exists():
-        if sys.stderr.isatty():  # a pause of several seconds, once per machine: say why
-            print(f"grok1: compiling the native CPU kernels into {path.parent} (once)",
-                  file=sys.stderr, flush=True)
+        # A pause of several seconds, once per machine: say why, on stderr (a terminal or a log
+        # alike) and on a line of its own; run.py builds the kernels before any text starts.
+        print(f"grok1: compiling the native CPU kernels into {path.parent} (once)", file=sys.stderr,
+              flush=True)
         _build(compiler, path)
     library = ctypes.CDLL(str(path))
     if library.grok1_native_simd() != 1:

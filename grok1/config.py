@@ -6,7 +6,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any
+from typing import Any, Optional
 
 import jax
 
@@ -155,3 +155,19 @@ PRESETS: dict[str, ModelConfig] = {
         widening_factor=8, sequence_len=512, embedding_multiplier_scale=32.0,
         attn_output_multiplier=0.125),
 }
+
+
+def resolve_config(config: Any, none_means: Optional[str] = None) -> Optional[ModelConfig]:
+    """`config` as a ModelConfig: itself, or the one a PRESETS name stands for; None passes
+    through where the caller gives None a meaning (`none_means`, e.g. "read the checkpoint's
+    config.json"). ValueError for an unknown name, listing the presets; TypeError otherwise."""
+    if isinstance(config, ModelConfig) or (config is None and none_means):
+        return config
+    presets = ", ".join(sorted(PRESETS))
+    if isinstance(config, str):
+        if config not in PRESETS:
+            raise ValueError(f"unknown preset {config!r}; presets: {presets}")
+        return PRESETS[config]
+    allowed = (f"a ModelConfig, a preset name ({presets}) or None to {none_means}" if none_means
+               else f"a ModelConfig or a preset name ({presets})")
+    raise TypeError(f"config must be {allowed}; got {type(config).__name__}")

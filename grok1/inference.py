@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grok1 import checkpoint, inspect
-from grok1.config import PRESETS, ModelConfig
+from grok1.config import ModelConfig, resolve_config
 from grok1.generation import api as generation
 from grok1.inspect import Trace
 from grok1.mesh import activation_sharding, from_host, make_mesh, on_mesh, to_host
@@ -52,18 +52,6 @@ def resolve_mesh(mesh: Any) -> Optional[jax.sharding.Mesh]:
         return make_mesh(mesh)
     raise TypeError(f"mesh must be a jax.sharding.Mesh, a spec string such as '1x8' or "
                     f"'data=2,model=4', or None for one device; got {type(mesh).__name__}")
-
-
-def resolve_config(config: Any) -> Optional[ModelConfig]:
-    """A ModelConfig, a PRESETS name, or None (the checkpoint's config.json is read)."""
-    if config is None or isinstance(config, ModelConfig):
-        return config
-    if isinstance(config, str):
-        if config not in PRESETS:
-            raise ValueError(f"unknown preset {config!r}; presets: {', '.join(sorted(PRESETS))}")
-        return PRESETS[config]
-    raise TypeError(f"config must be a ModelConfig, a preset name ({', '.join(sorted(PRESETS))}) or "
-                    f"None to read the checkpoint's config.json; got {type(config).__name__}")
 
 
 @dataclasses.dataclass
@@ -174,7 +162,8 @@ def load(path: str | os.PathLike, *, mesh: Optional[jax.sharding.Mesh | str] = N
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         raise TypeError(f"tokenizer must be the path of a tokenizer.model or None (the one in the "
                         f"checkpoint folder, if any), got {type(tokenizer).__name__}")
-    config = resolve_config(config) or checkpoint.read_config(path)
+    config = (resolve_config(config, none_means="read the checkpoint's config.json")
+              or checkpoint.read_config(path))
     if mesh is None:
         # Read into host buffers of the stacked compute layout, then placed on the device (on
         # CPU: the same memory): the weights are held once.

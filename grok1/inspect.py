@@ -1,9 +1,9 @@
 """Look inside Grok-1: what the parameters weigh (`describe`) and what the layers do (`trace`).
 
 Both read the model code itself. `describe` walks the parameter tree of `grok1.model`, stored as
-the release stores it (grok1/params.py) and split by the mesh's table (grok1/mesh.py); `trace` runs the real forward pass under
-`hk.experimental.intercept_methods`, one layer after another (the per-layer form of
-grok1/weights/stacking.py), recording what `Router.__call__`,
+the release stores it (grok1/params.py) and split by the mesh's table (grok1/mesh.py); `trace`
+runs the real forward pass under `hk.experimental.intercept_methods`, one layer after another
+(the per-layer form of grok1/weights/stacking.py), recording what `Router.__call__`,
 `MultiHeadAttention.attention_logits` and `DecoderLayer.__call__` return, and summarises it on
 the device (only per-layer statistics, router probabilities and the final logits come back).
 """
@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import AbstractMesh
 
 from grok1 import model as model_lib
-from grok1.config import ModelConfig
+from grok1.config import ModelConfig, resolve_config
 from grok1.mesh import MESH_AXES, activation_sharding, from_host, on_mesh, parse_mesh_spec, to_host
 from grok1.model import (ComputeOptions, DecoderLayer, LanguageModel, MultiHeadAttention, Router,
                          attention_context, cap_attention_logits, forward, param_shapes)
@@ -81,10 +81,12 @@ def _bytes_per_device(shapes: dict, tensors: list[dict[str, Any]], mesh_spec: st
             "param_bytes_per_device": per_device, "by_component": by_component}
 
 
-def describe(config: ModelConfig, mesh_spec: Optional[str] = None) -> dict[str, Any]:
-    """Every parameter of `config`'s model with shape, count and bytes (release storage), totals
-    per layer and overall, active parameters and FLOPs per token, KV-cache bytes per token and,
-    for `mesh_spec` (e.g. "1x8"), the parameter bytes each device holds. Needs no weights."""
+def describe(config: ModelConfig | str, mesh_spec: Optional[str] = None) -> dict[str, Any]:
+    """Every parameter of `config`'s model (a ModelConfig or a preset name such as "grok-1") with
+    shape, count and bytes (release storage), totals per layer and overall, active parameters and
+    FLOPs per token, KV-cache bytes per token and, for `mesh_spec` (e.g. "1x8"), the parameter
+    bytes each device holds. Needs no weights."""
+    config = resolve_config(config)
     shapes = param_shapes(config)
     tensors = [_tensor(module, param, tuple(shapes[module][param].shape))
                for module in sorted(shapes, key=_forward_order) for param in sorted(shapes[module])]

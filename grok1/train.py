@@ -24,7 +24,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from typing import Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -173,11 +173,23 @@ def init_params(config: ModelConfig, seed: int) -> dict:
     return params
 
 
+def import_optax() -> Any:
+    """optax (an optional dependency: grok1[train]), or ImportError saying in one line what to
+    install."""
+    try:
+        import optax
+    except ModuleNotFoundError as e:
+        if e.name != "optax":  # optax is there but something it needs is not: that error says what
+            raise
+        raise ImportError("training needs optax, which is not installed: pip install optax "
+                          "(or pip install 'grok1[train]')") from None
+    return optax
+
+
 def train(config: ModelConfig, stream: np.ndarray, *, steps: int, batch: int, learning_rate: float,
           seed: int, log_every: int = 25) -> dict:
     """AdamW (warmup + cosine decay, clipping) on random windows of the stream; float32 params."""
-    import optax
-
+    optax = import_optax()
     fn = model.transformed(config, jnp.float32, TRAINING)
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(100, steps // 10), steps,
                                                   learning_rate / 10)
@@ -249,31 +261,92 @@ def out_problem(out: str, overwrite: bool) -> str | None:
     return None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+# What the flags allow. The tokenizer needs its 4 special and 256 byte pieces plus the corpus's
+# characters (346 pieces in all on CPython 3.11), and the corpus yields about 35,900 BPE pieces.
+MIN_VOCAB, MAX_VOCAB = 512, 32768
+# small_config's heads are 32 wide and share each key/value head in pairs (2 kv heads).
+EMB_MULTIPLE = 2 * 32
+MAX_WIDENING = 64  # experts 64 x d wide at most (Grok-1's factor is 8)
+MAX_SEED = 2 ** 32 - 1
+
+
+def _integer(low: int, high: Optional[int] = None, multiple: int = 1) -> Callable[[str], int]:
+    """An argparse type: an integer >= low (and <= high), a multiple of `multiple`."""
+    allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+    if multiple > 1:
+        allowed = f"a multiple of {multiple}, at least {low}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high) or value % multiple:
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
+        return value
+    return parse
+
+
+def _positive_number(high: float = math.inf) -> Callable[[str], float]:
+    """An argparse type: a finite number in (0, high]."""
+    allowed = "a finite number > 0" if high == math.inf else f"a number in (0, {high:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or not 0 < value <= high:
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m grok1.train`: every number checked against its range."""
     parser = argparse.ArgumentParser(prog="python -m grok1.train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="checkpoints/small", help="output folder")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the checkpoint that --out already holds (by default refused)")
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps")
-    parser.add_argument("--batch", type=int, default=16, help="windows per step")
-    parser.add_argument("--learning-rate", type=float, default=3e-3, help="peak AdamW learning rate")
-    parser.add_argument("--vocab-size", type=int, default=4096, help="SentencePiece vocabulary size")
-    parser.add_argument("--emb-size", type=int, default=256, help="model width d")
-    parser.add_argument("--num-layers", type=int, default=4, help="decoder layers")
-    parser.add_argument("--widening-factor", type=float, default=2, help="expert ffn width factor")
-    parser.add_argument("--seq-len", type=int, default=256, help="training window length")
-    parser.add_argument("--heldout-windows", type=int, default=16, help="held-out windows to evaluate")
-    parser.add_argument("--seed", type=int, default=0, help="seed of init and batch order")
+    parser.add_argument("--steps", type=_integer(1), default=200, help="optimizer steps (>= 1)")
+    parser.add_argument("--batch", type=_integer(1), default=16, help="windows per step (>= 1)")
+    parser.add_argument("--learning-rate", type=_positive_number(), default=3e-3,
+                        help="peak AdamW learning rate (> 0)")
+    parser.add_argument("--vocab-size", type=_integer(MIN_VOCAB, MAX_VOCAB), default=4096,
+                        help=f"SentencePiece vocabulary size ({MIN_VOCAB} to {MAX_VOCAB})")
+    parser.add_argument("--emb-size", type=_integer(EMB_MULTIPLE, multiple=EMB_MULTIPLE), default=256,
+                        help=f"model width d (a multiple of {EMB_MULTIPLE}: heads of 32 in pairs)")
+    parser.add_argument("--num-layers", type=_integer(1), default=4, help="decoder layers (>= 1)")
+    parser.add_argument("--widening-factor", type=_positive_number(MAX_WIDENING), default=2,
+                        help=f"expert ffn width factor (> 0, at most {MAX_WIDENING})")
+    parser.add_argument("--seq-len", type=_integer(1), default=256, help="training window length (>= 1)")
+    parser.add_argument("--heldout-windows", type=_integer(1), default=16,
+                        help="held-out windows to evaluate (>= 1)")
+    parser.add_argument("--seed", type=_integer(0, MAX_SEED), default=0,
+                        help=f"seed of init and batch order (0 to {MAX_SEED})")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    config = small_config(vocab_size=args.vocab_size, emb_size=args.emb_size, num_layers=args.num_layers,
+                          widening_factor=args.widening_factor, sequence_len=args.seq_len)
+    if config.ffn_size == 0:
+        parser.error(f"--widening-factor {args.widening_factor} with --emb-size {args.emb_size} gives "
+                     f"experts no hidden units: widening factor x emb size must be at least 2")
     problem = out_problem(args.out, args.overwrite)
     if problem:
         print(f"{parser.prog}: error: {problem}", file=sys.stderr)
         return 2
+    try:
+        import_optax()
+    except ImportError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1
 
     t0 = time.time()
-    config = small_config(vocab_size=args.vocab_size, emb_size=args.emb_size, num_layers=args.num_layers,
-                          widening_factor=args.widening_factor, sequence_len=args.seq_len)
     documents = corpus_documents()
     train_docs, heldout_docs = split_documents(documents)
     print(f"corpus: {len(documents)} documents, {sum(map(len, documents)) / 1e6:.2f} M characters "
@@ -281,7 +354,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     os.makedirs(args.out, exist_ok=True)
     tokenizer_path = os.path.join(args.out, TOKENIZER_FILE)
-    train_tokenizer(train_docs, tokenizer_path, args.vocab_size)
+    try:
+        train_tokenizer(train_docs, tokenizer_path, args.vocab_size)
+    except RuntimeError as e:  # SentencePiece: "... Vocabulary size too high (N). Please set ..."
+        if "Vocabulary size" not in str(e):
+            raise
+        print(f"{parser.prog}: error: --vocab-size {args.vocab_size}: {str(e).rsplit('] ', 1)[-1]}",
+              file=sys.stderr)
+        return 2
     train_stream = token_stream(tokenizer_path, train_docs)
     windows = heldout_windows(token_stream(tokenizer_path, heldout_docs), args.seq_len,
                               args.heldout_windows)

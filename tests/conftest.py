@@ -1,4 +1,5 @@
-"""Shared fixtures: the golden sets and reference files from ../shared, skipped when absent."""
+"""Shared fixtures: the golden sets and reference files from ../shared, skipped when absent (locally;
+.ci/run refuses to start without them)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import random_params, run_with_devices
 from grok1 import checkpoint
-from grok1.checkpoint import CheckpointError, loading, reader
+from grok1.checkpoint import CheckpointError, loading, pickle_scan, reader
 from grok1.config import ModelConfig
 from grok1.runtime.progress import Progress
 from grok1.weights.quant import QuantizedWeight8bit
@@ -355,17 +355,50 @@ def test_progress_shows_tensors_and_bytes_when_enabled(capsys):
     assert "2/2 tensors" in err and "2.00M/2.00M" in err
 
 
+class _TouchesFile:
+    """Unpickles to a call of os.system that creates `path`: a hostile checkpoint file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def hostile_file(tmp_path, protocol: int = 4):
+    """(a tensor file whose pickle calls os.system, the file that call would create)."""
+    path, marker = tmp_path / "tensor00000_000", tmp_path / "ran"
+    path.write_bytes(pickle.dumps(_TouchesFile(marker), protocol=protocol))
+    return path, marker
+
+
+REFUSED_SYSTEM = r"refused pickle global (posix|os|nt)\.system"
+
+
 def test_refuses_pickle_with_os_system_before_it_runs(tmp_path):
-    marker = tmp_path / "ran"
-
-    class TouchesMarker:
-        def __reduce__(self):
-            return os.system, (f"touch {marker}",)
-
-    path = tmp_path / "tensor00000_000"
-    path.write_bytes(pickle.dumps(TouchesMarker(), protocol=4))
-    with pytest.raises(CheckpointError, match=rf"{path}: refused pickle global (posix|os|nt)\.system"):
+    path, marker = hostile_file(tmp_path)
+    with pytest.raises(CheckpointError, match=rf"{path}: {REFUSED_SYSTEM}"):
         checkpoint.read_tensor(path)
+    assert not marker.exists(), "the refused global must never be called"
+
+
+# Each gate alone: read_tensor runs the scanner and then (for a layout it does not follow) the
+# restricted unpickler, which refuses the same globals, so a test through read_tensor passes with
+# either gate disabled.
+
+@pytest.mark.parametrize("protocol", [0, 2, 4])  # GLOBAL with text or binary arguments, STACK_GLOBAL
+def test_the_scanner_alone_refuses_a_hostile_global_naming_the_file(tmp_path, protocol):
+    path, marker = hostile_file(tmp_path, protocol)
+    with pytest.raises(CheckpointError, match=rf"{path}: {REFUSED_SYSTEM}"):
+        pickle_scan.locate(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4])
+def test_the_restricted_unpickler_alone_refuses_a_hostile_global_before_calling_it(tmp_path, protocol):
+    path, marker = hostile_file(tmp_path, protocol)
+    with open(path, "rb") as f, pytest.raises(CheckpointError, match=rf"{path}: {REFUSED_SYSTEM}"):
+        pickle_scan._RestrictedUnpickler(f, str(path)).load()  # the scanner bypassed
     assert not marker.exists(), "the refused global must never be called"
 
 

@@ -105,6 +105,24 @@ def test_bad_mesh_spec_is_refused():
         describe(SMALL, "eight")
 
 
+def test_a_preset_name_describes_that_preset_as_load_takes_it():
+    assert grok1.describe("bench-1b", "1x8") == grok1.describe(grok1.PRESETS["bench-1b"], "1x8")
+
+
+PRESET_NAMES = ", ".join(sorted(grok1.PRESETS))  # bench-1b, grok-1
+
+
+def test_an_unknown_preset_name_is_refused_listing_the_presets():
+    with pytest.raises(ValueError, match=rf"^unknown preset 'grok-2'; presets: {PRESET_NAMES}$"):
+        describe("grok-2")
+
+
+def test_a_config_of_another_type_is_refused_saying_what_is_allowed():
+    allowed = rf"a ModelConfig or a preset name \({PRESET_NAMES}\)"
+    with pytest.raises(TypeError, match=rf"^config must be {allowed}; got dict$"):
+        describe(SMALL.to_dict())
+
+
 def test_description_is_json_and_readable():
     d = describe(SMALL, "1x2")
     assert json.loads(json.dumps(d)) == d

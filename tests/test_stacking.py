@@ -15,7 +15,7 @@ import pytest
 import grok1
 from grok1 import model
 from grok1.config import ModelConfig
-from grok1.params import has_stacked_layers
+from grok1.params import has_stacked_layers, official_module, stacked_module
 from grok1.weights.layout import LinearWeight, to_compute_layout
 from grok1.weights.quant import QuantizedWeight8bit, quantize
 from grok1.weights.stacking import stack_layers, unstack_layers
@@ -88,6 +88,19 @@ def test_unstacking_gives_the_official_tree_back_exactly(layout):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
     kind = LinearWeight if layout == "compute layout" else QuantizedWeight8bit
     assert isinstance(back["transformer/decoder_layer_1/moe/linear_v"]["w"], kind)
+
+
+def test_stacking_puts_layer_i_at_index_i_past_ten_layers_whatever_the_order_of_the_names():
+    # Names sorted as strings put decoder_layer_10 before decoder_layer_2: the stack must follow
+    # the layer numbers (stacked in string order, twelve_layer on a mesh was off by up to 2.99).
+    official = {official_module(i, inner): {"w": np.full((2, 3), i, np.int32)}
+                for i in range(12) for inner in ("moe/linear", "rms_norm")}
+    official = {module: official[module] for module in sorted(official)}
+    stacked = stack_layers(official)
+    for inner in ("moe/linear", "rms_norm"):
+        layers = stacked[stacked_module(inner)]["w"]
+        assert layers.shape == (12, 2, 3)
+        assert [int(layer[0, 0]) for layer in layers] == list(range(12)), inner
 
 
 def test_stacking_refuses_layers_that_are_not_numbered_from_zero():

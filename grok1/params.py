@@ -26,6 +26,7 @@ from typing import Any, Iterable, Optional
 import ml_dtypes
 import numpy as np
 
+
 # ---- path grammar ---------------------------------------------------------------------------------
 
 TRANSFORMER = "transformer"
@@ -73,15 +74,6 @@ def layer_index(module: str) -> Optional[int]:
     (`transformer/decoder_layer_3` itself too); None outside the per-layer modules."""
     match = _LAYER_INDEX.match(module)
     return int(match.group(1)) if match else None
-
-
-def inner_path(module: str) -> Optional[str]:
-    """The path inside a decoder layer ("moe/linear") of an official or stacked module path; None
-    for modules outside the layers (the embeddings, the final norm)."""
-    if is_stacked(module):
-        return module[len(STACKED_PREFIX):]
-    layer = official_layer(module)
-    return None if layer is None else layer[1]
 
 
 # ---- kinds, components and logical axes -----------------------------------------------------------

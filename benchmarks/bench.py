@@ -275,8 +275,9 @@ def measure_decode(model, batch: int, chunk: int, repeat: int, context: int,
     if sampling:
         state = dataclasses.replace(state, seeds=jnp.arange(batch, dtype=jnp.uint32), **{
             name: jnp.full((batch,), value, getattr(state, name).dtype) for name, value in sampling.items()})
-    if runner._state_sharding is not None:
-        state = jax.device_put(state, runner._state_sharding)
+    # Committed to its devices as the runner's own outputs are, so the first call compiles the
+    # step the later calls run (an uncommitted state compiled a second, unused program).
+    state = jax.device_put(state, runner._state_sharding or jax.devices()[0])
     holder = {"state": state}
 
     def run():

@@ -50,3 +50,25 @@ def test_the_decode_step_and_the_forward_compile_with_grok1s_options(monkeypatch
         runner.decode.lower(model.params, state).compile()
     with pytest.raises(Exception, match="xla_cpu_no_such_option"):
         model.logits([[1, 2, 3]])
+
+
+def test_each_backend_compile_hands_the_compilers_freed_memory_back(monkeypatch):
+    x, trims = jnp.arange(7.0).block_until_ready(), []
+    monkeypatch.setattr(compiling, "heap_trimmer", lambda: trims.append)
+    compiling.jit(lambda x: x * 3 + 1)(x)
+    assert trims == [0]
+
+
+def test_a_program_from_jaxs_cache_trims_nothing(monkeypatch):
+    f, x, y = compiling.jit(lambda x: x * 5 - 2), jnp.arange(5.0), jnp.ones(5)
+    f(x)
+    trims = []
+    monkeypatch.setattr(compiling, "heap_trimmer", lambda: trims.append)
+    f(y)
+    assert trims == []
+
+
+def test_a_c_library_without_malloc_trim_compiles_as_before(monkeypatch):
+    monkeypatch.setattr(compiling, "heap_trimmer", lambda: None)
+    x = jnp.arange(9.0)
+    assert jnp.array_equal(compiling.jit(lambda x: x / 3)(x), x / 3)

@@ -59,3 +59,21 @@ def test_random_int8_fills_large_tensors_from_a_pool_within_the_int8_range(monke
     assert values.shape == (3, 700) and values.dtype == np.int8
     assert values.min() >= -127 and values.max() <= 127
     assert len(np.unique(values)) > 100
+
+
+def test_the_capped_set_multiplies_query_and_key_scales_by_8_and_leaves_the_rest(tmp_path):
+    import capped_set
+    from conftest import GOLDEN, require
+    from grok1.checkpoint import read_config, read_tensor, tensor_specs
+
+    source = require(GOLDEN / "two_layer")
+    capped_set.make(tmp_path / "capped")
+    for spec in tensor_specs(read_config(source)):
+        old, new = (read_tensor(folder / "ckpt-0" / spec.filename) for folder in (source, tmp_path / "capped"))
+        if spec.module.endswith(("/query", "/key")):
+            assert np.array_equal(new.weight, old.weight)
+            assert np.array_equal(np.asarray(new.scales, np.float32), 8 * np.asarray(old.scales, np.float32))
+        else:
+            assert np.array_equal(np.asarray(getattr(new, "scales", new), np.float32),
+                                  np.asarray(getattr(old, "scales", old), np.float32))
+    assert (tmp_path / "capped" / "golden.json").read_bytes() == (source / "golden.json").read_bytes()

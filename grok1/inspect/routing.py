@@ -53,13 +53,13 @@ class Routing:
     def preferred_tokens(self, layer: int, expert: int, count: int = 8, min_occurrences: int = 5
                          ) -> list[tuple[int, float, int]]:
         """The tokens most often routed to `expert` at `layer`, among those occurring at least
-        `min_occurrences` times: [(token id, share of its occurrences that chose the expert,
-        occurrences)], highest share first."""
+        `min_occurrences` times and routed there at least once: [(token id, share of its
+        occurrences that chose the expert, occurrences)], highest share first."""
         ids, occurrences = np.unique(self.tokens, return_counts=True)
         chose = np.any(self.experts[:, layer] == expert, axis=-1)
         hits = np.bincount(np.searchsorted(ids, self.tokens[chose]), minlength=len(ids))
         share = hits / occurrences
-        keep = np.flatnonzero(occurrences >= min_occurrences)
+        keep = np.flatnonzero((occurrences >= min_occurrences) & (hits > 0))
         order = keep[np.lexsort((-occurrences[keep], -share[keep]))][:count]
         return [(int(ids[i]), float(share[i]), int(occurrences[i])) for i in order]
 

@@ -12,6 +12,8 @@ layers stacked along a leading axis (`transformer/decoder_layers/moe/linear_v`, 
 then one layer body runs num_layers times (`jax.lax.scan`), and a program compiles one layer
 whatever the depth. Shapes: L layers, B batch, T new tokens, S keys
 (cache length), d emb_size, H query heads, N kv heads, G = H/N, K key_size, E experts, f ffn_size.
+`hooks.point(name, value)` marks each named activation, `blocks.{i}.<name>` in layer i
+(grok1/hooks.py, docs/INSPECTING.md); with no hook session open it is the value itself.
 """
 
 from __future__ import annotations
@@ -363,9 +365,10 @@ class MoELayer(hk.Module):
         w_up = ExpertWeight([E, d, f], name="linear_v")()
         w_down = ExpertWeight([E, f, d], name="linear_1")()
 
-        _, experts = jax.lax.top_k(router_probs, k)                      # [B, T, k]
-        experts = hooks.point("mlp.hook_expert_indices", experts)
-        gates = jnp.take_along_axis(router_probs, experts, axis=-1)       # the chosen experts' weights
+        gates, experts = jax.lax.top_k(router_probs, k)                  # [B, T, k]
+        if hooks.wants("mlp.hook_expert_indices"):  # a routing read or forced: its experts' weights
+            experts = hooks.point("mlp.hook_expert_indices", experts)
+            gates = jnp.take_along_axis(router_probs, experts, axis=-1)
 
         def chosen_experts(x, gates, experts):  # [B, t, ...] -> [B, t, d]
             B, t, _ = x.shape

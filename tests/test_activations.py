@@ -247,11 +247,12 @@ def test_the_per_layer_tree_reads_the_same_activations(one_layer, shipped):
         np.testing.assert_allclose(cache[name], stacked[name], atol=1e-5)
 
 
-def test_a_1x8_mesh_reads_and_patches_as_one_device():
+def test_a_1x8_mesh_reads_patches_and_lenses_as_one_device():
     if not (SHIPPED / "ckpt-0").is_dir():
         pytest.skip("the shipped model checkpoints/small is absent")
     out = run_with_devices(f"""
 import numpy as np, grok1
+from grok1.inspect.lens import logit_lens
 A, B = {PROMPT_A}, {PROMPT_B}
 names = ["blocks.0.hook_resid_pre", "blocks.2.attn.hook_pattern", "blocks.3.hook_resid_post",
          "blocks.1.mlp.hook_expert_indices", "blocks.2.mlp.hook_expert_out", "ln_final.hook_normalized"]
@@ -267,11 +268,12 @@ for mesh in (None, "1x8"):
     identity, _ = m.run_with_hooks([A, B], {{n: (lambda v, n: v) for n in names}})
     assert np.array_equal(identity, logits)
     assert np.all(forced_cache["blocks.1.mlp.hook_expert_indices"] == [0, 1])
-    results.append((logits, cache, patched, forced))
-(l1, c1, p1, f1), (l8, c8, p8, f8) = results
-assert set(c1) == set(c8)
+    results.append((logits, cache, patched, forced, logit_lens(m, A)))
+(l1, c1, p1, f1, lens1), (l8, c8, p8, f8, lens8) = results
+assert set(c1) == set(c8) and np.array_equal(lens1.top_ids[..., 0], lens8.top_ids[..., 0])
 assert all(np.array_equal(c1[n], c8[n]) for n in names if n.endswith("indices"))
-print(max([np.abs(l1 - l8).max(), np.abs(p1 - p8).max(), np.abs(f1 - f8).max()]
+print(max([np.abs(l1 - l8).max(), np.abs(p1 - p8).max(), np.abs(f1 - f8).max(),
+           np.abs(lens1.final_prob - lens8.final_prob).max()]
           + [np.abs(c1[n] - c8[n]).max() for n in names]))
 """)
     assert float(out) < 1e-4

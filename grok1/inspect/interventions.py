@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+import jax.numpy as jnp
 import numpy as np
 
 from grok1 import hooks
@@ -46,13 +47,15 @@ def patching(model: Any, clean: Any, corrupt: Any, point: str = "hook_resid_pre"
     answer = int(np.argmax(clean_logits[0, -1]))
     corrupt_logits = model.logits(corrupt)
     L, T = model.config.num_layers, clean.shape[1]
+    # Row t of a batch of T copies of the corrupted prompt is patched at position t: one forward
+    # pass (and one compiled program) per layer.
+    rows = np.arange(T)
     prob = np.zeros((L, T))
     for i in range(L):
-        for t in range(T):
-            source = cache[hooks.layer_name(point, i)][:, t]
-            patch = {hooks.layer_name(point, i): lambda v, name, s=source, t=t: v.at[:, t].set(s)}
-            logits, _ = run_with_hooks(model, corrupt, patch)
-            prob[i, t] = _softmax(logits[0, -1])[answer]
+        source = cache[hooks.layer_name(point, i)][0]                            # [T, ...]
+        patch = {hooks.layer_name(point, i): lambda v, name, s=source: v.at[rows, rows].set(s)}
+        logits, _ = run_with_hooks(model, np.repeat(corrupt, T, axis=0), patch)
+        prob[i] = _softmax(logits[:, -1])[:, answer]
     return Patching(point=point, clean=clean[0], corrupt=corrupt[0], answer=answer, prob=prob,
                     clean_prob=float(_softmax(clean_logits[0, -1])[answer]),
                     corrupt_prob=float(_softmax(corrupt_logits[0, -1])[answer]))
@@ -93,11 +96,14 @@ def expert_ablation(model: Any, tokens: Any, layers: Optional[list[int]] = None)
     load = np.stack([np.bincount(cache.stack("mlp.hook_expert_indices")[i][real].ravel(),
                                  minlength=c.num_experts) for i in range(c.num_layers)])
     loss = np.full((c.num_layers, c.num_experts), np.nan)
+    # E copies of the batch, copy e with expert e ablated: one forward pass per layer.
+    E, B = c.num_experts, len(tokens)
+    never = np.repeat(np.eye(E, dtype=bool), B, axis=0)[:, None, :]              # [E*B, 1, E]
+    copies = np.tile(tokens, (E, 1))
     for i in layers:
-        for e in range(c.num_experts):
-            never = {f"blocks.{i}.mlp.hook_expert_weights": lambda v, name, e=e: v.at[..., e].set(0)}
-            ablated, _ = run_with_hooks(model, tokens, never)
-            loss[i, e] = next_token_loss(ablated, tokens, c.pad_token)
+        hook = {f"blocks.{i}.mlp.hook_expert_weights": lambda v, name: jnp.where(never, 0, v)}
+        ablated, _ = run_with_hooks(model, copies, hook)
+        loss[i] = [next_token_loss(ablated[e * B:(e + 1) * B], tokens, c.pad_token) for e in range(E)]
     return Ablation(loss=loss, baseline=next_token_loss(logits, tokens, c.pad_token),
                     load=load / np.maximum(load.sum(axis=1, keepdims=True), 1), tokens=int(real.sum()))
 

@@ -100,6 +100,11 @@ def _save(fig: Any, path: str | os.PathLike, image_format: str) -> None:
             os.remove(tmp)
 
 
+def _integer_ticks() -> Any:
+    from matplotlib.ticker import MaxNLocator
+    return MaxNLocator(integer=True)
+
+
 def _words(tokenizer: Any, tokens: Any) -> list[str]:
     return [repr(tokenizer.decode([int(t)])) if tokenizer is not None else str(int(t)) for t in tokens]
 
@@ -163,6 +168,7 @@ def plot_routing(r: Routing, path: str | os.PathLike, layer: int = 0) -> None:
     image = axes[0].imshow(r.load, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
     axes[0].set(xlabel="expert", ylabel="layer", title=f"expert load ({len(r.tokens)} tokens)",
                 xticks=range(E))
+    axes[0].yaxis.set_major_locator(_integer_ticks())
     fig.colorbar(image, ax=axes[0], label="share of the routings", fraction=0.06)
     pairs = r.co_activation(layer).astype(float)
     np.fill_diagonal(pairs, np.nan)
@@ -210,9 +216,11 @@ def plot_ablation(a: Ablation, path: str | os.PathLike) -> None:
     image = ax_loss.imshow(a.loss - a.baseline, aspect="auto", cmap="Reds", vmin=0, interpolation="nearest")
     ax_loss.set(xlabel="expert ablated", ylabel="layer", xticks=range(E),
                 title=f"loss increase (baseline {a.baseline:.3f} nats, {a.tokens} tokens)")
+    ax_loss.yaxis.set_major_locator(_integer_ticks())
     fig.colorbar(image, ax=ax_loss, label="nats", fraction=0.06)
     image = ax_load.imshow(a.load, aspect="auto", cmap="viridis", vmin=0, interpolation="nearest")
     ax_load.set(xlabel="expert", ylabel="layer", xticks=range(E), title="expert load (share of routings)")
+    ax_load.yaxis.set_major_locator(_integer_ticks())
     fig.colorbar(image, ax=ax_load, fraction=0.06)
     fig.tight_layout()
     _save(fig, path, image_format)

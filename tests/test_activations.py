@@ -115,6 +115,17 @@ def test_an_unknown_name_is_refused_listing_the_points(shipped):
         shipped.run_with_cache([PROMPT_A], ["blocks.9.hook_resid_post"])
 
 
+def test_names_given_as_one_string_are_refused_asking_for_a_list(shipped):
+    with pytest.raises(ValueError, match=r"^names must be a list of hook names"):
+        shipped.run_with_cache([PROMPT_A], "blocks.0.hook_resid_post")
+
+
+def test_hooks_given_as_a_list_are_refused_asking_for_a_dict(shipped):
+    expected = r"^hooks must be a dict \{hook name: fn\(value, name\)\}, got list$"
+    with pytest.raises(ValueError, match=expected):
+        shipped.run_with_hooks([PROMPT_A], [("blocks.0.hook_resid_post", lambda v, n: v)])
+
+
 # ---- run_with_hooks ---------------------------------------------------------------------------
 
 def test_identity_hooks_everywhere_leave_the_logits_bitwise_unchanged(shipped):

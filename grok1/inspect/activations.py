@@ -80,10 +80,13 @@ def run_with_hooks(model: Any, tokens: Any, hooks_: Optional[Mapping[str, Callab
     name) -> replacement} applied where the model computes each name, reading `names` on the way.
     -> (float32 logits [B, T, V], ActivationCache of `names`) as numpy."""
     tokens = model.check_tokens(tokens)
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"names must be a list of hook names such as 'blocks.0.hook_resid_post', "
+                         f"got {names!r}")
+    if hooks_ is not None and not isinstance(hooks_, Mapping):
+        raise ValueError(f"hooks must be a dict {{hook name: fn(value, name)}}, got {type(hooks_).__name__}")
     names = tuple(dict.fromkeys(names))
     replace = tuple((hooks_ or {}).items())
-    if not all(isinstance(n, str) for n in names):
-        raise ValueError(f"names must be hook names (strings), got {names!r}")
     c = model.config
     points = {hooks.parse_name(n, c.num_layers)[0] for n in names + tuple(n for n, _ in replace)}
     apply = hooked_apply(c, model.dtype, model.mesh, names, replace, options_for(points, tokens.shape[1]))

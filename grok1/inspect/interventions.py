@@ -12,6 +12,7 @@ import numpy as np
 
 from grok1 import hooks
 from grok1.inspect.activations import all_layers, run_with_cache, run_with_hooks
+from grok1.inspect.trace import expert_counts
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -93,8 +94,8 @@ def expert_ablation(model: Any, tokens: Any, layers: Optional[list[int]] = None)
         raise ValueError(f"layers must lie in [0, {c.num_layers}), got {layers}")
     logits, cache = run_with_cache(model, tokens, all_layers(c, "mlp.hook_expert_indices"))
     real = tokens != c.pad_token
-    load = np.stack([np.bincount(cache.stack("mlp.hook_expert_indices")[i][real].ravel(),
-                                 minlength=c.num_experts) for i in range(c.num_layers)])
+    chosen = cache.stack("mlp.hook_expert_indices")                               # [L, B, T, k]
+    load = np.stack([expert_counts(chosen[i][real], c.num_experts) for i in range(c.num_layers)])
     loss = np.full((c.num_layers, c.num_experts), np.nan)
     # E copies of the batch, copy e with expert e ablated: one forward pass per layer.
     E, B = c.num_experts, len(tokens)

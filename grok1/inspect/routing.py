@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from grok1.inspect.activations import all_layers, run_with_cache
+from grok1.inspect.trace import expert_counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,8 +29,7 @@ class Routing:
     def load(self) -> np.ndarray:
         """[L, E] the share of the corpus's routings (k per token) each expert receives."""
         N, L, k = self.experts.shape
-        counts = np.stack([np.bincount(self.experts[:, i].ravel(), minlength=self.num_experts)
-                           for i in range(L)])
+        counts = np.stack([expert_counts(self.experts[:, i], self.num_experts) for i in range(L)])
         return counts / max(N * k, 1)
 
     def co_activation(self, layer: int) -> np.ndarray:

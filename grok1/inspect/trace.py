@@ -67,6 +67,12 @@ class Trace:
         return np.stack([layer.expert_load for layer in self.layers])
 
 
+def expert_counts(experts: np.ndarray, num_experts: int) -> np.ndarray:
+    """[E] how many of the (token, choice) pairs of `experts` [..., k] chose each expert: a layer's
+    expert load (trace, routing statistics, ablation)."""
+    return np.bincount(np.asarray(experts).reshape(-1), minlength=num_experts)
+
+
 def _interceptor(records: dict[str, Any]):
     """Records what the model's own methods return, keyed by layer; changes nothing."""
 
@@ -153,7 +159,7 @@ def trace(model: Any, tokens: Any) -> Trace:
     traced_layers = []
     for layer in layers:
         experts = np.asarray(layer["experts"])
-        load = np.bincount(experts[real].reshape(-1), minlength=c.num_experts)
+        load = expert_counts(experts[real], c.num_experts)
         traced_layers.append(LayerTrace(
             router_probs=np.asarray(layer["router_probs"], np.float32), experts=experts,
             expert_load=load, logit_max_abs_before_cap=float(layer["before"]),

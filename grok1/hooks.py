@@ -205,8 +205,8 @@ def point(name: str, value: jax.Array) -> jax.Array:
 
 
 def wants(name: str) -> bool:
-    """Whether an open session reads or replaces `name`: a point computed only for the asking
-    (mlp.hook_expert_out) is computed only then."""
+    """Whether an open session reads or replaces `name` (at any layer): what is computed only for
+    the asking (mlp.hook_expert_out; the gates re-read at mlp.hook_expert_indices) is only then."""
     s = current()
     return s is not None and s.wants(name)
 

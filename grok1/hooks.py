@@ -71,10 +71,14 @@ def layer_name(point: str, layer: int) -> str:
 
 class Session:
     """The hook points asked for in one traced forward pass: `capture` names to read, `replace`
-    {name: fn(value, name) -> replacement}. After the pass, `results()` holds what was read."""
+    {name: fn(value, name) -> replacement}. After the pass, `results()` holds what was read.
+    `reduce` {point: fn(value) -> pytree} keeps fn(value) instead of the value of a point read,
+    on the device in the loop (e.g. a statistic of each layer's attention scores, not all [T, S])."""
 
     def __init__(self, num_layers: int, capture: Iterable[str] = (),
-                 replace: Optional[Mapping[str, Hook]] = None):
+                 replace: Optional[Mapping[str, Hook]] = None,
+                 reduce: Optional[Mapping[str, Callable[[jax.Array], Any]]] = None):
+        self.reduce = dict(reduce or {})
         self.capture: dict[str, list[int]] = {}          # layer point -> layers read, ascending
         self.replace: dict[str, dict[int, Hook]] = {}    # layer point -> {layer: fn}
         self.global_capture: set[str] = set()
@@ -99,10 +103,10 @@ class Session:
                 self.replace.setdefault(point, {})[layer] = fn
         self.layer: Optional[jax.Array | int] = None     # the layer being traced, inside the loop
         self.buffers: dict[str, jax.Array] = {}          # inside the scanned loop: point -> [n, ...]
-        self.read: dict[str, dict[int, jax.Array]] = {}  # layer points read at a static layer
+        self.read: dict[str, dict[int, Any]] = {}        # layer points read at a static layer
         self.stacked: dict[str, jax.Array] = {}          # layer point -> [n, ...] after the loop
         self.globals: dict[str, jax.Array] = {}
-        self.shapes: Optional[dict[str, jax.ShapeDtypeStruct]] = None  # set while discovering
+        self.shapes: Optional[dict[str, Any]] = None     # ShapeDtypeStructs, set while discovering
         self.reached: set[str] = set()
 
     def wants(self, point: str) -> bool:
@@ -116,14 +120,15 @@ class Session:
             if point in self.global_replace:
                 value = _replacement(self.global_replace[point], value, point)
             if point in self.global_capture:
-                self.globals[point] = value
+                self.globals[point] = self._reduced(point, value)
             return value
         if self.layer is None:
             raise RuntimeError(f"hook point {point!r} reached outside the layer loop "
                                "(grok1/model.py runs its layers under hooks.scan_layers or hooks.layer)")
         if self.shapes is not None:  # discovering the shapes of what the loop will read
             if point in self.capture:
-                self.shapes[point] = jax.ShapeDtypeStruct(value.shape, value.dtype)
+                self.shapes[point] = jax.tree_util.tree_map(
+                    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._reduced(point, value))
             return value
         if point in self.replace:
             value = self._replace_at_layer(point, value)
@@ -144,18 +149,25 @@ class Session:
         branch = jnp.sum(jnp.where(match, jnp.arange(1, len(layers) + 1), 0))
         return jax.lax.switch(branch, branches, value)
 
+    def _reduced(self, point: str, value: jax.Array) -> Any:
+        return self.reduce[point](value) if point in self.reduce else value
+
     def _read_at_layer(self, point: str, value: jax.Array) -> None:
         layers = self.capture[point]
+        value = self._reduced(point, value)
         if isinstance(self.layer, int):
             if self.layer in layers:
                 self.read.setdefault(point, {})[self.layer] = value
             return
-        buffer = self.buffers[point]
         match = jnp.asarray(layers) == self.layer
         slot = jnp.argmax(match)
-        # Written in place: the slot's old value where this layer was not asked for.
-        kept = jnp.where(jnp.any(match), value, jax.lax.dynamic_index_in_dim(buffer, slot, keepdims=False))
-        self.buffers[point] = jax.lax.dynamic_update_index_in_dim(buffer, kept, slot, 0)
+
+        def write(buffer: jax.Array, new: jax.Array) -> jax.Array:
+            # In place: the slot's old value where this layer was not asked for.
+            kept = jnp.where(jnp.any(match), new, jax.lax.dynamic_index_in_dim(buffer, slot, keepdims=False))
+            return jax.lax.dynamic_update_index_in_dim(buffer, kept, slot, 0)
+
+        self.buffers[point] = jax.tree_util.tree_map(write, self.buffers[point], value)
 
     def results(self) -> dict[str, jax.Array]:
         """What was read: `blocks.*.<point>` -> [n, ...] stacked in the order of `capture[point]`'s
@@ -167,7 +179,8 @@ class Session:
                              f"runs over all keys at once; see docs/INSPECTING.md)")
         out = {f"blocks.*.{point}": buffer for point, buffer in self.stacked.items()}
         for point, by_layer in self.read.items():
-            out[f"blocks.*.{point}"] = jnp.stack([by_layer[layer] for layer in self.capture[point]])
+            out[f"blocks.*.{point}"] = jax.tree_util.tree_map(
+                lambda *xs: jnp.stack(xs), *[by_layer[layer] for layer in self.capture[point]])
         out.update(self.globals)
         return out
 
@@ -243,7 +256,8 @@ def scan_layers(body: Callable[[Any, jax.Array], tuple[Any, Any]], carry: Any, n
             s.shapes = None
         # A point this path never reaches has no buffer (results() names it).
         s.capture = {p: layers for p, layers in s.capture.items() if p in shapes}
-        buffers = {p: jnp.zeros((len(layers),) + shapes[p].shape, shapes[p].dtype)
+        buffers = {p: jax.tree_util.tree_map(lambda x, n=len(layers): jnp.zeros((n,) + x.shape, x.dtype),
+                                             shapes[p])
                    for p, layers in s.capture.items()}
     else:
         buffers = {}

@@ -464,7 +464,8 @@ class Transformer(hk.Module):
     stream and the stacked KV cache are the loop's carry; each layer writes its slice of the
     cache in place. Per layer (`unroll`, the official `transformer/decoder_layer_{i}/...`): the
     same body in a Python loop, each layer reading its own arrays (the official tree, e.g. in
-    training, and what `grok1.inspect` records layer by layer).
+    training). Either way the loop runs through grok1/hooks.py (`hooks.scan_layers`,
+    `hooks.layer`), which names each layer's hook points.
     """
 
     def __init__(self, config: ModelConfig, dtype, unroll: bool = False,

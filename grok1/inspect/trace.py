@@ -1,8 +1,8 @@
-"""What the layers do (`trace`): the real forward pass run under
-`hk.experimental.intercept_methods`, one layer after another (the per-layer form of
-grok1/weights/stacking.py), recording what `Router.__call__`, `MultiHeadAttention.attention_logits`
-and `DecoderLayer.__call__` return, summarised on the device (only per-layer statistics, router
-probabilities and the final logits come back)."""
+"""What the layers do (`trace`): the real forward pass, its layer loop as it runs, with a hook
+session (grok1/hooks.py) reading the router's softmax and chosen experts, the attention scores
+before the cap and the residual stream of every layer, the scores and residuals summarised in
+the loop on the device (only per-layer statistics, router probabilities, experts and the final
+logits come back)."""
 
 from __future__ import annotations
 
@@ -10,19 +10,16 @@ import dataclasses
 import functools
 from typing import Any, Optional
 
-import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grok1 import model as model_lib
+from grok1 import hooks
 from grok1.config import ModelConfig
+from grok1.inspect.activations import options_for
 from grok1.mesh import activation_sharding, from_host, on_mesh, to_host
-from grok1.model import (ComputeOptions, DecoderLayer, LanguageModel, MultiHeadAttention, Router,
-                         attention_context, cap_attention_logits, forward)
-from grok1.params import layer_index
+from grok1.model import attention_context, cap_attention_logits, transformed
 from grok1.runtime.compiling import jit
-from grok1.weights.stacking import unstack_layers
 
 CAP_CHANGE = 0.01  # a logit counts as "changed by the cap" when capping moves it by more than 1%
 
@@ -73,34 +70,14 @@ def expert_counts(experts: np.ndarray, num_experts: int) -> np.ndarray:
     return np.bincount(np.asarray(experts).reshape(-1), minlength=num_experts)
 
 
-def _interceptor(records: dict[str, Any]):
-    """Records what the model's own methods return, keyed by layer; changes nothing."""
-
-    def intercept(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        module, method = context.module, context.method_name
-        layer = layer_index(module.module_name)
-        if isinstance(module, Router) and method == "__call__":
-            records[f"router_probs/{layer}"] = out
-        elif isinstance(module, MultiHeadAttention) and method == "attention_logits":
-            records[f"attention_logits/{layer}"] = out
-        elif isinstance(module, DecoderLayer) and method == "__call__":
-            records[f"residual/{layer}"] = out[0] if isinstance(out, tuple) else out
-        elif isinstance(module, LanguageModel) and method == "embed":
-            records["embedding"] = out
-        return out
-
-    return intercept
-
-
 def _rms(x: jax.Array) -> jax.Array:
     x = x.astype(jnp.float32)
     return jnp.sqrt(jnp.mean(x * x, axis=-1))
 
 
 def _logit_stats(logits: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
-    """Cap statistics of pre-cap logits [B, N, G, T, S] over the visible pairs of mask [B, T, S]."""
-    visible = jnp.broadcast_to(mask[:, None, None], logits.shape)
+    """Cap statistics of pre-cap logits [B, H, T, S] over the visible pairs of mask [B, T, S]."""
+    visible = jnp.broadcast_to(mask[:, None], logits.shape)
     capped = cap_attention_logits(logits)
     changed = jnp.abs(capped - logits) > CAP_CHANGE * jnp.abs(logits)
     count = jnp.maximum(jnp.sum(visible), 1)
@@ -113,33 +90,24 @@ def _logit_stats(logits: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
 def _traced_apply(config: ModelConfig, dtype, mesh: Optional[jax.sharding.Mesh] = None):
     """jit of the model's forward pass that also returns per-layer summaries, traced with `mesh`
     in context as the model's own steps are (grok1/mesh.py)."""
+    every = lambda point: [hooks.layer_name(point, i) for i in range(config.num_layers)]  # noqa: E731
+    names = (["blocks.0.hook_resid_pre"] + every("hook_resid_post") + every("mlp.hook_expert_weights")
+             + every("mlp.hook_expert_indices") + every("attn.hook_attn_scores_pre_cap"))
 
-    def traced(tokens: jax.Array):
-        records: dict[str, Any] = {}
-        # Attention over all keys at once, not in blocks, whatever the prompt's length: the trace
-        # summarises `attention_logits`, all [T, S] of them.
-        plain = ComputeOptions(attention_key_block=max(model_lib.ATTENTION_KEY_BLOCK, tokens.shape[1]))
-        with hk.experimental.intercept_methods(_interceptor(records)):
-            logits, _ = forward(config, dtype, tokens, unroll_layers=True, options=plain)
-        missing = [name for name in ("router_probs", "attention_logits", "residual")
-                   if f"{name}/0" not in records]
-        if missing or "embedding" not in records:
-            raise RuntimeError(f"trace saw no {missing or ['embedding']} in grok1.model: the methods "
-                               "it intercepts were renamed; update grok1/inspect.py")
+    def traced(params, tokens: jax.Array):
         mask = attention_context(tokens, config.pad_token, None).mask
-        layers = []
-        for i in range(config.num_layers):
-            probs = records[f"router_probs/{i}"]
-            _, experts = jax.lax.top_k(probs, config.num_selected_experts)
-            layers.append({"router_probs": probs, "experts": experts,
-                           "residual_rms": _rms(records[f"residual/{i}"]),
-                           **_logit_stats(records[f"attention_logits/{i}"], mask)})
-        return logits, _rms(records["embedding"]), layers
+        # Summarised in the loop: each layer's residual RMS and attention-score statistics, not
+        # the residuals or the [T, S] scores of every layer.
+        reduce = {"hook_resid_pre": _rms, "hook_resid_post": _rms,
+                  "attn.hook_attn_scores_pre_cap": lambda scores: _logit_stats(scores, mask)}
+        # Attention over all keys at once, whatever the prompt's length (the scores exist there).
+        options = options_for(hooks.ATTENTION_MATRIX_POINTS, tokens.shape[1])
+        with hooks.session(hooks.Session(config.num_layers, names, reduce=reduce)) as s:
+            logits, _ = transformed(config, dtype, options).apply(params, tokens)
+            read = s.results()
+        return logits, read
 
-    apply = hk.without_apply_rng(hk.transform(traced)).apply
-    # One layer at a time, under the official names: stacked layers are taken apart inside the
-    # program (grok1/weights/stacking.py), so no copy of the weights is ever made outside it.
-    return jit(on_mesh(lambda params, tokens: apply(unstack_layers(params), tokens), mesh))
+    return jit(on_mesh(traced, mesh))
 
 
 def trace(model: Any, tokens: Any) -> Trace:
@@ -147,25 +115,25 @@ def trace(model: Any, tokens: Any) -> Trace:
     tokens = model.check_tokens(tokens)
     apply = _traced_apply(model.config, model.dtype, model.mesh)
     if model.mesh is None:
-        outputs = apply(model.params, jnp.asarray(tokens))
-        logits, embedding_rms, layers = jax.tree_util.tree_map(np.asarray, outputs)
+        logits, read = jax.tree_util.tree_map(np.asarray, apply(model.params, jnp.asarray(tokens)))
     else:
         # Like Model.logits: rows split over the data axis, every process receives everything.
-        outputs = apply(model.params, from_host(tokens, activation_sharding(model.mesh, "tokens",
-                                                                            tokens.shape)))
-        logits, embedding_rms, layers = jax.tree_util.tree_map(to_host, outputs)
+        logits, read = jax.tree_util.tree_map(to_host, apply(model.params, from_host(
+            tokens, activation_sharding(model.mesh, "tokens", tokens.shape))))
     c = model.config
     real = tokens != c.pad_token
+    stats = read["blocks.*.attn.hook_attn_scores_pre_cap"]
     traced_layers = []
-    for layer in layers:
-        experts = np.asarray(layer["experts"])
-        load = expert_counts(experts[real], c.num_experts)
+    for i in range(c.num_layers):
+        experts = np.asarray(read["blocks.*.mlp.hook_expert_indices"][i])
         traced_layers.append(LayerTrace(
-            router_probs=np.asarray(layer["router_probs"], np.float32), experts=experts,
-            expert_load=load, logit_max_abs_before_cap=float(layer["before"]),
-            logit_max_abs_after_cap=float(layer["after"]),
-            capped_fraction=float(layer["capped_fraction"]),
-            residual_rms=np.asarray(layer["residual_rms"], np.float32)))
+            router_probs=np.asarray(read["blocks.*.mlp.hook_expert_weights"][i], np.float32),
+            experts=experts, expert_load=expert_counts(experts[real], c.num_experts),
+            logit_max_abs_before_cap=float(stats["before"][i]),
+            logit_max_abs_after_cap=float(stats["after"][i]),
+            capped_fraction=float(stats["capped_fraction"][i]),
+            residual_rms=np.asarray(read["blocks.*.hook_resid_post"][i], np.float32)))
+    embedding_rms = read["blocks.*.hook_resid_pre"][0]
     return Trace(tokens=tokens, logits=np.asarray(logits, np.float32),
                  embedding_rms=np.asarray(embedding_rms, np.float32), layers=traced_layers,
                  num_experts=c.num_experts, pad_token=c.pad_token)

@@ -120,6 +120,13 @@ def test_names_given_as_one_string_are_refused_asking_for_a_list(shipped):
         shipped.run_with_cache([PROMPT_A], "blocks.0.hook_resid_post")
 
 
+def test_names_may_come_from_any_iterable(shipped):
+    _, cache = shipped.run_with_cache([PROMPT_A], (f"blocks.{i}.hook_resid_post" for i in (2, 0)))
+    assert sorted(cache) == ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post"]
+    assert cache.layers("hook_resid_post") == [0, 2]
+    assert cache.stack("hook_resid_post").shape == (2, 1, 8, 256)
+
+
 def test_hooks_given_as_a_list_are_refused_asking_for_a_dict(shipped):
     expected = r"^hooks must be a dict \{hook name: fn\(value, name\)\}, got list$"
     with pytest.raises(ValueError, match=expected):

@@ -80,12 +80,15 @@ def run_with_hooks(model: Any, tokens: Any, hooks_: Optional[Mapping[str, Callab
     name) -> replacement} applied where the model computes each name, reading `names` on the way.
     -> (float32 logits [B, T, V], ActivationCache of `names`) as numpy."""
     tokens = model.check_tokens(tokens)
-    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"names must be a list of hook names such as 'blocks.0.hook_resid_post', "
+    if isinstance(names, str):
+        raise ValueError(f"names must be a list of hook names such as ['blocks.0.hook_resid_post'], "
+                         f"got the string {names!r}")
+    names = tuple(dict.fromkeys(names))
+    if not all(isinstance(n, str) for n in names):
+        raise ValueError(f"names must be a list of hook names such as ['blocks.0.hook_resid_post'], "
                          f"got {names!r}")
     if hooks_ is not None and not isinstance(hooks_, Mapping):
         raise ValueError(f"hooks must be a dict {{hook name: fn(value, name)}}, got {type(hooks_).__name__}")
-    names = tuple(dict.fromkeys(names))
     replace = tuple((hooks_ or {}).items())
     c = model.config
     points = {hooks.parse_name(n, c.num_layers)[0] for n in names + tuple(n for n, _ in replace)}
@@ -95,15 +98,15 @@ def run_with_hooks(model: Any, tokens: Any, hooks_: Optional[Mapping[str, Callab
     else:  # rows split over the data axis as Model.logits does; every process receives everything
         logits, results = jax.tree_util.tree_map(to_host, apply(model.params, from_host(
             tokens, activation_sharding(model.mesh, "tokens", tokens.shape))))
+    parsed = {name: hooks.parse_name(name, c.num_layers) for name in names}
+    layers_read: dict[str, list[int]] = {}  # as the Session orders them: ascending per point
+    for point, layer in parsed.values():
+        if layer is not None:
+            layers_read[point] = sorted(set(layers_read.get(point, [])) | {layer})
     cache = ActivationCache()
-    for name in names:
-        point, layer = hooks.parse_name(name, c.num_layers)
-        if layer is None:
-            cache[name] = results[point]
-        else:
-            read = sorted({hooks.parse_name(n, c.num_layers)[1] for n in names
-                           if hooks.parse_name(n, c.num_layers)[0] == point})
-            cache[name] = results[f"blocks.*.{point}"][read.index(layer)]
+    for name, (point, layer) in parsed.items():
+        cache[name] = (results[point] if layer is None
+                       else results[f"blocks.*.{point}"][layers_read[point].index(layer)])
     return np.asarray(logits, np.float32), cache
 
 

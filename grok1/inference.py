@@ -15,7 +15,8 @@ import numpy as np
 from grok1 import checkpoint, inspect
 from grok1.config import ModelConfig, resolve_config
 from grok1.generation import api as generation
-from grok1.inspect import Trace
+from grok1.inspect import Trace, activations
+from grok1.inspect.activations import ActivationCache
 from grok1.mesh import activation_sharding, from_host, make_mesh, on_mesh, to_host
 from grok1.model import KVCache, transformed
 from grok1.runtime.compiling import jit
@@ -104,6 +105,17 @@ class Model:
         chosen experts, expert load, attention logits before/after the cap and the residual RMS
         (see grok1.inspect)."""
         return inspect.trace(self, tokens)
+
+    def run_with_cache(self, tokens: Any, names: Any) -> tuple[np.ndarray, "ActivationCache"]:
+        """Forward pass on int tokens [B, T] -> (logits [B, T, V], {name: numpy array} of just the
+        hook points `names`, e.g. "blocks.3.hook_resid_post"; docs/INSPECTING.md lists them)."""
+        return activations.run_with_cache(self, tokens, names)
+
+    def run_with_hooks(self, tokens: Any, hooks: dict, names: Any = ()
+                       ) -> tuple[np.ndarray, "ActivationCache"]:
+        """Forward pass on int tokens [B, T] with `hooks` {name: fn(value, name) -> replacement}
+        applied where each named activation is computed -> (logits, ActivationCache of `names`)."""
+        return activations.run_with_hooks(self, tokens, hooks, names)
 
     def check_tokens(self, tokens: Any) -> np.ndarray:
         """tokens as an int32 [B, T] array, or ValueError naming what is wrong and what is allowed."""

@@ -12,6 +12,8 @@ layers stacked along a leading axis (`transformer/decoder_layers/moe/linear_v`, 
 then one layer body runs num_layers times (`jax.lax.scan`), and a program compiles one layer
 whatever the depth. Shapes: L layers, B batch, T new tokens, S keys
 (cache length), d emb_size, H query heads, N kv heads, G = H/N, K key_size, E experts, f ffn_size.
+`hooks.point(name, value)` marks each named activation, `blocks.{i}.<name>` in layer i
+(grok1/hooks.py, docs/INSPECTING.md); with no hook session open it is the value itself.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from grok1 import hooks
 from grok1.config import ModelConfig
 from grok1.kernels import attention_over_cache, linear, moe, precision, table_rows, times_table
 from grok1.mesh import activation_sharding, split_like_cache, split_rows
@@ -190,8 +193,9 @@ class MultiHeadAttention(hk.Module):
         k, v = split_like_cache(k), split_like_cache(v)  # on a mesh: whole heads, as cached
         # The official model rounds the query and key projections to the compute dtype before RoPE
         # (they stay bfloat16 through rotate_half's slices); everything after is float32.
-        q = rotary_embedding(q.astype(self.dtype), ctx.positions)
-        k = rotary_embedding(k.astype(self.dtype), ctx.positions)
+        q = hooks.point("attn.hook_q", rotary_embedding(q.astype(self.dtype), ctx.positions))
+        k = hooks.point("attn.hook_k", rotary_embedding(k.astype(self.dtype), ctx.positions))
+        v = hooks.point("attn.hook_v", v)
 
         q = q.reshape(B, T, N, c.q_per_kv, K)                               # [B, T, N, G, K]
         kv = None
@@ -216,10 +220,11 @@ class MultiHeadAttention(hk.Module):
         block = self.options.attention_key_block or ATTENTION_KEY_BLOCK
         if q.shape[1] > 1 and k.shape[1] > block:  # long prompt: never hold all [T, S] logits
             return attention_in_blocks(q, k, v, mask, self.config.attn_output_multiplier, block)
-        logits = self.attention_logits(q, k)                                # [B, N, G, T, S]
-        logits = cap_attention_logits(logits)
-        logits = jnp.where(mask[:, None, None, :, :], logits, MASKED_LOGIT)
-        weights = jax.nn.softmax(logits, axis=-1)
+        logits = per_head_point("attn.hook_attn_scores_pre_cap", self.attention_logits(q, k))
+        logits = cap_attention_logits(logits)                               # [B, N, G, T, S]
+        logits = per_head_point("attn.hook_attn_scores",
+                                jnp.where(mask[:, None, None, :, :], logits, MASKED_LOGIT))
+        weights = per_head_point("attn.hook_pattern", jax.nn.softmax(logits, axis=-1))
         return jnp.einsum("bngts,bsnk->btngk", weights, v, precision=precision(jnp.float32))
 
     def attention_logits(self, q: jax.Array, k: jax.Array) -> jax.Array:
@@ -227,6 +232,14 @@ class MultiHeadAttention(hk.Module):
         logits = jnp.einsum("btngk,bsnk->bngts", q, k, precision=precision(jnp.float32),
                             preferred_element_type=jnp.float32)
         return logits * self.config.attn_output_multiplier
+
+
+def per_head_point(name: str, x: jax.Array) -> jax.Array:
+    """The hook point `name` on attention scores [B, N, G, T, S], seen per query head [B, H, T, S]."""
+    if hooks.current() is None:
+        return x
+    B, N, G, T, S = x.shape
+    return hooks.point(name, x.reshape(B, N * G, T, S)).reshape(x.shape)
 
 
 def write_layer(stack: jax.Array, new: jax.Array, layer: jax.Array | int, starts: jax.Array) -> jax.Array:
@@ -329,7 +342,7 @@ class Router(hk.Module):
                              init=hk.initializers.TruncatedNormal(stddev=x.shape[-1] ** -0.5))
         logits = jnp.matmul(x.astype(jnp.float32), w.astype(jnp.float32),
                             precision=precision(jnp.float32))
-        return jax.nn.softmax(logits, axis=-1)  # [B, T, E]
+        return jax.nn.softmax(hooks.point("mlp.hook_router_logits", logits), axis=-1)  # [B, T, E]
 
 
 class MoELayer(hk.Module):
@@ -353,6 +366,9 @@ class MoELayer(hk.Module):
         w_down = ExpertWeight([E, f, d], name="linear_1")()
 
         gates, experts = jax.lax.top_k(router_probs, k)                  # [B, T, k]
+        if hooks.wants("mlp.hook_expert_indices"):  # a routing read or forced: its experts' weights
+            experts = hooks.point("mlp.hook_expert_indices", experts)
+            gates = jnp.take_along_axis(router_probs, experts, axis=-1)
 
         def chosen_experts(x, gates, experts):  # [B, t, ...] -> [B, t, d]
             B, t, _ = x.shape
@@ -362,8 +378,25 @@ class MoELayer(hk.Module):
 
         positions = max(1, MOE_TOKEN_CHUNK // B)  # per chunk: about MOE_TOKEN_CHUNK tokens of B rows
         if T > positions:  # long prompt: each token's experts are its own, so chunks are exact
-            return in_token_chunks(chosen_experts, (x, gates, experts), positions)
-        return chosen_experts(x, gates, experts)
+            out = in_token_chunks(chosen_experts, (x, gates, experts), positions)
+        else:
+            out = chosen_experts(x, gates, experts)
+        if hooks.wants("mlp.hook_expert_out"):
+            out = self.through_each_expert(out, x, gates, experts, (w_gate, w_up, w_down))
+        return out
+
+    def through_each_expert(self, out: jax.Array, x: jax.Array, gates: jax.Array, experts: jax.Array,
+                            weights: tuple) -> jax.Array:
+        """The hook point mlp.hook_expert_out: each chosen expert's own output [B, T, k, d],
+        computed only when asked for. `out` plus what a replacement changes, weighted by the
+        gates: the same `out` where the outputs are left as they are (exactly: the change is 0)."""
+        B, T, d = x.shape
+        ones = jnp.ones((B * T, 1), jnp.float32)
+        each = jnp.stack([moe(x.reshape(B * T, d), ones, experts[..., j].reshape(B * T, 1), weights,
+                              self.dtype, self.options.expert_product).reshape(B, T, d)
+                          for j in range(experts.shape[-1])], axis=2)
+        change = hooks.point("mlp.hook_expert_out", each) - each
+        return out + jnp.sum(change * gates[..., None].astype(jnp.float32), axis=2)
 
 
 def in_token_chunks(fn: Callable[..., jax.Array], inputs: tuple[jax.Array, ...], chunk: int) -> jax.Array:
@@ -409,14 +442,17 @@ class DecoderLayer(hk.Module):
 
     def __call__(self, h: jax.Array, ctx: AttentionContext, layer: jax.Array | int
                  ) -> tuple[jax.Array, Optional[tuple[jax.Array, jax.Array]]]:
+        h = hooks.point("hook_resid_pre", h)
         attention = MultiHeadAttention(self.config, self.dtype, self.options)
         attn, kv = attention(RMSNorm(name="rms_norm")(h), ctx, layer)
-        h = h + RMSNorm(name="rms_norm_1")(attn)
+        attn = hooks.point("hook_attn_out", RMSNorm(name="rms_norm_1")(attn))
+        h = hooks.point("hook_resid_mid", h + attn)
 
         x = RMSNorm(name="rms_norm_2")(h)
-        router_probs = Router(self.config)(x)
+        router_probs = hooks.point("mlp.hook_expert_weights", Router(self.config)(x))
         moe_out = MoELayer(self.config, self.dtype, self.options)(x, router_probs)
-        h = h + RMSNorm(name="rms_norm_3")(moe_out)
+        moe_out = hooks.point("hook_mlp_out", RMSNorm(name="rms_norm_3")(moe_out))
+        h = hooks.point("hook_resid_post", h + moe_out)
         return h, kv
 
 
@@ -428,7 +464,8 @@ class Transformer(hk.Module):
     stream and the stacked KV cache are the loop's carry; each layer writes its slice of the
     cache in place. Per layer (`unroll`, the official `transformer/decoder_layer_{i}/...`): the
     same body in a Python loop, each layer reading its own arrays (the official tree, e.g. in
-    training, and what `grok1.inspect` records layer by layer).
+    training). Either way the loop runs through grok1/hooks.py (`hooks.scan_layers`,
+    `hooks.layer`), which names each layer's hook points.
     """
 
     def __init__(self, config: ModelConfig, dtype, unroll: bool = False,
@@ -453,8 +490,9 @@ class Transformer(hk.Module):
         # out of every layer (grok1/mesh.py).
         if self.unroll:
             for i in range(num_layers):
-                h, kv = DecoderLayer(self.config, self.dtype, self.options, name=layer_module(i))(
-                    split_rows(h), with_cache(kv), i)
+                with hooks.layer(i):
+                    h, kv = DecoderLayer(self.config, self.dtype, self.options, name=layer_module(i))(
+                        split_rows(h), with_cache(kv), i)
             return split_rows(h), kv
 
         def one_layer_body(h, kv, index):
@@ -474,7 +512,7 @@ class Transformer(hk.Module):
         def one_layer(carry, index):
             return layer.apply(layer_of(params, index), None, *carry, index), None
 
-        (h, kv), _ = jax.lax.scan(one_layer, (split_rows(h), kv), jnp.arange(num_layers))
+        (h, kv), _ = hooks.scan_layers(one_layer, (split_rows(h), kv), num_layers)
         return split_rows(h), kv
 
 
@@ -496,11 +534,11 @@ class LanguageModel(hk.Module):
 
     @hk.experimental.name_like("__call__")
     def unembed(self, h: jax.Array) -> jax.Array:
-        h = RMSNorm(name="rms_norm")(h)
+        h = hooks.point("ln_final.hook_normalized", RMSNorm(name="rms_norm")(h))
         table = InOutEmbed(self.config, name="in_out_embed")()                          # [V, d]
         logits = times_table(h, table, self.dtype) * self.config.output_multiplier_scale
         # Rounded once to the compute dtype, as the official model returns its logits.
-        return logits.astype(self.dtype).astype(jnp.float32)                            # [..., V]
+        return hooks.point("hook_logits", logits.astype(self.dtype).astype(jnp.float32))  # [..., V]
 
 
 class InOutEmbed(hk.Module):

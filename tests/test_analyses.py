@@ -95,7 +95,7 @@ def test_plots_write_images(shipped, tmp_path):
 
 
 def run_command(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "grok1.inspect", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "grok1.analyze", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=600)
 
 
@@ -113,4 +113,4 @@ def test_the_command_refuses_a_bad_plot_path_in_one_line_before_loading(tmp_path
     result = run_command("routing", "--text", "LICENSE", "--plot", str(tmp_path / "missing" / "r.png"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"python -m grok1.inspect: --plot: folder {tmp_path / 'missing'} does not exist"]
+        f"python -m grok1.analyze: --plot: folder {tmp_path / 'missing'} does not exist"]

@@ -1,4 +1,4 @@
-"""`python -m grok1.inspect`: the logit lens, attention patterns, routing statistics, activation
+"""`python -m grok1.analyze`: the logit lens, attention patterns, routing statistics, activation
 patching and expert ablation of a checkpoint (the shipped model by default), printed as tables
 and plotted with --plot (matplotlib). Mistakes are reported in one line, without a traceback."""
 
@@ -7,14 +7,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from grok1.inference import load
 from grok1.inspect import interventions, lens, plots, routing
 
-PROG = "python -m grok1.inspect"
-SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+PROG = "python -m grok1.analyze"
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "checkpoints", "small")
 
 
@@ -139,8 +140,8 @@ def run(args: argparse.Namespace, model: Any) -> None:
         print(f"plotted to {args.plot}", file=sys.stderr)
 
 
-def main(load: Callable[..., Any], argv: Optional[Sequence[str]] = None) -> int:
-    """Parse, check, `load(checkpoint, dtype=, mesh=, progress=)` (grok1.load), run; 2 on a mistake."""
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse, check, load the checkpoint (grok1.load), run; 2 on a mistake."""
     args = parser().parse_args(argv)
     try:
         check(args)
@@ -149,3 +150,7 @@ def main(load: Callable[..., Any], argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -131,3 +131,11 @@ def test_run_py_perplexity_of_an_unreadable_file_is_a_one_line_error(tmp_path, s
 
 def test_run_py_stride_without_perplexity_is_refused():
     assert_user_error(run("--stride", "8"), "--stride has no effect with generation")
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--perplexity", "x.txt", "--temperature", "0"], "--temperature has no effect with --perplexity"),
+    (["--perplexity", "x.txt", "--serve"], "do not go together"),
+])
+def test_run_py_perplexity_refuses_flags_it_would_ignore(argv, fragment):
+    assert_user_error(run(*argv), fragment)

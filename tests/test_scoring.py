@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -154,3 +155,22 @@ def test_score_on_two_processes_equals_one_device(two_layer_model):
     assert sorted(r["process"] for r in results) == [0, 1]
     for result in results:
         check_against_one_device(model, prompts, result)
+
+
+def test_waiting_scoring_requests_run_together_in_one_call(two_layer_model):
+    from grok1.generation.engine import Engine
+    model, prompts = two_layer_model
+    engine = Engine(model, slots=1)
+    calls = []
+    score = engine.runner.score
+    engine.runner.score = lambda params, tokens, top_n: calls.append(tokens.shape) or score(params, tokens, top_n)
+    try:
+        results = []
+        engine.submit_scores([(p, 0, results.append) for p in ragged(prompts)[:4]])
+        with engine:
+            while len(results) < 4:
+                time.sleep(0.01)
+    finally:
+        del engine.runner.score
+    assert calls == [(4, 32)]            # four prompts, one call: rows a power of two, a 32-token bucket
+    assert [len(r.logprobs) for r in results] == [len(p) - 1 for p in ragged(prompts)[:4]]

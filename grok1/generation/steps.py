@@ -168,7 +168,7 @@ def logprobs_of(h: jax.Array, unembed, targets: jax.Array, top_n: int
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`score_rows`'s outputs from the final hidden states h [B, T, d] and `unembed` (h -> logits)."""
     B, T, _ = h.shape
-    positions = max(1, SCORE_TOKEN_CHUNK // B)
+    positions = min(T, max(1, SCORE_TOKEN_CHUNK // B))
     count = -(-T // positions)
 
     def blocks(x: jax.Array) -> jax.Array:  # [B, T, ...] -> [count, B, positions, ...], zero-padded

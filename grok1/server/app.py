@@ -245,8 +245,8 @@ def prometheus_text(engine: Engine, http_responses: dict[int, int]) -> str:
         "# HELP grok1_generated_tokens_total Tokens sampled.",
         "# TYPE grok1_generated_tokens_total counter",
         f"grok1_generated_tokens_total {m.generated_tokens}",
-        "# HELP grok1_requests_finished_total Requests ended, by reason (stop, length, cancelled, "
-        "aborted, error).",
+        "# HELP grok1_requests_finished_total Requests ended, by reason (stop, length, scored, "
+        "cancelled, aborted, error).",
         "# TYPE grok1_requests_finished_total counter",
         *(f'grok1_requests_finished_total{{reason="{r}"}} {c}' for r, c in sorted(m.finished.items())),
         "# HELP grok1_time_to_first_token_seconds From submission to the first token.",

@@ -188,3 +188,19 @@ def test_chat_top_logprobs_above_20_are_refused(http):
     response = http.post("/v1/chat/completions", json={
         "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "top_logprobs": 21})
     assert response.status_code == 400 and response.json()["error"]["param"] == "top_logprobs"
+
+
+def test_a_served_cluster_of_two_processes_scores_like_one_process(model):
+    """Process 0 publishes the scoring batch in its engine's schedule; process 1 runs it too."""
+    from test_distributed import serving_cluster
+    launcher, url = serving_cluster()
+    try:
+        ids = model.tokenizer.encode("Return a copy of the list.")
+        out = httpx.post(url + "/completions", timeout=300, json={
+            "model": MODEL, "prompt": [ids, ids[:4]], "max_tokens": 0, "echo": True, "logprobs": 1}).json()
+        for choice, prompt in zip(out["choices"], [ids, ids[:4]]):
+            expected = model.score([prompt])[0].logprobs
+            assert np.abs(np.asarray(choice["logprobs"]["token_logprobs"][1:]) - expected).max() <= TOLERANCE
+    finally:
+        launcher.kill()
+        launcher.wait()

@@ -23,7 +23,8 @@ sys.path.insert(0, REPO)
 def requests_of(sample: dict) -> list[tuple[str, str, float]]:
     """(context, continuation, lm-eval's log-likelihood) of each request of a logged sample."""
     out = []
-    for key, resp in zip(sorted(sample["arguments"], key=lambda k: int(k.rsplit("_", 1)[1])), sample["resps"]):
+    keys = sorted(sample["arguments"], key=lambda k: int(k.rsplit("_", 1)[1]))
+    for key, resp in zip(keys, sample["resps"]):
         args = sample["arguments"][key]
         value = resp[0][0] if isinstance(resp[0], list) else resp[0]
         out.append((args["arg_0"], args.get("arg_1"), float(value)))

@@ -83,8 +83,8 @@ def measure_throughput(model, tokens: int, repeat: int) -> dict:
     # position but the last (2 (T - 1) d V FLOPs) to prefill's.
     flops = prefill_flops(model.config, tokens)
     extra = 2 * (tokens - 1) * model.config.emb_size * model.config.vocab_size
-    return {"tokens": tokens, "prefill_tokens_per_s": tokens / prefill, "score_tokens_per_s": tokens / scoring,
-            "score_over_prefill": prefill / scoring, "flop_bound": flops / (flops + extra)}
+    return {"tokens": tokens, "prefill_tokens_per_s": tokens / prefill,
+            "score_tokens_per_s": tokens / scoring, "score_over_prefill": prefill / scoring, "flop_bound": flops / (flops + extra)}
 
 
 def main(argv=None) -> dict:

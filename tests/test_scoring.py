@@ -163,7 +163,8 @@ def test_waiting_scoring_requests_run_together_in_one_call(two_layer_model):
     engine = Engine(model, slots=1)
     calls = []
     score = engine.runner.score
-    engine.runner.score = lambda params, tokens, top_n: calls.append(tokens.shape) or score(params, tokens, top_n)
+    engine.runner.score = lambda params, tokens, top_n: (calls.append(tokens.shape)
+                                                         or score(params, tokens, top_n))
     try:
         results = []
         engine.submit_scores([(p, 0, results.append) for p in ragged(prompts)[:4]])

@@ -74,8 +74,8 @@ def test_special_token_strings_tokenize_to_their_ids(http, model):
     """lm-eval takes eos_token_id = encode(eos_token)[0] and bos_token_id likewise."""
     info = http.get("/tokenizer_info").json()
     assert encode(http, info["eos_token"]) == [model.config.eos_token]
-    assert encode(http, "a" + info["bos_token"] + "b") == [*model.tokenizer.encode("a"), model.config.bos_token,
-                                                           *model.tokenizer.encode("b")]
+    expected = [*model.tokenizer.encode("a"), model.config.bos_token, *model.tokenizer.encode("b")]
+    assert encode(http, "a" + info["bos_token"] + "b") == expected
 
 
 def test_tokenize_adds_bos_by_default_and_detokenize_inverts_it(http, model):
@@ -96,7 +96,8 @@ def test_loglikelihoods_of_a_batch_equal_model_score(http, model):
         ctxlens.append(len(context_ids))
     response = http.post("/v1/completions", json=loglikelihood_payload(inputs))
     assert response.status_code == 200
-    for (loglikelihood, greedy), ids, ctxlen in zip(parse_logprobs(response.json(), ctxlens), inputs, ctxlens):
+    results = parse_logprobs(response.json(), ctxlens)
+    for (loglikelihood, greedy), ids, ctxlen in zip(results, inputs, ctxlens):
         [score] = model.score([ids], top_n=1)
         expected = score.logprobs[ctxlen - 1:]
         assert abs(loglikelihood - float(expected.sum())) <= TOLERANCE * len(expected)
@@ -115,8 +116,8 @@ def test_a_rolling_window_scores_every_token_after_the_prefix(http, model):
 
 def test_generate_until_as_lm_eval_sends_it_gives_the_greedy_completion(http, model):
     ids = encode(http, "The function returns")
-    out = http.post("/v1/completions", json={"model": MODEL, "prompt": [ids], "max_tokens": 8,
-                                             "temperature": 0, "stop": ["\n\n", "[EOS]"], "seed": 1234}).json()
+    out = http.post("/v1/completions", json={"model": MODEL, "prompt": [ids], "max_tokens": 8, "temperature": 0,
+                                             "stop": ["\n\n", "[EOS]"], "seed": 1234}).json()
     expected = model.generate([ids], max_new_tokens=8, temperature=0, stop=["\n\n", "[EOS]"])[0].text
     assert out["choices"][0]["text"] == expected
 
@@ -162,7 +163,8 @@ def test_chat_logprobs_list_top_alternatives(http):
     ({"logprobs": 6, "echo": True, "max_tokens": 0}, "logprobs", "integer in [0, 5]"),
     ({"echo": True, "n": 2}, "n", "echo takes n = 1"),
     ({"prompt": [[1, 99999]], "echo": True, "max_tokens": 0}, "prompt", "token ids must lie in [0, 4096)"),
-    ({"prompt": [[5] * 257], "echo": True, "max_tokens": 0}, "prompt", "does not fit the model's context of 256"),
+    ({"prompt": [[5] * 257], "echo": True, "max_tokens": 0}, "prompt",
+     "does not fit the model's context of 256"),
     ({"max_tokens": 0}, "max_tokens", "give echo: true"),
     ({"echo": True, "stream": True}, "stream", "not streamed"),
 ])
@@ -170,7 +172,8 @@ def test_malformed_scoring_requests_get_openai_shaped_400s(http, fields, param, 
     response = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", **fields})
     assert response.status_code == 400
     error = response.json()["error"]
-    assert error["param"] == param and message in error["message"] and error["type"] == "invalid_request_error"
+    assert error["param"] == param and message in error["message"]
+    assert error["type"] == "invalid_request_error"
 
 
 @pytest.mark.parametrize("path, body, message", [
@@ -186,7 +189,8 @@ def test_malformed_tokenizer_requests_get_400s(http, path, body, message):
 
 def test_chat_top_logprobs_above_20_are_refused(http):
     response = http.post("/v1/chat/completions", json={
-        "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "logprobs": True, "top_logprobs": 21})
+        "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "logprobs": True,
+        "top_logprobs": 21})
     assert response.status_code == 400 and response.json()["error"]["param"] == "top_logprobs"
 
 

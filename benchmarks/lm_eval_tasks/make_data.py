@@ -33,7 +33,8 @@ def main() -> None:
     for sentence in pool[:24]:
         words = sentence.split()
         true = " " + " ".join(words[len(words) // 2:])
-        endings = [" " + " ".join(o.split()[len(o.split()) // 2:]) for o in rng.sample(pool[100:], 3)] + [true]
+        others = rng.sample(pool[100:], 3)
+        endings = [" " + " ".join(o.split()[len(o.split()) // 2:]) for o in others] + [true]
         rng.shuffle(endings)
         choice.append({"context": " ".join(words[:len(words) // 2]), "choices": endings,
                        "answer": endings.index(true)})

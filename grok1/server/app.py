@@ -4,7 +4,8 @@ each request and shapes each answer).
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
 GET /metrics (Prometheus text), and vLLM's POST /tokenize, POST /detokenize, GET /tokenizer_info
-(grok1/server/evaluation.py, with echo and top alternatives for evaluation harnesses). Several processes (`grok1.distributed`): process 0 serves; the
+(grok1/server/evaluation.py, with echo and top alternatives for evaluation harnesses).
+Several processes (`grok1.distributed`): process 0 serves; the
 others follow its engine's steps (`serve` does both, see `Engine.follow`).
 
 Before it listens, a server compiles (or loads from the compilation cache) the device steps a
@@ -96,7 +97,8 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None,
                                "suffix")
             if integer_field(body, "best_of", 1, 1, 1) != 1:
                 raise ApiError(400, "best_of must be 1", "best_of")
-            max_tokens = integer_field(body, "max_tokens", None, 0 if echo else 1, service.config.sequence_len)
+            max_tokens = integer_field(body, "max_tokens", None, 0 if echo else 1,
+                                       service.config.sequence_len)
             default = COMPLETIONS_DEFAULT_MAX_TOKENS
             prompts = service.completion_prompts(body)
             if max_tokens == 0:   # echo: score the prompts, generate nothing
@@ -165,7 +167,8 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None,
     routes = [Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/models", models, methods=["GET"]),
-              Route("/tokenize", tokenize, methods=["POST"]), Route("/detokenize", detokenize, methods=["POST"]),
+              Route("/tokenize", tokenize, methods=["POST"]),
+              Route("/detokenize", detokenize, methods=["POST"]),
               Route("/tokenizer_info", tokenizer_info, methods=["GET"]),
               Route("/health", health, methods=["GET"]),
               Route("/metrics", metrics, methods=["GET"])]

@@ -197,13 +197,14 @@ async def scored_completions(service: Service, request: HttpRequest, generation:
         tops = [top_dict(service, score, i) for i in range(start - 1, len(ids) + len(completion) - 1)]
         if echo:
             text = prompt_text(service, prompt, ids)
-            offsets = text_offsets(service, ids) + [len(text) + o for o in text_offsets(service, completion, ids)]
+            offsets = text_offsets(service, ids) + [len(text) + offset
+                                                    for offset in text_offsets(service, completion, ids)]
             choice["text"] = text + choice["text"]
             logprobs, tops = [None, *logprobs], [None, *tops]
         else:
             offsets = text_offsets(service, completion, ids)
-        choice["logprobs"] = (None if top_n is None else
-                              completion_logprobs(service, tokens, logprobs, tops if top_n else None, offsets))
+        choice["logprobs"] = None if top_n is None else completion_logprobs(
+            service, tokens, logprobs, tops if top_n else None, offsets)
     return JSONResponse(body)
 
 

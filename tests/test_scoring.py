@@ -175,3 +175,22 @@ def test_waiting_scoring_requests_run_together_in_one_call(two_layer_model):
         del engine.runner.score
     assert calls == [(4, 32)]            # four prompts, one call: rows a power of two, a 32-token bucket
     assert [len(r.logprobs) for r in results] == [len(p) - 1 for p in ragged(prompts)[:4]]
+
+
+def test_the_scoring_step_never_holds_the_full_logits():
+    """Its compiled temporaries stay well below the [B, T, V] float32 logits a naive log-softmax
+    would hold (here 128 MiB for 1024 positions of a 32768-token vocabulary)."""
+    import functools
+    import jax
+    import jax.numpy as jnp
+    from grok1.config import PRESETS
+    from grok1.generation.steps import score_rows
+    from grok1.model import transformed
+    config = PRESETS["bench-1b"].replace(vocab_size=32768, emb_size=64, num_layers=1, num_q_heads=2,
+                                         num_kv_heads=1, key_size=32, widening_factor=1, sequence_len=1024)
+    model = transformed(config, jnp.float32)
+    tokens = jax.ShapeDtypeStruct((1, 1024), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)
+    compiled = jax.jit(functools.partial(score_rows, model.apply, 5)).lower(params, tokens).compile()
+    full_logits = 1024 * config.vocab_size * 4
+    assert compiled.memory_analysis().temp_size_in_bytes < full_logits / 2

@@ -148,7 +148,7 @@ def prefill_buckets(sequence_len: int) -> tuple[int, ...]:
 
 # ---- scoring: the log-probabilities of given tokens, prefill only ---------------------------------
 
-SCORE_TOKEN_CHUNK = 256   # positions (of all rows) whose logits are live at once while scoring
+SCORE_TOKEN_CHUNK = 128   # positions (of all rows) whose logits are live at once while scoring
 
 
 def score_rows(apply, top_n: int, params: dict, tokens: jax.Array

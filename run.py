@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -125,7 +126,14 @@ def parser() -> argparse.ArgumentParser:
                                "config) over --mesh, using forced CPU devices; loads no weights")
     research.add_argument("--batch", type=int, default=1, help="--plan: batch size to plan for")
     research.add_argument("--context", type=int, default=None,
-                          help="--plan: context length to plan for (default: the config's sequence_len)")
+                          help="--plan: context length to plan for; --perplexity: tokens per window "
+                               "(default: the config's sequence_len)")
+    research.add_argument("--perplexity", default=None, metavar="FILE",
+                          help="perplexity and bits per byte of a text file (- : standard input) in "
+                               "windows of --context, cut as llama.cpp's llama-perplexity cuts them")
+    research.add_argument("--stride", type=int, default=None, metavar="N",
+                          help="--perplexity: slide the window N tokens at a time instead (every token "
+                               "scored once, with at least context - N tokens before it)")
     research.add_argument("--describe", action="store_true",
                           help="print the parameter table of --preset or the checkpoint's config")
     research.add_argument("--trace", action="store_true",
@@ -134,9 +142,9 @@ def parser() -> argparse.ArgumentParser:
                           help="--trace: also plot the expert load to this image, in the format its "
                                "extension names (.png, .svg, .pdf, ...; needs matplotlib)")
     research.add_argument("--json", action="store_true",
-                          help="machine-readable output for --plan, --describe, generation (a list of "
-                               "completions, as --no-stream runs them) and --interactive (one completion "
-                               "per line)")
+                          help="machine-readable output for --plan, --describe, --perplexity, generation "
+                               "(a list of completions, as --no-stream runs them) and --interactive (one "
+                               "completion per line)")
     return p
 
 
@@ -153,28 +161,29 @@ def max_new_tokens(text: str) -> Optional[int]:
 
 # What each flag is for: the mode flags (--plan, --describe, --trace, --interactive, --serve, or none of
 # them: generation) a flag has an effect in. Flags not listed work in every mode.
-MODES = ("plan", "describe", "trace", "interactive", "serve", "generate")
+MODES = ("plan", "describe", "trace", "interactive", "serve", "perplexity", "generate")
 SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_p", "top_k", "frequency_penalty",
                   "presence_penalty", "seed")
 FLAG_MODES: dict[str, tuple[str, ...]] = {
-    "tokenizer": ("trace", "interactive", "serve", "generate"),
-    "dtype": ("plan", "trace", "interactive", "serve", "generate"),
+    "tokenizer": ("trace", "interactive", "serve", "perplexity", "generate"),
+    "dtype": ("plan", "trace", "interactive", "serve", "perplexity", "generate"),
     "prompt": ("trace", "generate"),
     **{name: ("interactive", "generate") for name in SAMPLING_FLAGS},
     "no_stream": ("generate",),
-    "quiet": ("trace", "interactive", "serve", "generate"),
+    "quiet": ("trace", "interactive", "serve", "perplexity", "generate"),
     "host": ("serve",),
     "port": ("serve",),
     "api_key": ("serve",),
     "metrics_need_key": ("serve",),
     "batch": ("plan",),
-    "context": ("plan",),
+    "context": ("plan", "perplexity"),
+    "stride": ("perplexity",),
     "plot": ("trace",),
-    "json": ("plan", "describe", "interactive", "generate"),
-    "cpu_devices": ("plan", "trace", "interactive", "serve", "generate"),
+    "json": ("plan", "describe", "interactive", "perplexity", "generate"),
+    "cpu_devices": ("plan", "trace", "interactive", "serve", "perplexity", "generate"),
     # The plan compiles afresh on purpose: it reports compile times.
-    "compilation_cache": ("trace", "interactive", "serve", "generate"),
-    "no_compilation_cache": ("trace", "interactive", "serve", "generate"),
+    "compilation_cache": ("trace", "interactive", "serve", "perplexity", "generate"),
+    "no_compilation_cache": ("trace", "interactive", "serve", "perplexity", "generate"),
 }
 
 
@@ -775,6 +784,63 @@ def note_unread_stdin(args: argparse.Namespace) -> None:
     print(f"note: piped standard input is ignored; {use}", file=sys.stderr, flush=True)
 
 
+# ---- --perplexity ---------------------------------------------------------------------------
+
+def read_perplexity_text(path: str) -> str:
+    """--perplexity FILE (or - : standard input) as text, or a one-line UserError."""
+    name = "standard input" if path == STDIN_PROMPT else path
+    try:
+        if path == STDIN_PROMPT:
+            text = sys.stdin.read()
+        else:
+            if os.path.isdir(path):
+                raise UserError(f"--perplexity: {path} is a folder; give a text file")
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except OSError as e:
+        raise UserError(f"--perplexity: cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--perplexity: {name} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise UserError(f"--perplexity: {name} is empty: give a text to score")
+    return text
+
+
+def run_perplexity(args: argparse.Namespace, model, text: str) -> None:
+    """Perplexity and bits per byte of the text (grok1/perplexity.py), a progress bar on stderr."""
+    from grok1.perplexity import perplexity
+    from grok1.runtime.processes import is_main_process
+
+    bar = None
+    if sys.stderr.isatty() and not args.quiet and is_main_process():
+        from tqdm import tqdm
+        bar = tqdm(desc="scoring", unit=" windows", file=sys.stderr, dynamic_ncols=True)
+    start = time.perf_counter()
+
+    def progress(windows: int, tokens: int) -> None:
+        if bar is not None:
+            bar.update(windows - bar.n)
+            bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):.0f} tokens/s")
+    try:
+        result = perplexity(model, text, context=args.context, stride=args.stride, progress=progress)
+    except ValueError as e:
+        raise UserError(f"--perplexity: {e}") from None
+    finally:
+        if bar is not None:
+            bar.close()
+    if not is_main_process():
+        return
+    if args.json:
+        print(json.dumps({**dataclasses.asdict(result), "tokens_per_second": result.tokens_per_second,
+                          "windowing": "llama.cpp" if args.stride is None else "stride"}))
+        return
+    cut = (f"{result.windows} windows of {result.context}, second halves scored (as llama-perplexity)"
+           if args.stride is None else f"{result.windows} windows of {result.context}, stride {args.stride}")
+    print(f"perplexity {result.perplexity:.4f}  bits/byte {result.bits_per_byte:.4f}  "
+          f"({result.scored_tokens} tokens scored of {result.text_tokens}, {cut}; "
+          f"{result.tokens_per_second:.0f} tokens/s)")
+
+
 def build_native_kernels() -> None:
     """On CPU, build (or load) grok1's native kernels now: their first build takes about 10 s and
     says so on stderr, a line that belongs before the generated text, not inside it."""
@@ -800,6 +866,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             run_describe(args)
             return 0
         check_checkpoint_folder(args.checkpoint)
+        text = read_perplexity_text(args.perplexity) if args.perplexity else None
         start_jax(args)
         check_mesh_covers_the_cluster(args.mesh)
         note_unread_stdin(args)   # after joining a cluster: process 0 alone prints
@@ -812,6 +879,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         build_native_kernels()
         if args.trace:
             run_trace(args, model)
+        elif args.perplexity:
+            run_perplexity(args, model, text)
         elif args.interactive:
             run_interactive(args, model, settings)
         elif args.serve:

@@ -153,6 +153,14 @@ class Model:
         """Complete one prompt, yielding `Delta`s (.text, .token_ids) as tokens arrive."""
         return generation.stream(self, prompt, **settings)
 
+    def score(self, prompts: Any, top_n: int = 0) -> list:
+        """Log-probabilities of the prompts' own tokens (strings or lists of token ids, ragged,
+        any number): a `Score` per prompt (grok1/generation/scoring.py) with float32 numpy
+        `logprobs[i]` = log p(token i+1 | tokens 0..i) and the `top_n` likeliest tokens at each
+        position. Computed on the devices beside the output projection (never the full logits
+        on the host), prefill only, batched through the model's engine."""
+        return generation.score(self, prompts, top_n)
+
 
 def load(path: str | os.PathLike, *, mesh: Optional[jax.sharding.Mesh | str] = None, dtype: Any = None,
          tokenizer: Optional[str | os.PathLike] = None,

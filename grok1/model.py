@@ -19,7 +19,7 @@ whatever the depth. Shapes: L layers, B batch, T new tokens, S keys
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import haiku as hk
 import jax
@@ -558,7 +558,8 @@ class InOutEmbed(hk.Module):
 
 def forward(config: ModelConfig, dtype, tokens: jax.Array, cache: Optional[KVCache] = None,
             logits_at: Optional[jax.Array] = None, unroll_layers: bool = False,
-            options: ComputeOptions = ComputeOptions()) -> tuple[jax.Array, Optional[KVCache]]:
+            options: ComputeOptions = ComputeOptions(), head: Optional[Callable[..., Any]] = None
+            ) -> tuple[Any, Optional[KVCache]]:
     """tokens [B, T] -> (logits, updated cache). Call inside `hk.transform`.
 
     logits are [B, T, V], or [B, V] at position `logits_at[b]` of each row when given (decoding
@@ -566,6 +567,9 @@ def forward(config: ModelConfig, dtype, tokens: jax.Array, cache: Optional[KVCac
     With a cache, every row's length advances by T; callers with right-padded rows set `length`.
     `unroll_layers` says the params hold the layers per layer, not stacked (see Transformer).
     `options` says how to compute (ComputeOptions); the result is the same whatever they are.
+    `head(h, unembed)`, when given, replaces the logits by what it computes from the final hidden
+    states h [B, T, d] and the output projection `unembed` (h -> logits): scoring takes the
+    log-probabilities it needs a block of positions at a time, never the [B, T, V] logits at once.
     """
     lm = LanguageModel(config, dtype)
     transformer = Transformer(config, dtype, unroll=unroll_layers, options=options)
@@ -574,7 +578,7 @@ def forward(config: ModelConfig, dtype, tokens: jax.Array, cache: Optional[KVCac
     h, kv = transformer(h, ctx)
     if logits_at is not None:
         h = h[jnp.arange(h.shape[0]), logits_at]                               # [B, d]
-    logits = lm.unembed(h)
+    logits = lm.unembed(h) if head is None else head(h, lm.unembed)
     if cache is not None:
         cache = KVCache(keys=kv[0], values=kv[1], valid=ctx.cache.valid,
                         length=cache.length + tokens.shape[1])
@@ -592,8 +596,8 @@ def transformed(config: ModelConfig, dtype=jnp.float32, options: ComputeOptions 
     """
     def model_fn(unroll: bool):
         return hk.without_apply_rng(hk.transform(
-            lambda tokens, cache=None, logits_at=None: forward(config, dtype, tokens, cache, logits_at,
-                                                               unroll, options)))
+            lambda tokens, cache=None, logits_at=None, head=None: forward(
+                config, dtype, tokens, cache, logits_at, unroll, options, head)))
 
     scanned, unrolled = model_fn(False), model_fn(True)
 

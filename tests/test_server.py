@@ -440,7 +440,7 @@ MALFORMED = {
     "empty prompt list": ({**GOOD, "prompt": []}, 400, "prompt"),
     "prompt longer than the context": ({**GOOD, "prompt": [5] * 300}, 400, "prompt"),
     "max_tokens past the context": ({**GOOD, "max_tokens": 1000}, 400, "max_tokens"),
-    "top logprobs": ({**GOOD, "logprobs": 3}, 400, "logprobs"),
+    "logprobs above 5": ({**GOOD, "logprobs": 6}, 400, "logprobs"),
 }
 
 

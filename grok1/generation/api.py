@@ -1,27 +1,34 @@
-"""`Model.generate` and `Model.stream`: prompts checked and fitted, then submitted to the model's
-engine (grok1/generation/engine.py), which decodes them together with continuous batching."""
+"""`Model.generate`, `Model.stream` and `Model.score`: prompts checked and fitted, then submitted to
+the model's engine (grok1/generation/engine.py), which decodes them together with continuous
+batching and scores prompts (prefill only) beside them."""
 
 from __future__ import annotations
 
 import dataclasses
+import queue
 from typing import Any, Iterator, Optional, Sequence
 
 from grok1.generation.engine import engine_for
 from grok1.generation.requests import Completion, Delta
+from grok1.generation.scoring import Score, check_top_n, scored_prompt_ids
 from grok1.generation.settings import (FittedPrompt, SamplingSettings, draw_fresh_seeds, fit_prompt,
                                       sampling_settings)
 
 DEFAULT_MAX_SLOTS = 8
 
 
-def _requests(model: Any, prompts: Any, settings: dict[str, Any]
-              ) -> list[tuple[FittedPrompt, SamplingSettings]]:
-    """Checked, fitted requests; `settings` become per-request SamplingSettings with a seed each."""
+def _check_batch(prompts: Any) -> None:
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
         raise ValueError(f"prompts must be a list of prompts (strings or lists of token ids), "
                          f"got {type(prompts).__name__}; wrap a single prompt as [prompt]")
     if not prompts:
         raise ValueError("prompts must hold at least one prompt, got an empty batch")
+
+
+def _requests(model: Any, prompts: Any, settings: dict[str, Any]
+              ) -> list[tuple[FittedPrompt, SamplingSettings]]:
+    """Checked, fitted requests; `settings` become per-request SamplingSettings with a seed each."""
+    _check_batch(prompts)
     seed = settings.get("seed", SamplingSettings.seed)
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
     if len(seeds) != len(prompts):
@@ -70,3 +77,30 @@ def stream(model: Any, prompt: Any, slots: int = 1, **settings: Any) -> Iterator
                 delta, dropped_prompt_tokens=fitted.dropped_prompt_tokens,
                 max_new_tokens_lowered_from=fitted.max_new_tokens_lowered_from)
     return with_fit_on_the_first()
+
+
+def score(model: Any, prompts: Sequence[Any], top_n: int = 0) -> list[Score]:
+    """The Score of every prompt (grok1/generation/scoring.py), in prompt order: each token's
+    log-probability given the ones before it, and the `top_n` likeliest tokens at each position.
+    Prompts are text (BOS first when `config.add_bos`) or token ids, each 1 to sequence_len
+    tokens, any number of any lengths; they run through the model's engine in batches."""
+    _check_batch(prompts)
+    top_n = check_top_n(top_n, model.config.vocab_size)
+    ids = [scored_prompt_ids(prompt, model.config, model.tokenizer) for prompt in prompts]
+    engines = model.__dict__.get("_engines") or {}
+    engine = next((e for e in engines.values() if not e.closing), None) or engine_for(model, 1)
+    results: queue.SimpleQueue = queue.SimpleQueue()
+    jobs = engine.submit_scores([(p, top_n, lambda item, i=i: results.put((i, item)))
+                                 for i, p in enumerate(ids)], bounded=False)
+    scores: dict[int, Score] = {}
+    try:
+        while len(scores) < len(jobs):
+            index, item = results.get()
+            if isinstance(item, Exception):
+                raise item
+            scores[index] = item
+    finally:
+        for job in jobs:
+            if not job.done:
+                engine.cancel(job)
+    return [scores[i] for i in range(len(jobs))]

@@ -5,16 +5,17 @@ busy for the life of a server, and of a model's `generate` / `stream` calls: one
 runner and the device, requests are submitted from any thread (or an event loop, through a
 callback), join a free slot before the next decode call, receive their Deltas as soon as the
 host reads them, and leave when they finish or are cancelled; their slot is prefilled with the
-next waiting request on the following step.
+next waiting request on the following step. Scoring requests (`submit_scores`, no slot) only
+prefill (grok1/generation/scoring.py).
 
 Scheduling per step: finished and cancelled requests leave; waiting requests take free slots
 (all that fit when nothing decodes, else one per step); newcomers are prefilled, a prompt longer
 than `prefill_chunk` tokens in chunks of that size across steps (`steps.prefill_chunk`), and
 while other requests decode only one chunk (or one short prompt) is prefilled per step, so a
 newcomer holds the running requests up by one chunk's prefill at a time, however long its
-prompt; one decode call (`decode_chunk` tokens) advances every slot whose prompt is all in; then
-the results of the previous call are read while the device runs this one, so the host's
-bookkeeping stays off the device's critical path.
+prompt; then one batch of waiting scoring requests (about one chunk's tokens while others decode);
+one decode call (`decode_chunk` tokens) advances every slot whose prompt is all in; then the
+results of the previous call are read while the device runs this one.
 Sampling is the Runner's: a request's tokens depend on its prompt, settings and seed only, not on
 its slot or its neighbours (nor on whether its prompt went in chunks: the same tokens, logits
 equal up to rounding).
@@ -34,7 +35,6 @@ freed a request only matters on the host, and the step's results reach every pro
 from __future__ import annotations
 
 import atexit
-import bisect
 import collections
 import dataclasses
 import itertools
@@ -48,8 +48,11 @@ import jax
 import numpy as np
 
 from grok1.runtime.processes import Broadcast, is_main_process
+from grok1.generation.metrics import EngineMetrics, copy_histogram
 from grok1.generation.requests import Delta, Request
 from grok1.generation.runner import Runner, runner_for
+from grok1.generation.scoring import (MIN_SCORE_BUDGET, ScoreJob, batch_tokens, next_batch, scores_of,
+                                      top_n_step)
 from grok1.generation.settings import FittedPrompt, SamplingSettings, draw_fresh_seeds, fit_prompt
 from grok1.generation.steps import SlotState
 from grok1.mesh import to_host
@@ -99,49 +102,6 @@ class Job:
         return self.prefilled >= len(self.prompt)
 
 
-# ---- metrics ----------------------------------------------------------------------------------
-
-class Histogram:
-    """A Prometheus histogram: cumulative bucket counts, sum and count."""
-
-    def __init__(self, bounds: Sequence[float]):
-        self.bounds = tuple(bounds)
-        self.counts = [0] * (len(self.bounds) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-        self.count += 1
-
-    def lines(self, name: str) -> list[str]:
-        out, total = [], 0
-        for bound, count in zip(self.bounds, self.counts):
-            total += count
-            out.append(f'{name}_bucket{{le="{bound:g}"}} {total}')
-        out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
-        out += [f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
-        return out
-
-
-LATENCY_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-
-@dataclasses.dataclass
-class EngineMetrics:
-    """Counters the engine thread updates (under the engine's lock)."""
-
-    slots: int
-    running: int = 0
-    waiting: int = 0
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    finished: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    time_to_first_token: Histogram = dataclasses.field(default_factory=lambda: Histogram(LATENCY_BOUNDS))
-    time_per_output_token: Histogram = dataclasses.field(default_factory=lambda: Histogram(LATENCY_BOUNDS))
-
-
 # ---- the engine -------------------------------------------------------------------------------
 
 class Engine:
@@ -181,6 +141,8 @@ class Engine:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._waiting: collections.deque[Job] = collections.deque()
+        self._scoring: collections.deque[ScoreJob] = collections.deque()   # they need no slot
+        self._scoring_now: list[ScoreJob] = []
         self._ids = itertools.count()
         self._closing = False
         self._thread: Optional[threading.Thread] = None
@@ -222,7 +184,8 @@ class Engine:
         if thread is None:
             self._tell_followers_to_stop("closed")
         with self._lock:   # never started: nobody else will end the waiting requests
-            waiting, self._waiting = list(self._waiting), collections.deque()
+            waiting, self._waiting = [*self._waiting, *self._scoring], collections.deque()
+            self._scoring = collections.deque()
             self.metrics.waiting = 0
         for job in waiting:
             self._end(job, EngineClosed("the server is shutting down"), reason="aborted")
@@ -300,7 +263,27 @@ class Engine:
             self._wake.notify_all()
         return jobs
 
-    def cancel(self, job: Job) -> None:
+    def submit_scores(self, requests: Sequence[tuple[list[int], int, Deliver]],
+                      bounded: bool = True) -> list[ScoreJob]:
+        """Queue (prompt ids, top_n, deliver) scoring requests as `submit` queues generation ones
+        (module docstring); `deliver` receives one Score (grok1/generation/scoring.py) or an EngineError."""
+        sequence_len = self.model.config.sequence_len
+        if not all(0 < len(prompt) <= sequence_len for prompt, _, _ in requests):
+            raise ValueError(f"prompt ids to score must number 1 to {sequence_len} (scored_prompt_ids)")
+        jobs = [ScoreJob(prompt=[int(t) for t in p], top_n=int(n), deliver=d) for p, n, d in requests]
+        with self._lock:
+            if self._closing:
+                raise EngineClosed("the server is shutting down")
+            if bounded and len(self._waiting) + len(self._scoring) + len(jobs) > self.max_waiting:
+                raise QueueFull(f"{len(self._waiting) + len(self._scoring)} requests wait "
+                                f"(at most {self.max_waiting})")
+            for job in jobs:
+                job.id = next(self._ids)
+                self._scoring.append(job)
+            self._wake.notify_all()
+        return jobs
+
+    def cancel(self, job: Job | ScoreJob) -> None:
         """Stop a request: it receives nothing more, and its slot is free after the decode call
         in progress (or it leaves the queue)."""
         with self._lock:
@@ -351,8 +334,8 @@ class Engine:
         with self._lock:
             m = self.metrics
             return dataclasses.replace(m, finished=collections.Counter(m.finished),
-                                       time_to_first_token=_copy(m.time_to_first_token),
-                                       time_per_output_token=_copy(m.time_per_output_token))
+                                       time_to_first_token=copy_histogram(m.time_to_first_token),
+                                       time_per_output_token=copy_histogram(m.time_per_output_token))
 
     # ---- the engine thread ----
 
@@ -361,7 +344,7 @@ class Engine:
         in_flight: collections.deque = collections.deque()   # (kind, {slot: job}, device arrays)
         while True:
             with self._lock:
-                while not (self._closing or self._waiting or in_flight
+                while not (self._closing or self._waiting or self._scoring or in_flight
                            or any(job is not None for job in slot_of)):
                     self._wake.wait()
                 if self._closing:
@@ -370,7 +353,7 @@ class Engine:
             try:
                 self._step(slot_of, admitted, in_flight)
             except Exception as error:   # a failed device call: end its requests, keep serving
-                for job in {id(j): j for j in slot_of if j is not None}.values():
+                for job in [*{id(j): j for j in slot_of if j is not None}.values(), *self._scoring_now]:
                     self._end(job, EngineError(f"generation failed: {error}"), reason="error")
                 slot_of = [None] * self.slots
                 in_flight.clear()
@@ -383,7 +366,9 @@ class Engine:
                         self._closing = True
                     break
         self._tell_followers_to_stop("closed")
-        for job in slot_of:
+        with self._lock:
+            scoring, self._scoring = [*slot_of, *self._scoring], collections.deque()
+        for job in scoring:
             if job is not None:
                 self._end(job, EngineClosed("the server is shutting down"), reason="aborted")
         with self._lock:
@@ -436,11 +421,29 @@ class Engine:
             if job.decoding:   # its first token is sampled by this call
                 snapshots.append({slot: job})
         schedule["decode"] = any(job is not None and job.decoding for job in slot_of)
+        with self._lock:
+            self._scoring_now = next_batch(self._scoring, self.prefill_chunk if schedule["decode"] else
+                                           max(MIN_SCORE_BUDGET, self.model.config.sequence_len),
+                                           self.runner.buckets)
+            self.metrics.prompt_tokens += sum(len(job.prompt) for job in self._scoring_now)
+        if self._scoring_now:
+            schedule["score"] = [[job.prompt for job in self._scoring_now],
+                                 top_n_step(self._scoring_now[0].top_n)]
+            snapshots.append(self._scoring_now)
         if schedule["decode"]:
             snapshots.append({s: j for s, j in enumerate(slot_of) if j is not None and j.decoding})
         if self._schedule is not None:
             self._schedule.publish(schedule)
-        for kind, snapshot, tokens, logprobs in self._device_step(schedule, snapshots, in_flight):
+        for kind, snapshot, tokens, logprobs, *top in self._device_step(schedule, snapshots, in_flight):
+            if kind == "score":
+                for job, score in zip(snapshot, scores_of([j.prompt for j in snapshot],
+                                                          [j.top_n for j in snapshot], tokens, logprobs, *top)):
+                    if not job.cancelled:
+                        job.done = True
+                        self._send(job, score)
+                with self._lock:
+                    self.metrics.finished["scored"] += len(snapshot)
+                continue
             if kind == "prefill":
                 tokens, logprobs = tokens.reshape(1, 1), logprobs.reshape(1, 1)
             for step in range(tokens.shape[0]):
@@ -462,9 +465,10 @@ class Engine:
         """The device side of one step, the same on every process: each prefill of `schedule`
         ([slot, token ids, start, prompt length, settings...]: a whole prompt, or one chunk of
         it), a decode call if it says so, then the results of every call but that one are read
-        -> [(kind, snapshot, tokens, logprobs)] in call order. `snapshots` (one per call whose
-        tokens count: final prefills and the decode; none on a follower) travel with them."""
-        if self._state is None:
+        -> [(kind, snapshot, tokens, logprobs)] in call order ("score": + top ids, logprobs).
+        `snapshots` (one per call whose results count: final prefills, the scoring batch and the
+        decode; none on a follower) travel with them."""
+        if self._state is None and (schedule["prefill"] or schedule["decode"]):   # scoring needs none
             self._state = self.runner._fresh_state()
         snapshots = iter(snapshots)
         for slot, ids, start, length, *settings in schedule["prefill"]:
@@ -474,6 +478,11 @@ class Engine:
                 self._state, token, logprob = self._prefill_chunk(slot, ids, start, length, *settings)
             if start + len(ids) >= length:
                 in_flight.append(("prefill", next(snapshots, None), (token, logprob)))
+        if "score" in schedule:
+            prompts, top_n = schedule["score"]
+            arrays = self.runner.score(self.model.params, batch_tokens(
+                prompts, self.runner.buckets, self.model.config.pad_token), top_n)
+            in_flight.append(("score", next(snapshots, None), arrays))
         if schedule["decode"]:
             self._state, tokens, logprobs = self.runner.decode(self.model.params, self._state)
             in_flight.append(("decode", next(snapshots, None), (tokens, logprobs)))
@@ -588,9 +597,3 @@ def engine_for(model: Any, slots: int) -> Engine:
         if engine is None or engine.closing:
             engine = engines[slots] = Engine(model, slots, runner=runner_for(model, slots)).start()
         return engine
-
-
-def _copy(histogram: Histogram) -> Histogram:
-    copy = Histogram(histogram.bounds)
-    copy.counts, copy.sum, copy.count = list(histogram.counts), histogram.sum, histogram.count
-    return copy

@@ -17,8 +17,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from grok1.generation.settings import is_int
 from grok1.generation.steps import (SlotState, decode_steps, empty_state, prefill_buckets, prefill_chunk,
-                                    prefill_slot, start_slot)
-from grok1.mesh import on_mesh, penalty_counts_sharding
+                                    prefill_slot, score_rows, start_slot)
+from grok1.mesh import activation_sharding, from_host, on_mesh, penalty_counts_sharding
 from grok1.model import transformed
 from grok1.runtime.compiling import jit
 
@@ -31,6 +31,7 @@ class Runner:
     prompt followed by its first token's sampling. Compilation happens once for the decode step,
     once per prefill bucket and once for the first token. The scheduling is
     grok1/generation/engine.py's; `_state` holds the cache between the calls of the engine that owns it.
+    `score` runs prompts through the model for their tokens' log-probabilities alone (no cache).
     """
 
     def __init__(self, model: Any, slots: int, buckets: Optional[Sequence[int]] = None,
@@ -62,6 +63,9 @@ class Runner:
         self._prefill_chunk = jit(functools.partial(prefill_chunk, apply, constrain),
                                   donate_argnums=(1,), **prompt_placement)
         self._start_slot = jit(functools.partial(start_slot, constrain), donate_argnums=(0,), **placement)
+        # Scores come out replicated: every process reads them without communication.
+        self._score = jit(functools.partial(score_rows, apply), static_argnums=(0,), **(
+            {} if model.mesh is None else dict(out_shardings=NamedSharding(model.mesh, PartitionSpec()))))
         self._state: Optional[SlotState] = None
 
     def prefill(self, params: dict, state: SlotState, prompt: Any, length: Any, slot: Any, seed: Any,
@@ -82,6 +86,13 @@ class Runner:
         state, logits = self._prefill_chunk(params, state, chunk, start, length, slot)
         return self._start_slot(state, logits, slot, seed, temperature, top_p, top_k,
                                 frequency_penalty, presence_penalty)
+
+    def score(self, params: dict, tokens: Any, top_n: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """`steps.score_rows` of right-padded prompts [B, L] (numpy; every process passes the same):
+        (logprobs [B, L], top_ids and top_logprobs [B, L, top_n]). No slot or cache is touched."""
+        if self.model.mesh is not None:
+            tokens = from_host(tokens, activation_sharding(self.model.mesh, "tokens", tokens.shape))
+        return self._score(int(top_n), params, tokens)
 
     def _sharding(self):
         """(constrain(state), state shardings): the cache split as `KVCache.sharding` says,

@@ -144,3 +144,44 @@ def prefill_buckets(sequence_len: int) -> tuple[int, ...]:
         buckets.append(size)
         size *= BUCKET_GROWTH
     return tuple(buckets) + (sequence_len,)
+
+
+# ---- scoring: the log-probabilities of given tokens, prefill only ---------------------------------
+
+SCORE_TOKEN_CHUNK = 128   # positions (of all rows) whose logits are live at once while scoring
+
+
+def score_rows(apply, top_n: int, params: dict, tokens: jax.Array
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Log-probabilities of right-padded prompts [B, L] (no cache, nothing kept): (logprobs [B, L],
+    top_ids [B, L, top_n], top_logprobs [B, L, top_n]), where position t scores token t + 1
+    given tokens 0..t (the last column scores nothing) and holds the `top_n` likeliest tokens
+    there. Log-softmax and gather run beside the output projection, SCORE_TOKEN_CHUNK positions
+    at a time, so only that many rows of logits ever exist."""
+    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+    head = lambda h, unembed: logprobs_of(h, unembed, targets, top_n)
+    scores, _ = apply(params, tokens, None, None, head=head)
+    return scores
+
+
+def logprobs_of(h: jax.Array, unembed, targets: jax.Array, top_n: int
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`score_rows`'s outputs from the final hidden states h [B, T, d] and `unembed` (h -> logits)."""
+    B, T, _ = h.shape
+    positions = min(T, max(1, SCORE_TOKEN_CHUNK // B))
+    count = -(-T // positions)
+
+    def blocks(x: jax.Array) -> jax.Array:  # [B, T, ...] -> [count, B, positions, ...], zero-padded
+        x = jnp.pad(x, [(0, count * positions - T if i == 1 else 0) for i in range(x.ndim)])
+        return jnp.moveaxis(x.reshape((B, count, positions) + x.shape[2:]), 1, 0)
+
+    def one_block(parts):
+        h, targets = parts
+        logits = unembed(h)                                             # [B, positions, V] float32
+        norm = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+        chosen = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - norm[..., 0]
+        top_logits, top_ids = jax.lax.top_k(logits, top_n)
+        return chosen, top_ids.astype(jnp.int32), top_logits - norm
+
+    out = jax.lax.map(one_block, (blocks(h), blocks(targets)))
+    return tuple(jnp.moveaxis(x, 0, 1).reshape((B, count * positions) + x.shape[3:])[:, :T] for x in out)

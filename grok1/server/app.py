@@ -3,13 +3,16 @@ and its routes, Prometheus metrics, and serving until stopped (grok1/server/prot
 each request and shapes each answer).
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
-GET /metrics (Prometheus text). Several processes (`grok1.distributed`): process 0 serves; the
+GET /metrics (Prometheus text), and vLLM's POST /tokenize, POST /detokenize, GET /tokenizer_info
+(grok1/server/evaluation.py, with echo and top alternatives for evaluation harnesses).
+Several processes (`grok1.distributed`): process 0 serves; the
 others follow its engine's steps (`serve` does both, see `Engine.follow`).
 
 Before it listens, a server compiles (or loads from the compilation cache) the device steps a
 request needs (`Engine.warm_up`), so the first request does not wait for them.
 
-An API key keeps a server private: with one, every request to /v1/* must carry the header
+An API key keeps a server private: with one, every request to /v1/* (and to the tokenizer
+endpoints) must carry the header
 `Authorization: Bearer <key>` (what the openai client's `api_key=` sends), or it gets 401 in the
 OpenAI error shape (code "invalid_api_key"); keys are compared in constant time. /health stays
 open, and /metrics too unless `metrics_need_key`. The key is, first to last: the `api_key`
@@ -39,13 +42,15 @@ from starlette.routing import Route
 
 from grok1.generation.engine import DEFAULT_MAX_WAITING, DEFAULT_SLOTS, Engine
 from grok1.runtime.processes import is_main_process
+from grok1.server import evaluation
 from grok1.server.protocol import (CHAT_FIELDS, CHAT_STOP, COMPLETION_FIELDS, COMPLETIONS_DEFAULT_MAX_TOKENS,
                                    ApiError, EventStream, Generation, Service, boolean_field,
-                                   integer_field, is_int, read_json, shown)
+                                   integer_field, read_json)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 API_KEY_ENV = "GROK1_API_KEY"
+TOKENIZER_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")   # guarded by the key like /v1/*
 
 
 def api_key_from(api_key: Optional[str] = None, metrics_need_key: bool = False) -> Optional[str]:
@@ -76,9 +81,7 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None,
         body = await read_json(request)
         if chat:
             body = service.check_fields(body, CHAT_FIELDS, ("model", "messages"))
-            if body.get("top_logprobs"):
-                raise ApiError(400, "top_logprobs > 0 is not supported (only the chosen token's "
-                                    "logprob is computed)", "top_logprobs")
+            top_n = evaluation.check_chat_top_logprobs(body)
             logprobs = boolean_field(body, "logprobs")
             if "max_tokens" in body and "max_completion_tokens" in body:
                 raise ApiError(400, "give max_tokens or max_completion_tokens, not both", "max_tokens")
@@ -88,23 +91,26 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None,
             settings = service.settings(body, max_tokens, logprobs, extra_stop=(CHAT_STOP,))
         else:
             body = service.check_fields(body, COMPLETION_FIELDS, ("model", "prompt"))
-            wanted = body.get("logprobs")
-            if wanted is not None and (not is_int(wanted) or wanted != 0):
-                raise ApiError(400, f"logprobs must be 0 (the chosen token's logprob) or null; top "
-                                    f"alternatives are not computed, got {shown(wanted)}", "logprobs")
-            if body.get("echo"):
-                raise ApiError(400, "echo is not supported", "echo")
+            echo, wanted = evaluation.check_completion_scoring(body)
             if body.get("suffix"):
                 raise ApiError(400, "suffix is not supported: this model does not fill in the middle",
                                "suffix")
             if integer_field(body, "best_of", 1, 1, 1) != 1:
                 raise ApiError(400, "best_of must be 1", "best_of")
-            max_tokens = integer_field(body, "max_tokens", None, 1, service.config.sequence_len)
+            max_tokens = integer_field(body, "max_tokens", None, 0 if echo else 1,
+                                       service.config.sequence_len)
             default = COMPLETIONS_DEFAULT_MAX_TOKENS
             prompts = service.completion_prompts(body)
+            if max_tokens == 0:   # echo: score the prompts, generate nothing
+                return await evaluation.prompt_scores(service, body, prompts, wanted)
             settings = service.settings(body, max_tokens, wanted is not None)
         generation = Generation(service, chat, body, prompts, settings, default)
         events = generation.start(asyncio.get_running_loop())
+        if chat and top_n:
+            return await evaluation.chat_with_top_logprobs(service, request, generation, events, top_n)
+        if not chat and (echo or wanted):
+            return await evaluation.scored_completions(service, request, generation, events, prompts,
+                                                       echo, wanted)
         if generation.stream:
             return EventStream(generation.events(events), on_close=generation.cancel)
         return await generation.gather(request, events)
@@ -114,6 +120,15 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None,
 
     async def chat_completions(request: HttpRequest) -> Response:
         return await generation(request, chat=True)
+
+    async def tokenize(request: HttpRequest) -> Response:
+        return await evaluation.tokenize(service, request)
+
+    async def detokenize(request: HttpRequest) -> Response:
+        return await evaluation.detokenize(service, request)
+
+    async def tokenizer_info(request: HttpRequest) -> Response:
+        return await evaluation.tokenizer_info(service, request)
 
     async def models(request: HttpRequest) -> Response:
         return JSONResponse({"object": "list", "data": [
@@ -152,6 +167,9 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None,
     routes = [Route("/v1/completions", completions, methods=["POST"]),
               Route("/v1/chat/completions", chat_completions, methods=["POST"]),
               Route("/v1/models", models, methods=["GET"]),
+              Route("/tokenize", tokenize, methods=["POST"]),
+              Route("/detokenize", detokenize, methods=["POST"]),
+              Route("/tokenizer_info", tokenizer_info, methods=["GET"]),
               Route("/health", health, methods=["GET"]),
               Route("/metrics", metrics, methods=["GET"])]
     app = Starlette(routes=routes, lifespan=lifespan,
@@ -182,7 +200,8 @@ class RequireKey:
         await self.app(scope, receive, send)
 
     def guards(self, path: str) -> bool:
-        return path == "/v1" or path.startswith("/v1/") or (self.metrics_need_key and path == "/metrics")
+        return (path == "/v1" or path.startswith("/v1/") or path in TOKENIZER_PATHS
+                or (self.metrics_need_key and path == "/metrics"))
 
     def refusal(self, header: Optional[bytes]) -> Optional[str]:
         """Why a request with this Authorization header is refused; None when its key is right."""
@@ -229,8 +248,8 @@ def prometheus_text(engine: Engine, http_responses: dict[int, int]) -> str:
         "# HELP grok1_generated_tokens_total Tokens sampled.",
         "# TYPE grok1_generated_tokens_total counter",
         f"grok1_generated_tokens_total {m.generated_tokens}",
-        "# HELP grok1_requests_finished_total Requests ended, by reason (stop, length, cancelled, "
-        "aborted, error).",
+        "# HELP grok1_requests_finished_total Requests ended, by reason (stop, length, scored, "
+        "cancelled, aborted, error).",
         "# TYPE grok1_requests_finished_total counter",
         *(f'grok1_requests_finished_total{{reason="{r}"}} {c}' for r, c in sorted(m.finished.items())),
         "# HELP grok1_time_to_first_token_seconds From submission to the first token.",

@@ -15,8 +15,8 @@ Choices: `n` choices of a request sample with seeds seed, seed+1, ... (fresh see
 is given). Completions default to max_tokens 16 (lowered to the room the prompt leaves when not
 given); chat defaults to the end of the context. A prompt longer than the context, or a
 max_tokens beyond the room it leaves, is a 400 naming the limit. `top_k` is an extension
-(0 = off). `logprobs` gives the log-probability of each chosen token; top alternatives
-(logprobs > 0, top_logprobs > 0) are not computed and are refused. `usage.completion_tokens`
+(0 = off). `logprobs` gives the log-probability of each chosen token; echo, top alternatives
+(logprobs 1-5, chat top_logprobs 1-20) and max_tokens 0 with echo are grok1/server/evaluation.py's. `usage.completion_tokens`
 counts the tokens returned (a stop token is not among them). A model without a tokenizer takes
 prompts of token ids only, and its completions' text is empty: logprobs=0 returns the token ids
 (as strings) with their log-probabilities.
@@ -393,7 +393,7 @@ class Generation:
         self.tokens = {index: [] for index, _, _ in self.runs}
         self.texts = {index: "" for index, _, _ in self.runs}
         self.logprobs = {index: [] for index, _, _ in self.runs}
-        self.finish = {}
+        self.finish, self.stop_reason = {}, {}
 
     def start(self, loop) -> asyncio.Queue:
         events: asyncio.Queue = asyncio.Queue()
@@ -415,7 +415,7 @@ class Generation:
         if delta.logprobs:
             self.logprobs[index] += delta.logprobs
         if delta.finish_reason is not None:
-            self.finish[index] = delta.finish_reason
+            self.finish[index], self.stop_reason[index] = delta.finish_reason, delta.stop_reason
         return text
 
     def usage(self) -> dict[str, int]:
@@ -446,7 +446,12 @@ class Generation:
         return {"id": self.id, "object": kind, "created": self.created,
                 "model": self.service.model_name, "choices": choices}
 
-    async def gather(self, request: HttpRequest, events: asyncio.Queue) -> JSONResponse:
+    async def gather(self, request: HttpRequest, events: asyncio.Queue) -> Response:
+        body = await self.result(request, events)
+        return body if isinstance(body, Response) else JSONResponse(body)
+
+    async def result(self, request: HttpRequest, events: asyncio.Queue) -> dict | Response:
+        """The response body once every choice has finished (a 499 Response if the client left)."""
         try:
             while len(self.finish) < len(self.runs):
                 try:
@@ -464,7 +469,7 @@ class Generation:
             self.cancel()
         body = self.envelope([self.choice(i) for i in sorted(self.finish)], chunk=False)
         body["usage"] = self.usage()
-        return JSONResponse(body)
+        return body
 
     async def events(self, events: asyncio.Queue):
         if self.chat:

@@ -121,6 +121,23 @@ def ragged_products(tokens: int, pairs: int) -> bool:
             and 1 < tokens and pairs <= RAGGED_PAIRS_UP_TO)
 
 
+def pallas_experts(w: LinearWeight) -> bool:
+    """Whether a MoE layer over the expert stack `w` runs through the Pallas grouped kernel
+    (grok1/kernels/ragged.py), at any number of tokens: on one GPU (its Triton lowering), the
+    input axis whole (`groups` 1). Each chosen expert is read once per block of its rows, scaled
+    in the kernel, experts without rows are not read, and prompts compute only their chosen
+    experts (XLA's grouped product reads and computes all of them there; issue 30). Not yet
+    timed against XLA's paths on a GPU: benchmarks/gpu.sh does."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return (jax.default_backend() == "gpu" and (mesh.empty or mesh.size == 1) and w.groups == 1)
+
+
+def pallas_interpret() -> bool:
+    """Whether Pallas kernels run in interpret mode: on CPU, which has no Pallas lowering (the
+    tests run the GPU kernels so, against the XLA path)."""
+    return jax.default_backend() == "cpu"
+
+
 def threads_per_device(mesh: Any) -> int:
     """Threads for each device's native kernel call on `mesh`: this process's cores shared among
     its devices of the mesh, whose programs run side by side (at least one each). Left to take

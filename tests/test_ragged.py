@@ -1,0 +1,160 @@
+"""The Pallas grouped expert kernel (grok1/kernels/ragged.py), the GPUs' MoE path, computes what
+the XLA path computes: run here in Pallas interpret mode, at small shapes, int8 and bfloat16,
+with ragged groups and experts that no row chose."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import grok1
+from grok1.kernels import experts, ragged, xla
+from grok1.model import ComputeOptions, transformed
+from grok1.weights import layout
+from grok1.weights.quant import QuantizedWeight8bit
+
+E = 8
+PALLAS = ComputeOptions(expert_product=experts.PALLAS)
+
+
+def expert_stack(weight_dtype: str, n_in: int, n_out: int, chunks: int = 1, blocks: int = 1,
+                 layers: int = 2, seed: int = 0) -> layout.LinearWeight:
+    """A stack [layers, E, in, out] in the compute layout: int8 with `blocks` scale blocks, or
+    bfloat16."""
+    rng = np.random.default_rng(seed)
+    shape = (layers, E, n_in, n_out)
+    if weight_dtype == "int8":
+        stored = QuantizedWeight8bit(
+            weight=rng.integers(-127, 128, shape, dtype=np.int8),
+            scales=rng.uniform(0.002, 0.02, (layers, E, blocks, n_out)).astype(jnp.bfloat16))
+    else:
+        stored = (0.02 * rng.standard_normal(shape)).astype(jnp.bfloat16)
+    return layout.to_linear_weight(stored, chunks)
+
+
+def sorted_rows(sizes: list[int], n_in: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Rows sorted into groups of `sizes`: (rows, group sizes, each row's expert)."""
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+    n = sum(sizes)
+    rows = jax.random.normal(jax.random.key(n), (n, n_in), jnp.float32)
+    return rows, group_sizes, jnp.repeat(jnp.arange(E), group_sizes, total_repeat_length=n)
+
+
+def test_row_blocks_pad_each_group_to_whole_blocks_and_give_empty_experts_none():
+    blocks = ragged.row_blocks(jnp.asarray([3, 0, 17, 0, 0, 0, 0, 1], jnp.int32), 21, 16)
+    assert blocks.count == 21 // 16 + E
+    assert int(blocks.used[0]) == 4                       # 1 + 2 + 1 blocks: experts 0, 2, 2, 7
+    assert blocks.expert[:4].tolist() == [0, 2, 2, 7]
+    assert blocks.dest.tolist() == [0, 1, 2, *range(16, 33), 48]
+
+
+@pytest.mark.parametrize("weight_dtype", ["int8", "bfloat16"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_kernel_equals_xla_ragged_product_with_empty_experts(weight_dtype, dtype):
+    w = expert_stack(weight_dtype, 96, 48)[jnp.int32(1)]                   # layer picked, traced
+    rows, sizes, row_expert = sorted_rows([3, 0, 20, 2, 0, 0, 1, 4], 96)
+    got = ragged.pallas_ragged_linear(rows, w, sizes, row_expert, dtype)
+    want = xla.ragged_linear(rows, w, sizes, row_expert, dtype)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_scales_each_chunk_by_its_own_scale_block():
+    w = expert_stack("int8", 128, 32, chunks=2, blocks=2)[jnp.int32(0)]
+    rows, sizes, row_expert = sorted_rows([0, 5, 0, 0, 9, 0, 0, 2], 128)
+    got = ragged.pallas_ragged_linear(rows, w, sizes, row_expert, jnp.float32)
+    want = xla.ragged_linear(rows, w, sizes, row_expert, jnp.float32)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def moe_inputs(tokens: int, seed: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Tokens routed to 2 of the first 5 experts (3 get none), with their gates."""
+    x = jax.random.normal(jax.random.key(seed), (tokens, 64), jnp.float32)
+    scores = jax.random.uniform(jax.random.key(seed + 1), (tokens, E)).at[:, 5:].set(-1.0)
+    gates, chosen = jax.lax.top_k(scores, 2)
+    return x, gates, chosen
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 150], ids=["one token", "decode step", "prompt"])
+@pytest.mark.parametrize("weight_dtype", ["int8", "bfloat16"])
+def test_moe_through_the_kernel_equals_the_cpu_path(tokens, weight_dtype):
+    stacks = tuple(expert_stack(weight_dtype, *shape, seed=i)[jnp.int32(1)]
+                   for i, shape in enumerate([(64, 96), (64, 96), (96, 64)]))
+    x, gates, chosen = moe_inputs(tokens)
+    run = jax.jit(experts.moe, static_argnums=(4, 5))
+    got = run(x, gates, chosen, stacks, jnp.bfloat16, experts.PALLAS)
+    want = run(x, gates, chosen, stacks, jnp.bfloat16, "ragged_dot")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-3, atol=2e-3)
+
+
+def test_cpu_takes_its_own_path_not_the_kernel():
+    stacks = tuple(expert_stack("int8", *shape)[jnp.int32(0)] for shape in [(64, 96), (64, 96), (96, 64)])
+    x, gates, chosen = moe_inputs(8)
+    text = str(jax.make_jaxpr(lambda x, g, c: experts.moe(x, g, c, stacks, jnp.bfloat16))(x, gates, chosen))
+    assert "pallas_call" not in text
+    forced = jax.make_jaxpr(lambda x, g, c: experts.moe(x, g, c, stacks, jnp.bfloat16, experts.PALLAS))
+    assert "pallas_call" in str(forced(x, gates, chosen))
+
+
+def test_official_tree_refuses_the_kernel_naming_what_it_takes():
+    w = QuantizedWeight8bit(weight=np.zeros((E, 8, 8), np.int8), scales=np.ones((E, 1, 8), np.float32))
+    x, gates, chosen = moe_inputs(2)
+    with pytest.raises(ValueError, match="'pallas' takes the compute layout"):
+        experts.moe(x[:, :8], gates, chosen, (w, w, w), jnp.float32, experts.PALLAS)
+
+
+def test_kernel_lowers_through_triton_for_gpus():
+    # Lowering for CUDA needs no GPU: this checks that every operation of the kernel has a
+    # Triton lowering at a decode step's shapes (a GPU session then compiles and times it).
+    w = expert_stack("int8", 512, 256)
+    rows, sizes, row_expert = sorted_rows([3, 0, 9, 2, 0, 0, 1, 1], 512)
+
+    def step(rows, w, sizes, layer):
+        return ragged.pallas_ragged_linear(rows, w[layer], sizes, None, jnp.bfloat16, interpret=False)
+
+    lowered = jax.jit(step).trace(rows, w, sizes, jnp.int32(1)).lower(lowering_platforms=("cuda",))
+    assert "xla.gpu.triton" in lowered.as_text()
+
+
+# ---- the whole model through the kernel --------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def logits_fn(path: str, dtype: str, options: ComputeOptions):
+    model = grok1.load(path, dtype=dtype, progress=False)
+    return model, jax.jit(transformed(model.config, model.dtype, options).apply)
+
+
+def model_logits(path: str, dtype: str, options: ComputeOptions, tokens: list[list[int]]) -> np.ndarray:
+    model, forward = logits_fn(str(path), dtype, options)
+    return np.asarray(forward(model.params, jnp.asarray(tokens))[0], np.float32)
+
+
+def test_shipped_model_logits_through_the_kernel_equal_the_xla_path():
+    from conftest import REPO
+    tokens = np.random.default_rng(0).integers(3, 500, (2, 12)).tolist()
+    path = REPO / "checkpoints" / "small"
+    got = model_logits(path, "float32", PALLAS, tokens)
+    want = model_logits(path, "float32", ComputeOptions(), tokens)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def golden_batch(golden) -> list[list[int]]:
+    """The golden prompts as one batch, right-padded with the pad token (one compile)."""
+    longest = max(map(len, golden.prompts))
+    return [p + [0] * (longest - len(p)) for p in golden.prompts]
+
+
+def test_golden_logits_through_the_kernel_within_0_03_in_float32(two_layer):
+    got = model_logits(two_layer.path, "float32", PALLAS, golden_batch(two_layer))
+    for row, (prompt, reference) in enumerate(zip(two_layer.prompts, two_layer.logits)):
+        assert np.abs(got[row, :len(prompt)] - reference).max() <= 0.03
+
+
+def test_golden_logits_through_the_kernel_track_the_xla_path_in_bfloat16(two_layer):
+    got = model_logits(two_layer.path, "bfloat16", PALLAS, golden_batch(two_layer))
+    want = model_logits(two_layer.path, "bfloat16", ComputeOptions(), golden_batch(two_layer))
+    for row, prompt in enumerate(two_layer.prompts):
+        assert np.abs(got[row, :len(prompt)] - want[row, :len(prompt)]).max() <= 0.02 * np.abs(want).max()

@@ -127,9 +127,11 @@ def pallas_experts(w: LinearWeight) -> bool:
     input axis whole (`groups` 1). Each chosen expert is read once per block of its rows, scaled
     in the kernel, experts without rows are not read, and prompts compute only their chosen
     experts (XLA's grouped product reads and computes all of them there; issue 30). Not yet
-    timed against XLA's paths on a GPU: benchmarks/gpu.sh does."""
+    timed against XLA's paths on a GPU: benchmarks/gpu.sh does. GROK1_PALLAS=0 in the
+    environment (read when a step is traced) sends GPUs down XLA's paths instead."""
     mesh = jax.sharding.get_abstract_mesh()
-    return (jax.default_backend() == "gpu" and (mesh.empty or mesh.size == 1) and w.groups == 1)
+    return (jax.default_backend() == "gpu" and (mesh.empty or mesh.size == 1) and w.groups == 1
+            and os.environ.get("GROK1_PALLAS", "1") != "0")
 
 
 def pallas_interpret() -> bool:

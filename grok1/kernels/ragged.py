@@ -14,7 +14,8 @@ padded to whole blocks (`row_blocks`), so every block belongs to one expert. The
 is (row block, tile of the output axis); a program multiplies its block by its expert's tile of
 the weight, converted in the kernel, over the input axis a tile at a time (float32
 accumulation), scales the sum per chunk and writes its own output tile: no two programs write
-the same rows. Blocks past the used ones do nothing. The weight stack is passed whole with the
+the same rows (with the input axis split among programs, `split_count`, each writes its own
+partial sum). Blocks past the used ones do nothing. The weight stack is passed whole with the
 layer picked by the model's traced index (`LinearWeight.picked`) and the expert of each block
 as scalars: nothing is sliced or copied out of it. On CPU it runs in Pallas interpret mode (the
 tests); on GPUs it lowers through Triton.
@@ -38,6 +39,10 @@ OUT_TILE = 128
 IN_TILE = 256
 # Triton's software pipelining depth over the input tiles (loads in flight while one multiplies).
 TRITON_STAGES = 3
+# A decode step has few row blocks: the input axis is split into up to this many programs'
+# shares (partial sums added after the kernel) until the grid has about SPLIT_PROGRAMS programs,
+# so that a GPU's every core streams weight tiles.
+SPLIT_PROGRAMS = 1024
 
 
 class RowBlocks(NamedTuple):
@@ -95,6 +100,15 @@ def _tile(n: int, most: int) -> int:
     return tile if tile > 1 else n
 
 
+def split_count(programs: int, in_tiles: int) -> int:
+    """Into how many shares (a power of two dividing `in_tiles`) the input axis is split when
+    the grid has `programs` programs otherwise: up to about SPLIT_PROGRAMS programs in all."""
+    splits = 1
+    while (programs * splits < SPLIT_PROGRAMS and in_tiles % (2 * splits) == 0):
+        splits *= 2
+    return splits
+
+
 def blocked_linear(x_blocks: jax.Array, w: LinearWeight, blocks: RowBlocks, dtype,
                    interpret: bool | None = None) -> jax.Array:
     """Rows in blocks [blocks * rows, in] (`to_blocks`) times each block's expert's matrix of the
@@ -124,10 +138,12 @@ def blocked_linear(x_blocks: jax.Array, w: LinearWeight, blocks: RowBlocks, dtyp
     to = product_dtype(w.dtype, dtype)
     exactly = precision(jnp.promote_types(dtype, to))
     rows, out_tile, in_tile = blocks.rows, _tile(n_out, OUT_TILE), _tile(chunk, IN_TILE)
+    splits = split_count(blocks.count * (n_out // out_tile), chunk // in_tile)
+    share = chunk // in_tile // splits                                      # input tiles per program
 
     def kernel(expert_ref, used_ref, x_ref, w_ref, *refs):
         s_ref, out_ref = refs if scales is not None else (None, refs[0])
-        i, o = pl.program_id(0), pl.program_id(1)
+        i, o, part_of = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         outs = pl.ds(o * out_tile, out_tile)
 
         @pl.when(i < used_ref[0])
@@ -141,7 +157,7 @@ def blocked_linear(x_blocks: jax.Array, w: LinearWeight, blocks: RowBlocks, dtyp
                     v = w_ref[e, j, outs, ins].astype(to)                         # [out_tile, in_tile]
                     return acc + jax.lax.dot_general(x, v, (((1,), (1,)), ((), ())), precision=exactly,
                                                      preferred_element_type=jnp.float32)
-                part = jax.lax.fori_loop(0, chunk // in_tile, step,
+                part = jax.lax.fori_loop(part_of * share, (part_of + 1) * share, step,
                                          jnp.zeros((rows, out_tile), jnp.float32))
                 if s_ref is not None:
                     part = part * s_ref[e, scale_block[j], outs].astype(jnp.float32)[None, :]
@@ -149,16 +165,17 @@ def blocked_linear(x_blocks: jax.Array, w: LinearWeight, blocks: RowBlocks, dtyp
             out_ref[...] = total
 
     operands = [expert_row, blocks.used, xs, values] + ([scales] if scales is not None else [])
-    return pl.pallas_call(
+    partial_sums = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((blocks.count * rows, n_out), jnp.float32),
-        grid=(blocks.count, n_out // out_tile),
+        out_shape=jax.ShapeDtypeStruct((splits, blocks.count * rows, n_out), jnp.float32),
+        grid=(blocks.count, n_out // out_tile, splits),
         in_specs=[pl.no_block_spec] * len(operands),
-        out_specs=pl.BlockSpec((rows, out_tile), lambda i, o: (i, o)),
+        out_specs=pl.BlockSpec((None, rows, out_tile), lambda i, o, part_of: (part_of, i, o)),
         compiler_params=pallas_triton.CompilerParams(num_warps=4, num_stages=TRITON_STAGES),
         interpret=pallas_interpret() if interpret is None else interpret,
         name="grok1_ragged_linear",
     )(*operands)
+    return partial_sums[0] if splits == 1 else jnp.sum(partial_sums, axis=0)
 
 
 def pallas_ragged_linear(xs: jax.Array, w: LinearWeight, group_sizes: jax.Array,

@@ -46,6 +46,8 @@ NATIVE_QUERIES_UP_TO = 64
 # Up to this many (token, expert) pairs, a MoE layer on one accelerator runs as grouped products
 # over the whole expert stack (`ragged_products`); more (a prompt) group rows per expert.
 RAGGED_PAIRS_UP_TO = 128
+# The smallest matrix tile of a Triton product (rows, columns and contraction).
+TRITON_TILE = 16
 
 
 def precision(dtype) -> jax.lax.Precision:
@@ -131,7 +133,14 @@ def pallas_experts(w: LinearWeight) -> bool:
     environment (read when a step is traced) sends GPUs down XLA's paths instead."""
     mesh = jax.sharding.get_abstract_mesh()
     return (jax.default_backend() == "gpu" and (mesh.empty or mesh.size == 1) and w.groups == 1
-            and os.environ.get("GROK1_PALLAS", "1") != "0")
+            and pallas_tiles_fit(w) and os.environ.get("GROK1_PALLAS", "1") != "0")
+
+
+def pallas_tiles_fit(w: LinearWeight) -> bool:
+    """Whether the Pallas kernel's tiles of `w` are whole Triton matrix tiles: its output axis
+    and each chunk of its input axis multiples of TRITON_TILE (the shipped model's 344-wide
+    experts are not; Grok-1's are multiples of 128)."""
+    return w.shape[-1] % TRITON_TILE == 0 and w.chunk_size % TRITON_TILE == 0
 
 
 def pallas_interpret() -> bool:

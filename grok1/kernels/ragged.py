@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pallas_triton
 
-from grok1.kernels.platform import pallas_interpret, precision, product_dtype
+from grok1.kernels.platform import TRITON_TILE, pallas_interpret, pallas_tiles_fit, precision, product_dtype
 from grok1.weights.layout import LinearWeight
 
 # Tiles of the output and input axes a program multiplies at once (the largest power of two up
@@ -120,6 +120,10 @@ def blocked_linear(x_blocks: jax.Array, w: LinearWeight, blocks: RowBlocks, dtyp
         raise ValueError(f"the Pallas expert kernel takes a weight whose input axis is whole "
                          f"(groups 1), not split in {w.groups} device shares")
     *lead, E, chunks, n_out, chunk = w.values.shape
+    interpret = pallas_interpret() if interpret is None else interpret
+    if not interpret and not pallas_tiles_fit(w):
+        raise ValueError(f"the Pallas expert kernel compiles weights whose output axis ({n_out}) and "
+                         f"input chunks ({chunk}) are multiples of {TRITON_TILE}")
     if len(w.picked) != len(lead):
         raise ValueError(f"the Pallas expert kernel takes a stack of experts [..., E, ...] with its "
                          f"leading axes picked, got {len(w.picked)} picked of {len(lead)}")
@@ -172,7 +176,7 @@ def blocked_linear(x_blocks: jax.Array, w: LinearWeight, blocks: RowBlocks, dtyp
         in_specs=[pl.no_block_spec] * len(operands),
         out_specs=pl.BlockSpec((None, rows, out_tile), lambda i, o, part_of: (part_of, i, o)),
         compiler_params=pallas_triton.CompilerParams(num_warps=4, num_stages=TRITON_STAGES),
-        interpret=pallas_interpret() if interpret is None else interpret,
+        interpret=interpret,
         name="grok1_ragged_linear",
     )(*operands)
     return partial_sums[0] if splits == 1 else jnp.sum(partial_sums, axis=0)

@@ -9,9 +9,9 @@ with jax 0.10.2) takes weights [E, in, out] (the compute layout's [E, out, in] i
 whole first), refuses CPU for its Triton path (no interpret-mode test of it here) and brings
 flax, orbax and tensorstore with it.
 
-How it runs: the sorted rows are laid out in blocks of `block_rows` rows, each expert's group
-padded to whole blocks (`row_blocks`), so every block belongs to one expert. The kernel's grid
-is (row block, tile of the output axis); a program multiplies its block by its expert's tile of
+How it runs: the sorted rows are laid out in blocks of 16 or 64 rows (`block_rows_for`), each
+expert's group padded to whole blocks (`row_blocks`), so every block belongs to one expert. The
+kernel's grid is (row block, tile of the output axis, share of the input axis); a program multiplies its block by its expert's tile of
 the weight, converted in the kernel, over the input axis a tile at a time (float32
 accumulation), scales the sum per chunk and writes its own output tile: no two programs write
 the same rows (with the input axis split among programs, `split_count`, each writes its own
@@ -39,9 +39,9 @@ OUT_TILE = 128
 IN_TILE = 256
 # Triton's software pipelining depth over the input tiles (loads in flight while one multiplies).
 TRITON_STAGES = 3
-# A decode step has few row blocks: the input axis is split into up to this many programs'
-# shares (partial sums added after the kernel) until the grid has about SPLIT_PROGRAMS programs,
-# so that a GPU's every core streams weight tiles.
+# A decode step has few row blocks: its input axis is split into shares, a program each (partial
+# sums added after the kernel), until the grid has about this many programs, so that every core
+# of a GPU streams weight tiles.
 SPLIT_PROGRAMS = 1024
 
 

@@ -59,7 +59,7 @@ timeout "${GPU_TESTS_S:-200}" "$py" -m pytest -v -rf --tb=line -p no:cacheprovid
     | tee "$out/gpu-tests.log" | grep -v -e PASSED -e PytestBenchmarkWarning -e "warner(" | tail -25
 [[ ${PIPESTATUS[0]} == 0 ]] || status=1
 echo "== 2. product forms and MoE kernels"
-timeout "${GPU_KERNELS_S:-150}" "$py" benchmarks/gpu_kernels.py --json "$out/gpu-kernels.json" || status=1
+timeout "${GPU_KERNELS_S:-200}" "$py" benchmarks/gpu_kernels.py --json "$out/gpu-kernels.json" || status=1
 echo "== 3. the model at Grok-1 width, 2 layers"
 wait $writer || { cat "$out/gpu-checkpoint.log"; status=1; }
 timeout "${GPU_BENCH_S:-300}" "$py" benchmarks/bench.py "${bench[@]}" --json "$out/gpu-bench.json" \

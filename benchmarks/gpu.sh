@@ -6,8 +6,8 @@
 #   3. benchmarks/bench.py at Grok-1 width (d 6144, ffn 32768, 48/8 heads, vocab 131072) with
 #      2 layers instead of 64, bfloat16, int8 weights resident: MBU (decode), MFU (prefill),
 #      peak device memory, first-call (compile) times; the MoE layers through the Pallas kernel
-#      (the GPU default). With GPU_XLA_BENCH=1, then again through XLA's paths (GROK1_PALLAS=0),
-#      decode batch 1 and 8 and prefill 2048 (gpu-bench-xla.json).
+#      (GROK1_PALLAS=1; opt-in until this run shows it ahead). With GPU_XLA_BENCH=1, then again
+#      through XLA's paths (the default), decode batch 1 and 8 and prefill 2048 (gpu-bench-xla.json).
 #
 #   benchmarks/gpu.sh              # on the GPU machine (the first run writes an ~11 GB checkpoint)
 #   benchmarks/gpu.sh --dry-run    # anywhere: the same pipeline at a small width, on any device
@@ -32,7 +32,7 @@ if [[ "${1:-}" == "--dry-run" ]]; then
         GROK1_PALLAS=0 "$py" benchmarks/bench.py "${xla_bench[@]}" --tiny --repeat 2 \
             --json "$out/gpu-xla-dry-run.json" || exit 1
     fi
-    exec "$py" benchmarks/bench.py "${bench[@]}" --tiny --repeat 2 --json "$out/gpu-dry-run.json"
+    GROK1_PALLAS=1 exec "$py" benchmarks/bench.py "${bench[@]}" --tiny --repeat 2 --json "$out/gpu-dry-run.json"
 fi
 
 "$py" - <<'PY' || exit 1
@@ -62,10 +62,10 @@ echo "== 2. product forms and MoE kernels"
 timeout "${GPU_KERNELS_S:-200}" "$py" benchmarks/gpu_kernels.py --json "$out/gpu-kernels.json" || status=1
 echo "== 3. the model at Grok-1 width, 2 layers"
 wait $writer || { cat "$out/gpu-checkpoint.log"; status=1; }
-timeout "${GPU_BENCH_S:-300}" "$py" benchmarks/bench.py "${bench[@]}" --json "$out/gpu-bench.json" \
+GROK1_PALLAS=1 timeout "${GPU_BENCH_S:-300}" "$py" benchmarks/bench.py "${bench[@]}" --json "$out/gpu-bench.json" \
     | sed -n '1,/^{/p' || status=1
 if [[ "${GPU_XLA_BENCH:-0}" == 1 ]]; then
-    echo "== 3b. the same model through XLA's MoE paths (GROK1_PALLAS=0)"
+    echo "== 3b. the same model through XLA's MoE paths (the default, GROK1_PALLAS=0)"
     GROK1_PALLAS=0 timeout "${GPU_XLA_BENCH_S:-200}" "$py" benchmarks/bench.py "${xla_bench[@]}" \
         --json "$out/gpu-bench-xla.json" | sed -n '1,/^{/p' || status=1
 fi

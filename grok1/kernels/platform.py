@@ -128,12 +128,13 @@ def pallas_experts(w: LinearWeight) -> bool:
     (grok1/kernels/ragged.py), at any number of tokens: on one GPU (its Triton lowering), the
     input axis whole (`groups` 1). Each chosen expert is read once per block of its rows, scaled
     in the kernel, experts without rows are not read, and prompts compute only their chosen
-    experts (XLA's grouped product reads and computes all of them there; issue 30). Not yet
-    timed against XLA's paths on a GPU: benchmarks/gpu.sh does. GROK1_PALLAS=0 in the
-    environment (read when a step is traced) sends GPUs down XLA's paths instead."""
+    experts (XLA's grouped product reads and computes all of them there; issue 30). Opt-in
+    (GROK1_PALLAS=1 in the environment, read when a step is traced) until a GPU has compiled it
+    and timed it against XLA's paths (benchmarks/gpu.sh runs both): no GPU was lent to the
+    session that wrote it, and a kernel that fails to compile must not stop every GPU user."""
     mesh = jax.sharding.get_abstract_mesh()
     return (jax.default_backend() == "gpu" and (mesh.empty or mesh.size == 1) and w.groups == 1
-            and pallas_tiles_fit(w) and os.environ.get("GROK1_PALLAS", "1") != "0")
+            and pallas_tiles_fit(w) and os.environ.get("GROK1_PALLAS") == "1")
 
 
 def pallas_tiles_fit(w: LinearWeight) -> bool:

@@ -14,11 +14,14 @@ matmul rate (8192^3). Then, in bfloat16 compute (float32 accumulation):
   (grok1 before on every backend), `kernels.linear` on the layout grok1 loads here (one chunk on
   accelerators, converted to bfloat16: `kernels.product_dtype`), a row reduction instead of a
   product (up to 8 rows), the checkpoint's [in, out], and a bfloat16 weight (twice the bytes,
-  no convert). Figures: ms, weight bytes read per second (GB/s, each weight once per product)
-  and TFLOP/s.
+  no convert), and the Pallas grouped kernel (grok1/kernels/ragged.py) with all rows on one
+  expert. Figures: ms, weight bytes read per second (GB/s, each weight once per product) and
+  TFLOP/s.
 - One MoE layer for n tokens (1, 8, 32, 512; 8 experts, top 2), layer 1 of a 2-layer stack
-  picked by a traced index as the layer loop does: `experts.moe` (the path it chooses) and each
-  of its paths forced, and `ragged_dot` over the official [E, in, out] stack. Is the grouped
+  picked by a traced index as the layer loop does: `experts.moe` (the path it chooses: the
+  Pallas kernel on one GPU) and each of its paths forced, XLA's and the Pallas kernel's
+  (`pallas_pairs`), and `ragged_dot` over the official [E, in, out] stack; GB/s counts the
+  chosen experts' int8 bytes once per layer. Is the grouped
   matmul sparse? At decode sizes its time routed to 2 experts against all 8 says whether it
   reads only the chosen experts; at prompt sizes its time against the chosen experts'
   arithmetic and all experts' says whether it computes only the chosen ones (routing is no test
@@ -47,7 +50,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from bench import median_seconds, random_int8, write_atomically  # noqa: E402  (benchmarks/bench.py, beside this script)
 from grok1 import kernels  # noqa: E402
-from grok1.kernels import experts  # noqa: E402
+from grok1.kernels import experts, ragged  # noqa: E402
 from grok1.weights import layout  # noqa: E402
 from grok1.weights.quant import QuantizedWeight8bit  # noqa: E402
 
@@ -104,6 +107,11 @@ def product_forms(n_in: int, n_out: int, seed: int) -> dict[str, tuple[Callable,
         return jnp.sum(rows[:, None, :] * w.values[0].astype(F32)[None], axis=-1) * w.scales[0].astype(F32)
 
     many = 1 << 30
+    one_expert = layout.to_linear_weight(jax.tree.map(lambda a: a[None], stored), layout.chunk_count(n_in))
+
+    def pallas_kernel(x, w):  # all rows in expert 0's group of a 1-expert stack
+        return ragged.pallas_ragged_linear(x, w, jnp.asarray([x.shape[0]], jnp.int32), None, BF16)
+
     return {
         "chunks of 1024 [out, chunk], int8 -> float32 (before)": (layout_product(F32), (chunked,), many),
         "kernels.linear on grok1's layout (one chunk here)": (
@@ -114,6 +122,7 @@ def product_forms(n_in: int, n_out: int, seed: int) -> dict[str, tuple[Callable,
             (w_in_out, scale), many),
         "bfloat16 weight [in, out] (2 bytes)": (
             lambda x, w: jnp.dot(x.astype(BF16), w, preferred_element_type=F32), (w_bf16,), many),
+        "Pallas grouped kernel, one expert": (pallas_kernel, (one_expert,), many),
     }
 
 
@@ -159,6 +168,7 @@ def moe_layers(small: bool, tokens: list[int], repeat: int) -> list[dict]:
     paths = {
         "experts.moe (the model's choice)": lambda x, g, c, ws: experts.moe(x, g, c, ws, BF16),
         "sorted_ragged (grouped products)": lambda x, g, c, ws: experts.sorted_ragged(x, g, c, ws, BF16),
+        "pallas_pairs (Pallas grouped kernel)": lambda x, g, c, ws: experts.pallas_pairs(x, g, c, ws, BF16),
         "chosen_experts_dense (one expert at a time)": lambda x, g, c, ws: experts.chosen_experts_dense(
             x, g, c, ffn(ws), E),
         "grouped_experts (windows per expert)": lambda x, g, c, ws: experts.grouped_experts(
@@ -180,8 +190,11 @@ def moe_layers(small: bool, tokens: list[int], repeat: int) -> list[dict]:
             for how in hows:
                 chosen = routing[how]
                 ms = median_ms(lambda: run(x, gates, chosen, *weights), repeat)
-                results.append({"tokens": n, "path": path, "routing": how, "ms": ms})
-                print(f"moe {n:>6} tokens  {path:<46}{how:<24}{ms:>9.3f} ms", flush=True)
+                nbytes = len(np.unique(np.asarray(chosen))) * 3 * d * f        # chosen experts, int8
+                results.append({"tokens": n, "path": path, "routing": how, "ms": ms,
+                                "GBps_chosen": nbytes / ms / 1e6})
+                print(f"moe {n:>6} tokens  {path:<46}{how:<24}{ms:>9.3f} ms "
+                      f"{nbytes / ms / 1e6:>8.0f} GB/s", flush=True)
     return results
 
 

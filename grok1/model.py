@@ -47,7 +47,8 @@ class ComputeOptions:
     """How the model computes, as named choices that do not change what it computes.
 
     `expert_product`: the official tree's grouped expert product (grok1.kernels.GROUPED_PRODUCTS;
-    training takes "blocked"). `attention_key_block`: prompts attending to more keys than this do
+    training takes "blocked"), or "pallas": the compute layout's experts through the Pallas
+    kernel on any backend (GPUs take it anyway; interpret mode on CPU). `attention_key_block`: prompts attending to more keys than this do
     so in blocks of it (None: ATTENTION_KEY_BLOCK, read when the step is traced; `trace` asks for
     the plain path, whose [T, S] logits it summarises)."""
 

@@ -9,6 +9,10 @@
   matrices picked by index, so only the chosen experts are read or computed, on one device and
   on a mesh alike; many tokens (a prompt) are grouped by expert, each expert running once on a
   window of its rows (`grouped_experts`).
+- On one GPU, any number of tokens: the pairs sorted by expert, each expert's group padded to
+  whole blocks of rows, each matrix one Pallas grouped kernel (grok1/kernels/ragged.py) that reads
+  only the chosen experts, once per block of their rows (`pallas_pairs`). The expert product
+  PALLAS forces it on any backend (interpret mode on CPU: the tests).
 - The official tree (training, `init`: experts stacked [E, in, out]): token copies sorted by
   expert go through one of GROUPED_PRODUCTS (`jax.lax.ragged_dot` by default), in
   `sorted_ragged` as well.
@@ -22,8 +26,9 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from grok1.kernels.platform import native_products, one_row_products, ragged_products
+from grok1.kernels.platform import native_products, one_row_products, pallas_experts, ragged_products
 from grok1.kernels.products import linear, native_linear
+from grok1.kernels.ragged import block_rows_for, blocked_linear, from_blocks, row_blocks, to_blocks
 from grok1.kernels.xla import blocked_grouped_matmul, grouped_matmul, ragged_linear
 from grok1.weights.layout import LinearWeight
 from grok1.weights.quant import Weight
@@ -34,6 +39,9 @@ from grok1.weights.quant import Weight
 # one batched product (the same result; on CPU, where ragged_dot computes every expert for every
 # row, training is several times faster with it).
 GROUPED_PRODUCTS = {"ragged_dot": grouped_matmul, "blocked": blocked_grouped_matmul}
+# The expert product that runs the compute layout's experts through the Pallas grouped kernel on
+# every backend (`pallas_pairs`; on CPU in interpret mode, as the tests run the GPU path).
+PALLAS = "pallas"
 
 
 def sort_pairs_by_expert(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
@@ -72,15 +80,17 @@ def moe(x: jax.Array, gates: jax.Array, experts: jax.Array,
     expert's (gelu(x @ linear) * (x @ linear_v)) @ linear_1 weighted by its gate as is, summed in
     float32 (the official model adds its experts' outputs before rounding). `weights` are the
     stacked (linear, linear_v, linear_1) of all experts, in either layout; `grouped_product`
-    names the official tree's product (GROUPED_PRODUCTS)."""
+    names the official tree's product (GROUPED_PRODUCTS), or PALLAS for the compute layout."""
     if not isinstance(weights[0], LinearWeight):
         if grouped_product not in GROUPED_PRODUCTS:
-            raise ValueError(f"unknown grouped product {grouped_product!r}; "
-                             f"known: {', '.join(GROUPED_PRODUCTS)}")
+            raise ValueError(f"unknown grouped product {grouped_product!r} for the official tree; "
+                             f"known: {', '.join(GROUPED_PRODUCTS)} ({PALLAS!r} takes the compute layout)")
         return sorted_ragged(x, gates, experts, weights, dtype, GROUPED_PRODUCTS[grouped_product])
     N, k = experts.shape
     E = weights[0].shape[0]
     ffn = lambda rows, e: expert_ffn(rows, *(w[e] for w in weights), dtype=dtype)  # noqa: E731
+    if grouped_product == PALLAS or all(pallas_experts(w) for w in weights):
+        return pallas_pairs(x, gates, experts, weights, dtype)
     if all(native_products(w, N * k) for w in weights):
         return native_pairs(x, gates, experts, weights, dtype)
     if ragged_products(N, N * k):
@@ -113,6 +123,24 @@ def native_pairs(x: jax.Array, gates: jax.Array, experts: jax.Array,
          * native_linear(rows, w_up, dtype, pairs))
     y = native_linear(h, w_down, dtype, pairs)                              # [N*k, d]
     return jnp.sum(y.reshape(N, k, -1) * gates.astype(jnp.float32)[..., None], axis=1)
+
+
+def pallas_pairs(x: jax.Array, gates: jax.Array, experts: jax.Array,
+                 weights: tuple[LinearWeight, LinearWeight, LinearWeight], dtype) -> jax.Array:
+    """The N*k (token, expert) pairs sorted by expert and laid out in blocks of rows, one expert
+    per block (grok1/kernels/ragged.py), each matrix one Pallas grouped kernel over the layer's
+    stack: a chosen expert is read once per block of its rows, an expert without rows not at
+    all, and only the chosen experts are computed. The hidden rows stay in blocks between the
+    products."""
+    N, k = experts.shape
+    w_gate, w_up, w_down = weights
+    order, group_sizes = sort_pairs_by_expert(experts, w_gate.shape[0])
+    blocks = row_blocks(group_sizes, N * k, block_rows_for(N * k))
+    xs = to_blocks(x.astype(dtype)[order // k], blocks)                    # [blocks * rows, d]
+    h = (jax.nn.gelu(blocked_linear(xs, w_gate, blocks, dtype))
+         * blocked_linear(xs, w_up, blocks, dtype))
+    y = from_blocks(blocked_linear(h.astype(dtype), w_down, blocks, dtype), blocks)
+    return combine_pairs(y, gates, order, k)
 
 
 def chosen_pairs(x: jax.Array, gates: jax.Array, experts: jax.Array,

@@ -46,6 +46,8 @@ NATIVE_QUERIES_UP_TO = 64
 # Up to this many (token, expert) pairs, a MoE layer on one accelerator runs as grouped products
 # over the whole expert stack (`ragged_products`); more (a prompt) group rows per expert.
 RAGGED_PAIRS_UP_TO = 128
+# The smallest matrix tile of a Triton product (rows, columns and contraction).
+TRITON_TILE = 16
 
 
 def precision(dtype) -> jax.lax.Precision:
@@ -119,6 +121,33 @@ def ragged_products(tokens: int, pairs: int) -> bool:
     mesh = jax.sharding.get_abstract_mesh()
     return (jax.default_backend() != "cpu" and (mesh.empty or mesh.size == 1)
             and 1 < tokens and pairs <= RAGGED_PAIRS_UP_TO)
+
+
+def pallas_experts(w: LinearWeight) -> bool:
+    """Whether a MoE layer over the expert stack `w` runs through the Pallas grouped kernel
+    (grok1/kernels/ragged.py), at any number of tokens: on one GPU (its Triton lowering), the
+    input axis whole (`groups` 1). Each chosen expert is read once per block of its rows, scaled
+    in the kernel, experts without rows are not read, and prompts compute only their chosen
+    experts (XLA's grouped product reads and computes all of them there; issue 30). Opt-in
+    (GROK1_PALLAS=1 in the environment, read when a step is traced) until a GPU has compiled it
+    and timed it against XLA's paths (benchmarks/gpu.sh runs both): no GPU was lent to the
+    session that wrote it, and a kernel that fails to compile must not stop every GPU user."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return (jax.default_backend() == "gpu" and (mesh.empty or mesh.size == 1) and w.groups == 1
+            and pallas_tiles_fit(w) and os.environ.get("GROK1_PALLAS") == "1")
+
+
+def pallas_tiles_fit(w: LinearWeight) -> bool:
+    """Whether the Pallas kernel's tiles of `w` are whole Triton matrix tiles: its output axis
+    and each chunk of its input axis multiples of TRITON_TILE (the shipped model's 344-wide
+    experts are not; Grok-1's are multiples of 128)."""
+    return w.shape[-1] % TRITON_TILE == 0 and w.chunk_size % TRITON_TILE == 0
+
+
+def pallas_interpret() -> bool:
+    """Whether Pallas kernels run in interpret mode: on CPU, which has no Pallas lowering (the
+    tests run the GPU kernels so, against the XLA path)."""
+    return jax.default_backend() == "cpu"
 
 
 def threads_per_device(mesh: Any) -> int:

@@ -174,7 +174,7 @@ def init_params(config: ModelConfig, seed: int) -> dict:
 
 
 def import_optax() -> Any:
-    """optax (an optional dependency: grok1[train]), or ImportError saying in one line what to
+    """optax (an optional dependency: the clone's [train] extra), or ImportError saying in one line what to
     install."""
     try:
         import optax
@@ -182,7 +182,7 @@ def import_optax() -> Any:
         if e.name != "optax":  # optax is there but something it needs is not: that error says what
             raise
         raise ImportError("training needs optax, which is not installed: pip install optax "
-                          "(or pip install 'grok1[train]')") from None
+                          "(or, in the clone, pip install -e '.[train]')") from None
     return optax
 
 

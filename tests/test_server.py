@@ -411,11 +411,31 @@ def test_64_concurrent_clients_with_a_quarter_leaving_end_well_and_free_every_sl
 
 
 def test_a_full_queue_answers_429_with_retry_after(model):
-    with BackgroundServer(model, slots=SLOTS, model_name=MODEL, max_waiting=1) as busy:
-        response = httpx.post(busy.url + "/v1/completions", timeout=60,
-                              json=dict(model=MODEL, prompt=PROMPT, max_tokens=2, n=2))
+    with BackgroundServer(model, slots=SLOTS, model_name=MODEL, max_waiting=0) as busy:
+        with httpx.stream("POST", busy.url + "/v1/completions", timeout=60, json=dict(
+                model=MODEL, prompt=PROMPT, max_tokens=200, n=SLOTS, stream=True)) as every_slot:
+            assert every_slot.status_code == 200
+            response = httpx.post(busy.url + "/v1/completions", timeout=60,
+                                  json=dict(model=MODEL, prompt=PROMPT, max_tokens=2))
     assert response.status_code == 429 and response.headers["Retry-After"] == "1"
     assert response.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_no_queue_still_serves_requests_that_free_slots_take(model):
+    with BackgroundServer(model, slots=SLOTS, model_name=MODEL, max_waiting=0) as server:
+        response = httpx.post(server.url + "/v1/completions", timeout=60,
+                              json=dict(model=MODEL, prompt=PROMPT, max_tokens=2, n=SLOTS))
+    assert response.status_code == 200 and len(response.json()["choices"]) == SLOTS
+
+
+def test_more_completions_than_the_server_ever_holds_are_refused_before_reading_prompts(model):
+    with BackgroundServer(model, slots=SLOTS, model_name=MODEL, max_waiting=1) as server:
+        response = httpx.post(server.url + "/v1/completions", timeout=60,
+                              json=dict(model=MODEL, prompt=[[1, 2]] * 1000, max_tokens=2, n=16))
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == (
+        f"the request asks for 16000 completions (prompts x n); this server takes at most "
+        f"{SLOTS + 1} at once (slots + max_waiting)")
 
 
 # ---- malformed input --------------------------------------------------------------------------

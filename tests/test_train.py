@@ -164,7 +164,7 @@ def test_without_optax_the_command_says_in_one_line_what_to_install(tmp_path, ca
     assert main(["--out", str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err.strip().splitlines() == [
         "python -m grok1.train: error: training needs optax, which is not installed: pip install optax "
-        "(or pip install 'grok1[train]')"]
+        "(or, in the clone, pip install -e '.[train]')"]
     assert not (tmp_path / "out").exists()
 
 

@@ -253,7 +253,7 @@ class Engine:
         with self._lock:
             if self._closing:
                 raise EngineClosed("the server is shutting down")
-            if bounded and len(self._waiting) + len(jobs) > self.max_waiting:
+            if bounded and len(self._waiting) + len(jobs) > self.max_waiting + self.metrics.free:
                 raise QueueFull(f"{len(self._waiting)} requests wait for a slot "
                                 f"(at most {self.max_waiting})")
             for job in jobs:
@@ -274,9 +274,9 @@ class Engine:
         with self._lock:
             if self._closing:
                 raise EngineClosed("the server is shutting down")
-            if bounded and len(self._waiting) + len(self._scoring) + len(jobs) > self.max_waiting:
-                raise QueueFull(f"{len(self._waiting) + len(self._scoring)} requests wait "
-                                f"(at most {self.max_waiting})")
+            waiting = len(self._waiting) + len(self._scoring)
+            if bounded and waiting + len(jobs) > self.max_waiting + self.metrics.free:
+                raise QueueFull(f"{waiting} requests wait (at most {self.max_waiting})")
             for job in jobs:
                 job.id = next(self._ids)
                 self._scoring.append(job)

@@ -49,6 +49,11 @@ class EngineMetrics:
     time_to_first_token: Histogram = dataclasses.field(default_factory=lambda: Histogram(LATENCY_BOUNDS))
     time_per_output_token: Histogram = dataclasses.field(default_factory=lambda: Histogram(LATENCY_BOUNDS))
 
+    @property
+    def free(self) -> int:
+        """Slots without a request: a newcomer for one of them does not wait (back-pressure)."""
+        return self.slots - self.running
+
 
 def copy_histogram(histogram: Histogram) -> Histogram:
     copy = Histogram(histogram.bounds)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from grok1.config import ModelConfig
-from grok1.generation.settings import encode_text, is_int
+from grok1.generation.settings import is_int, prompt_ids
 
 # Top alternatives the step computes: a request's top_n rounded up to one of these (then cut),
 # so that asking for 1, 2 ... 5 shares one program. Larger values are computed as asked.
@@ -48,20 +48,7 @@ class Score:
 def scored_prompt_ids(prompt: Any, config: ModelConfig, tokenizer: Any) -> list[int]:
     """A prompt to score as checked token ids: text (with BOS first when `config.add_bos`) or
     token ids, 1 to sequence_len of them, each in the vocabulary; ValueError otherwise."""
-    if isinstance(prompt, str):
-        ids = encode_text(prompt, config, tokenizer)
-    elif isinstance(prompt, (list, tuple, np.ndarray)):
-        array = np.asarray(prompt)
-        if array.ndim != 1 or (array.size and not np.issubdtype(array.dtype, np.integer)):
-            raise ValueError(f"a token-id prompt must be a flat list of ints, got {prompt!r:.80}")
-        ids = [int(t) for t in array]
-    else:
-        raise ValueError(f"each prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-    if not ids:
-        raise ValueError("a prompt to score must hold at least one token")
-    bad = [t for t in ids if not 0 <= t < config.vocab_size]
-    if bad:
-        raise ValueError(f"token ids must lie in [0, {config.vocab_size}), got {bad[:5]}")
+    ids = prompt_ids(prompt, config, tokenizer)
     if len(ids) > config.sequence_len:
         raise ValueError(f"a prompt of {len(ids)} tokens does not fit the model's context of "
                          f"{config.sequence_len}; shorten it, or score a long text in windows "

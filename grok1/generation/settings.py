@@ -163,14 +163,9 @@ class FittedPrompt:
     max_new_tokens_lowered_from: Optional[int] = None
 
 
-def fit_prompt(prompt: Any, config: ModelConfig, tokenizer: Any,
-               settings: SamplingSettings) -> FittedPrompt:
-    """A prompt (string or token ids; strings get BOS when `config.add_bos`) checked and fitted
-    into the context. A prompt that leaves room for a new token is kept whole, and new tokens
-    are limited to the room it leaves. A longer one keeps its newest tokens (after its BOS), as
-    many as leave room for `settings.max_new_tokens` (for one when None), but at least one: a
-    limit larger than that room is lowered to it. With `settings.strict` dropping tokens or
-    lowering the limit raises ValueError instead."""
+def prompt_ids(prompt: Any, config: ModelConfig, tokenizer: Any) -> list[int]:
+    """A prompt's token ids, checked: text encoded (with BOS first when `config.add_bos`) or a flat
+    list of ids, at least one, each in the vocabulary; ValueError otherwise."""
     if isinstance(prompt, str):
         ids = encode_text(prompt, config, tokenizer)
     elif isinstance(prompt, (list, tuple, np.ndarray)):
@@ -185,6 +180,18 @@ def fit_prompt(prompt: Any, config: ModelConfig, tokenizer: Any,
     bad = [t for t in ids if not 0 <= t < config.vocab_size]
     if bad:
         raise ValueError(f"token ids must lie in [0, {config.vocab_size}), got {bad[:5]}")
+    return ids
+
+
+def fit_prompt(prompt: Any, config: ModelConfig, tokenizer: Any,
+               settings: SamplingSettings) -> FittedPrompt:
+    """A prompt (string or token ids; strings get BOS when `config.add_bos`) checked and fitted
+    into the context. A prompt that leaves room for a new token is kept whole, and new tokens
+    are limited to the room it leaves. A longer one keeps its newest tokens (after its BOS), as
+    many as leave room for `settings.max_new_tokens` (for one when None), but at least one: a
+    limit larger than that room is lowered to it. With `settings.strict` dropping tokens or
+    lowering the limit raises ValueError instead."""
+    ids = prompt_ids(prompt, config, tokenizer)
     limit = config.sequence_len - 1          # the longest prompt that leaves room for a new token
     asked = settings.max_new_tokens
     # A text prompt keeps its BOS: the tokens dropped are the oldest ones after it.

@@ -1,5 +1,5 @@
-"""Plots of what grok1.inspect measures, with matplotlib (an optional dependency: `pip install
-'grok1[plot]'`). Each writes the format its path's extension names, under a temporary name
+"""Plots of what grok1.inspect measures, with matplotlib (an optional dependency: `pip install -e
+'.[plot]'` in the clone). Each writes the format its path's extension names, under a temporary name
 renamed into place."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def _pyplot():
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("plotting needs matplotlib, which is not installed: "
-                          "pip install matplotlib (or pip install 'grok1[plot]')") from None
+                          "pip install matplotlib (or, in the clone, pip install -e '.[plot]')") from None
     return plt
 
 

@@ -102,8 +102,10 @@ def build_app(engine: Engine, model_name: str, api_key: Optional[str] = None,
             default = COMPLETIONS_DEFAULT_MAX_TOKENS
             prompts = service.completion_prompts(body)
             if max_tokens == 0:   # echo: score the prompts, generate nothing
+                service.check_count(len(prompts))
                 return await evaluation.prompt_scores(service, body, prompts, wanted)
             settings = service.settings(body, max_tokens, wanted is not None)
+        service.check_count(len(prompts) * len(settings))
         generation = Generation(service, chat, body, prompts, settings, default)
         events = generation.start(asyncio.get_running_loop())
         if chat and top_n:

@@ -229,6 +229,14 @@ class Service:
                            f"max_tokens must fit in it ({message})")
             raise ApiError(400, message, "max_tokens" if "max_new_tokens" in message else param) from None
 
+    def check_count(self, requests: int) -> None:
+        """A 400, before any prompt is read, for a request of more runs (prompts x n) than the engine
+        ever holds at once: its slots and its queue."""
+        most = self.engine.slots + self.engine.max_waiting
+        if requests > most:
+            raise ApiError(400, f"the request asks for {requests} completions (prompts x n); this "
+                                f"server takes at most {most} at once (slots + max_waiting)", "prompt")
+
     def completion_prompts(self, body: dict) -> list:
         prompt = body["prompt"]
         if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and is_int(prompt[0])):

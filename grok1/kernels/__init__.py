@@ -7,7 +7,7 @@ runs (native CPU, XLA, grouped products on accelerators) is decided inside, per 
 - experts.py     `moe` (the chosen experts of each token; GROUPED_PRODUCTS for the official tree)
 - platform.py    which kernel where, and `precision` (full float32 products on accelerators)
 - xla.py         the XLA bodies; native.py and the .cc files beside it, the native CPU kernels
-- ragged.py      the Pallas grouped expert kernel (GPUs' MoE path; interpret mode on CPU)
+- ragged.py      the Pallas grouped expert kernel (GPUs' MoE path with GROK1_PALLAS=1; interpret mode on CPU)
 """
 
 from grok1.kernels.attention import attention_over_cache

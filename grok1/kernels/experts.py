@@ -9,10 +9,11 @@
   matrices picked by index, so only the chosen experts are read or computed, on one device and
   on a mesh alike; many tokens (a prompt) are grouped by expert, each expert running once on a
   window of its rows (`grouped_experts`).
-- On one GPU, any number of tokens: the pairs sorted by expert, each expert's group padded to
-  whole blocks of rows, each matrix one Pallas grouped kernel (grok1/kernels/ragged.py) that reads
-  only the chosen experts, once per block of their rows (`pallas_pairs`). The expert product
-  PALLAS forces it on any backend (interpret mode on CPU: the tests).
+- On one GPU with GROK1_PALLAS=1 (opt-in until a GPU has timed it), any number of tokens: the
+  pairs sorted by expert, each expert's group padded to whole blocks of rows, each matrix one
+  Pallas grouped kernel (grok1/kernels/ragged.py) that reads only the chosen experts, once per
+  block of their rows (`pallas_pairs`). The expert product PALLAS forces it on any backend
+  (interpret mode on CPU: the tests).
 - The official tree (training, `init`: experts stacked [E, in, out]): token copies sorted by
   expert go through one of GROUPED_PRODUCTS (`jax.lax.ragged_dot` by default), in
   `sorted_ragged` as well.

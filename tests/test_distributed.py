@@ -114,7 +114,8 @@ def test_launcher_stops_the_others_when_one_process_fails(capfd):
     assert time.monotonic() - start < 30
 
 
-def test_launcher_stops_everything_after_its_timeout(capfd):
+def test_launcher_stops_everything_after_its_timeout(capfd, monkeypatch):
+    monkeypatch.setattr(distributed, "LEADER_GRACE_S", 1.0)  # the follower here never hears process 0
     code = distributed.main(["--num-processes", "2", "--timeout", "1", "--",
                              sys.executable, "-c", "import time; time.sleep(120)"])
     assert code == 124

@@ -194,6 +194,9 @@ def test_chat_top_logprobs_above_20_are_refused(http):
     assert response.status_code == 400 and response.json()["error"]["param"] == "top_logprobs"
 
 
+# A third served cluster (20-28 s) in the default suite took it past 15 minutes on 2 cores; two
+# processes scoring alike is also tests/test_scoring.py's, this is the server's schedule path.
+@pytest.mark.slow
 def test_a_served_cluster_of_two_processes_scores_like_one_process(model):
     """Process 0 publishes the scoring batch in its engine's schedule; process 1 runs it too."""
     from test_distributed import serving_cluster

@@ -9,8 +9,8 @@ its defaults. Other backends get XLA's defaults.
 
 Compiling a step allocates tens of MB of scratch that glibc keeps in its heap after the compiler
 frees it; grok1 hands it back to the operating system after every compile (`malloc_trim`), so a
-session's peak RSS does not grow by that much with each program it compiles (bench-1b: 1.56 ->
-1.49x the checkpoint, BENCHMARKS.md).
+session's peak RSS does not grow by that much with each program it compiles (bench-1b: 1.57 ->
+1.48x the checkpoint, BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 GOLDEN = SHARED / "golden"
+SHIPPED = REPO / "checkpoints" / "small"
 REFERENCE = SHARED / "reference"
 GOLDEN_SETS = ("two_layer", "twelve_layer")
 
@@ -104,3 +105,12 @@ def random_params(config, seed: int = 0) -> dict:
         dtype = np.float32 if spec.quantized or spec.module.endswith("router") else ml_dtypes.bfloat16
         params.setdefault(spec.module, {})[spec.param] = rng.normal(size=spec.shape).astype(dtype)
     return params
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """The shipped small model in float32 (skipped where checkpoints/small is absent)."""
+    import grok1
+    if not (SHIPPED / "ckpt-0").is_dir():
+        pytest.skip("the shipped model checkpoints/small is absent")
+    return grok1.load(SHIPPED, dtype="float32", progress=False)

@@ -3,7 +3,6 @@ Model.run_with_hooks replaces them (grok1/hooks.py, grok1/inspect/activations.py
 
 from __future__ import annotations
 
-import pathlib
 
 import jax
 import ml_dtypes
@@ -11,24 +10,15 @@ import numpy as np
 import pytest
 
 import grok1
-from conftest import random_params, run_with_devices
+from conftest import SHIPPED, random_params, run_with_devices
 from grok1 import checkpoint, hooks
 from grok1.config import ModelConfig
 from grok1.inspect.activations import abstract_program, all_layers
 from grok1.inspect.lens import read_residual
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-SHIPPED = REPO / "checkpoints" / "small"
 # Two prompts of the same length, no padding (token ids of the shipped model's vocabulary).
 PROMPT_A = [1, 415, 2130, 3354, 356, 272, 1610, 304]
 PROMPT_B = [1, 415, 2130, 3354, 356, 272, 2418, 304]
-
-
-@pytest.fixture(scope="module")
-def shipped() -> grok1.Model:
-    if not (SHIPPED / "ckpt-0").is_dir():
-        pytest.skip("the shipped model checkpoints/small is absent")
-    return grok1.load(SHIPPED, dtype="float32", progress=False)
 
 
 def every_name(config: ModelConfig) -> list[str]:
@@ -197,36 +187,14 @@ def one_layer(tmp_path_factory) -> grok1.Model:
 
 
 def logits_by_hand(model: grok1.Model, tokens: list[int], route) -> np.ndarray:
-    """One layer in numpy, its MoE the sum over `route(router probs [T, E])`'s (experts [T],
-    weights [T]) pairs of each token's expert output times its weight."""
-    from test_inspect import _np, _rms_norm, _rope, _softmax
-    from grok1.weights.stacking import unstack_layers
-    c = model.config
-    p = {m: {n: _np(w) for n, w in group.items()} for m, group in unstack_layers(model.params).items()}
-    lp = lambda name: p[f"transformer/decoder_layer_0/{name}"]  # noqa: E731
-    T, H, N, K = len(tokens), c.num_q_heads, c.num_kv_heads, c.key_size
-    table = p["language_model/in_out_embed"]["embeddings"]
-    h = table[tokens] * c.embedding_multiplier_scale
-    x = _rms_norm(h, lp("rms_norm")["scale"])
-    q = _rope((x @ lp("multi_head_attention/query")["w"]).reshape(T, H, K))
-    k = _rope((x @ lp("multi_head_attention/key")["w"]).reshape(T, N, K))
-    v = (x @ lp("multi_head_attention/value")["w"]).reshape(T, N, K)
-    kv_head = np.arange(H) // (H // N)
-    scores = np.einsum("thk,shk->hts", q, k[:, kv_head]) * c.attn_output_multiplier
-    scores = np.where(np.tril(np.ones((T, T), bool)), 30 * np.tanh(scores / 30), -1e30)
-    attn = np.einsum("hts,shk->thk", _softmax(scores), v[:, kv_head]).reshape(T, H * K)
-    h = h + _rms_norm(attn @ lp("multi_head_attention/linear")["w"], lp("rms_norm_1")["scale"])
-    x = _rms_norm(h, lp("rms_norm_2")["scale"])
-    probs = _softmax(x @ lp("router")["w"])
-    moe = np.zeros_like(x)
-    for experts, weights in route(probs):
-        for t, e in enumerate(experts):
-            gate = x[t] @ lp("moe/linear")["w"][e]
-            gelu = 0.5 * gate * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate + 0.044715 * gate ** 3)))
-            moe[t] += weights[t] * ((gelu * (x[t] @ lp("moe/linear_v")["w"][e])) @ lp("moe/linear_1")["w"][e])
-    h = h + _rms_norm(moe, lp("rms_norm_3")["scale"])
-    h = _rms_norm(h, p["language_model/rms_norm"]["scale"])
-    return h @ table.T * c.output_multiplier_scale
+    """The model's logits in numpy (test_inspect's forward pass), each layer's MoE the sum over
+    `route(router probs [T, E])`'s (experts [T], weights [T]) pairs of each token's expert output
+    times its weight."""
+    from test_inspect import _np, _rms_norm, numpy_forward
+    c, lm = model.config, model.params["language_model/rms_norm"]
+    h = numpy_forward(model.params, c, tokens, route)[-1]["residual"]
+    table = _np(model.params["language_model/in_out_embed"]["embeddings"])
+    return _rms_norm(h, _np(lm["scale"])) @ table.T * c.output_multiplier_scale
 
 
 def test_forcing_experts_0_and_1_reports_them_and_equals_the_hand_computed_layer(one_layer):

@@ -3,26 +3,16 @@ patterns, routing statistics, activation patching, expert ablation, and their co
 
 from __future__ import annotations
 
-import pathlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-import grok1
+from conftest import REPO, SHIPPED
 from grok1.inspect import interventions, lens, routing
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-SHIPPED = REPO / "checkpoints" / "small"
 PROMPT = [1, 415, 2130, 3354, 356, 272, 1610, 304]
-
-
-@pytest.fixture(scope="module")
-def shipped() -> grok1.Model:
-    if not (SHIPPED / "ckpt-0").is_dir():
-        pytest.skip("the shipped model checkpoints/small is absent")
-    return grok1.load(SHIPPED, dtype="float32", progress=False)
 
 
 def test_the_lens_last_reading_is_the_models_own_top_tokens(shipped):

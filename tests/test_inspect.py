@@ -163,8 +163,10 @@ def _rope(x):  # [T, heads, K], positions 0..T-1, halves of the head dim rotate
     return x * np.cos(phase) + rotated * np.sin(phase)
 
 
-def numpy_forward(params: dict, c: ModelConfig, tokens: list[int]) -> list[dict]:
-    """Per layer: router probs, top-k experts and residual RMS of one unpadded row, in numpy."""
+def numpy_forward(params: dict, c: ModelConfig, tokens: list[int], route=None) -> list[dict]:
+    """Per layer: router probs, top-k experts, residual RMS and the residual itself of one unpadded
+    row, in numpy. `route(router probs [T, E])`, when given, replaces the top-k routing: each
+    token's MoE output is the sum over its (experts [T], weights [T]) pairs."""
     from grok1.weights.stacking import unstack_layers  # the official names, one module per layer
     p = {module: {name: _np(w) for name, w in group.items()}
          for module, group in unstack_layers(params).items()}
@@ -186,15 +188,19 @@ def numpy_forward(params: dict, c: ModelConfig, tokens: list[int]) -> list[dict]
         x = _rms_norm(h, lp("rms_norm_2")["scale"])
         probs = _softmax(x @ lp("router")["w"])
         experts = np.argsort(-probs, axis=-1, kind="stable")[:, :c.num_selected_experts]
+        pairs = (route(probs) if route else
+                 [(experts[:, j], probs[np.arange(T), experts[:, j]]) for j in range(experts.shape[1])])
         moe = np.zeros_like(x)
         for t in range(T):
-            for e in experts[t]:
+            for chosen, weights in pairs:
+                e = chosen[t]
                 gate = x[t] @ lp("moe/linear")["w"][e]
                 gelu = 0.5 * gate * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate + 0.044715 * gate ** 3)))
-                moe[t] += probs[t, e] * ((gelu * (x[t] @ lp("moe/linear_v")["w"][e]))
-                                         @ lp("moe/linear_1")["w"][e])
+                moe[t] += weights[t] * ((gelu * (x[t] @ lp("moe/linear_v")["w"][e]))
+                                        @ lp("moe/linear_1")["w"][e])
         h = h + _rms_norm(moe, lp("rms_norm_3")["scale"])
-        layers.append({"probs": probs, "experts": experts, "rms": np.sqrt(np.mean(h * h, axis=-1))})
+        layers.append({"probs": probs, "experts": experts, "rms": np.sqrt(np.mean(h * h, axis=-1)),
+                       "residual": h})
     return layers
 
 

@@ -63,23 +63,43 @@ inline float hsum(__m256 v) {
 }
 #endif
 
-// Work items handed out by a shared counter. Whoever takes an item finishes it; the caller waits
-// only until every item taken is finished. The state is shared-owned so a helper that starts
-// after the call returned finds no items and touches nothing else.
+// Work items in contiguous spans, one per thread: a thread takes the items of its own span in
+// order (one unbroken stream through memory, which the hardware prefetcher follows across items),
+// then helps finish the other spans. (Against one shared counter, which interleaves the threads'
+// items: bench-1b's decode-step int8 experts 6.77 -> 6.35 ms, the bfloat16 table 9.67 -> 9.13 ms,
+// medians of four alternating rounds on 2 Zen 3 cores.) Whoever takes an item finishes it; the caller drains every
+// span, so the call completes even if no helper ever runs, and waits only for items a helper has
+// begun. The state is shared-owned so a helper that starts after the call returned finds no items
+// and touches nothing else.
 struct Shared {
-  std::atomic<int64_t> next{0};
+  struct alignas(64) Span {  // a cache line each: the threads' counters do not share one
+    std::atomic<int64_t> next{0};
+    int64_t end = 0;
+  };
+  std::unique_ptr<Span[]> spans;
+  int64_t span_count = 0;
   std::atomic<int64_t> done{0};
   int64_t total = 0;
   std::function<void(int64_t)> work;
   std::mutex mu;
   std::condition_variable cv;
 
-  void drain() {
-    for (int64_t item; (item = next.fetch_add(1, std::memory_order_relaxed)) < total;) {
-      work(item);
-      if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == total) {
-        std::lock_guard<std::mutex> lock(mu);
-        cv.notify_all();
+  Shared(int64_t total_items, int64_t threads, std::function<void(int64_t)> fn)
+      : spans(new Span[threads]), span_count(threads), total(total_items), work(std::move(fn)) {
+    for (int64_t t = 0; t < threads; ++t) {
+      spans[t].next.store(total * t / threads, std::memory_order_relaxed);
+      spans[t].end = total * (t + 1) / threads;
+    }
+  }
+  void drain(int64_t first_span) {
+    for (int64_t k = 0; k < span_count; ++k) {
+      Span& span = spans[(first_span + k) % span_count];
+      for (int64_t item; (item = span.next.fetch_add(1, std::memory_order_relaxed)) < span.end;) {
+        work(item);
+        if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == total) {
+          std::lock_guard<std::mutex> lock(mu);
+          cv.notify_all();
+        }
       }
     }
   }
@@ -111,17 +131,15 @@ inline void run_parallel(ffi::ThreadPool& pool, int64_t total, int64_t bytes_per
     for (int64_t i = 0; i < total; ++i) work(i);
     return;
   }
-  auto shared = std::make_shared<Shared>();
-  shared->total = total;
-  shared->work = std::move(work);
+  auto shared = std::make_shared<Shared>(total, threads, std::move(work));
   if (pool.num_threads() > 0) {
-    for (int64_t h = 1; h < threads; ++h) pool.Schedule([shared] { shared->drain(); });
-    shared->drain();
+    for (int64_t h = 1; h < threads; ++h) pool.Schedule([shared, h] { shared->drain(h); });
+    shared->drain(0);
     shared->wait();
   } else {  // no intra-op pool: plain threads, joined before returning
     std::vector<std::thread> helpers;
-    for (int64_t h = 1; h < threads; ++h) helpers.emplace_back([shared] { shared->drain(); });
-    shared->drain();
+    for (int64_t h = 1; h < threads; ++h) helpers.emplace_back([shared, h] { shared->drain(h); });
+    shared->drain(0);
     for (auto& t : helpers) t.join();
   }
 }

@@ -209,7 +209,10 @@ class MultiHeadAttention(hk.Module):
                                        multiplier=c.attn_output_multiplier,
                                        cap=ATTN_LOGIT_CAP, masked_logit=MASKED_LOGIT)
         out = out.reshape(B, T, H * K)
-        return Linear(c.emb_size, self.dtype, name="linear")(out), kv
+        # Rounded to the compute dtype, as the official run (8 devices) holds the projection
+        # once its devices' parts are summed; the residual stream it joins stays float32.
+        projected = Linear(c.emb_size, self.dtype, name="linear")(out)
+        return projected.astype(self.dtype).astype(jnp.float32), kv
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
         """softmax(masked(cap(q . k * multiplier))) @ v: q [B, T, N, G, K], k and v [B, S, N, K],

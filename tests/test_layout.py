@@ -108,7 +108,9 @@ def test_accelerators_multiply_int8_and_bfloat16_weights_in_bfloat16_with_the_sa
     weight = layout.to_linear_weight(stored, chunk_count(2048, 2))
     table = jnp.asarray(rng.normal(size=(48, 2048)), jnp.bfloat16)
     x = jnp.asarray(rng.normal(size=(rows, 2048)), jnp.float32)
-    on_cpu = (kernels.linear(x, weight, jnp.bfloat16), xla.rows_times_transposed(x, table, jnp.bfloat16))
+    rounded = x.astype(jnp.bfloat16).astype(jnp.float32)  # CPU rows stay float32 (operand_dtype)
+    on_cpu = (kernels.linear(rounded, weight, jnp.bfloat16),
+              xla.rows_times_transposed(x, table, jnp.bfloat16))
     monkeypatch.setattr(platform.jax, "default_backend", lambda: "gpu")
     assert platform.product_dtype(jnp.int8, jnp.bfloat16) == jnp.bfloat16
     assert platform.product_dtype(jnp.bfloat16, jnp.bfloat16) == jnp.bfloat16
@@ -118,6 +120,19 @@ def test_accelerators_multiply_int8_and_bfloat16_weights_in_bfloat16_with_the_sa
     for cpu, gpu in zip(on_cpu, on_gpu):
         assert gpu.dtype == jnp.float32
         np.testing.assert_allclose(gpu, cpu, rtol=1e-5, atol=1e-4)
+
+
+def test_bfloat16_products_take_float32_rows_on_cpu_and_bfloat16_rows_on_accelerators(monkeypatch):
+    # The official run on XLA:CPU rounded no product's rows; accelerators' matrix units take bf16.
+    rng = np.random.default_rng(12)
+    weight = layout.to_linear_weight(quantize(rng.normal(size=(256, 8)), num_blocks=1), 1)
+    x = jnp.asarray(rng.normal(size=(2, 256)), jnp.float32)
+    assert platform.operand_dtype(jnp.bfloat16) == jnp.float32
+    np.testing.assert_array_equal(kernels.linear(x, weight, jnp.bfloat16),
+                                  kernels.linear(x, weight, jnp.float32))
+    monkeypatch.setattr(platform.jax, "default_backend", lambda: "gpu")
+    assert platform.operand_dtype(jnp.bfloat16) == jnp.bfloat16
+    assert platform.operand_dtype(jnp.float32) == jnp.float32
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4])

@@ -27,7 +27,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from grok1.kernels.platform import native_products, one_row_products, pallas_experts, ragged_products
+from grok1.kernels.platform import (native_products, one_row_products, operand_dtype, pallas_experts,
+                                    ragged_products)
 from grok1.kernels.products import linear, native_linear
 from grok1.kernels.ragged import block_rows_for, blocked_linear, from_blocks, row_blocks, to_blocks
 from grok1.kernels.xla import blocked_grouped_matmul, grouped_matmul, ragged_linear
@@ -81,7 +82,9 @@ def moe(x: jax.Array, gates: jax.Array, experts: jax.Array,
     expert's (gelu(x @ linear) * (x @ linear_v)) @ linear_1 weighted by its gate as is, summed in
     float32 (the official model adds its experts' outputs before rounding). `weights` are the
     stacked (linear, linear_v, linear_1) of all experts, in either layout; `grouped_product`
-    names the official tree's product (GROUPED_PRODUCTS), or PALLAS for the compute layout."""
+    names the official tree's product (GROUPED_PRODUCTS), or PALLAS for the compute layout.
+    Rows enter each product rounded to `platform.operand_dtype(dtype)`."""
+    dtype = operand_dtype(dtype)
     if not isinstance(weights[0], LinearWeight):
         if grouped_product not in GROUPED_PRODUCTS:
             raise ValueError(f"unknown grouped product {grouped_product!r} for the official tree; "

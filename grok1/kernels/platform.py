@@ -95,6 +95,17 @@ def one_row_products(weight_dtype, rows: int) -> bool:
             and jnp.dtype(weight_dtype) != jnp.dtype(jnp.float32))
 
 
+def operand_dtype(dtype):
+    """The dtype a product's rows are rounded to in compute `dtype`: `dtype` on accelerators
+    (bfloat16 operands run on the matrix units), float32 on CPU. A CPU multiplies in float32
+    whatever the rows (`product_dtype`), and so did the official run on XLA:CPU that made the
+    golden vectors: it rounded no product's operands (docs/ARCHITECTURE.md, "Where the model
+    rounds"), and rounding them here only moved bfloat16 compute away from it."""
+    if jax.default_backend() == "cpu":
+        return jnp.float32
+    return dtype
+
+
 def product_dtype(weight_dtype, dtype):
     """The dtype a weight of `weight_dtype` is converted to inside a product whose rows are in
     `dtype`. On CPU float32: XLA:CPU fuses that convert into its one-row products. On

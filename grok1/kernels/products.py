@@ -1,9 +1,10 @@
 """How rows are multiplied by a weight, whatever form it has: the product the model calls.
 
 A product is computed as the official model defines it, up to float32 rounding: the rows
-rounded to the compute dtype, int8 values (exact in float32) times their block scale, products
-accumulated in float32 and returned in float32 (docs/ARCHITECTURE.md, "Where the model rounds to
-bfloat16"); a run of the input axis inside one scale block is scaled after its product.
+rounded to the operand dtype (`platform.operand_dtype`: the compute dtype on accelerators,
+float32 on CPU), int8 values (exact in float32) times their block scale, products accumulated in
+float32 and returned in float32 (docs/ARCHITECTURE.md, "Where the model rounds to bfloat16"); a
+run of the input axis inside one scale block is scaled after its product.
 
 `linear` picks the kernel (grok1/kernels/platform.py says which, and why): a few rows of an int8
 or bfloat16 weight through the native CPU kernel (grok1/kernels/native.py), on a mesh each
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from grok1.kernels import native
-from grok1.kernels.platform import native_products, threads_per_device
+from grok1.kernels.platform import native_products, operand_dtype, threads_per_device
 from grok1.kernels.xla import linear_in_chunks, quantized_matmul, rows_times_transposed, take_bits
 from grok1.weights.layout import LinearWeight
 from grok1.weights.quant import Weight
@@ -29,6 +30,7 @@ from grok1.weights.quant import Weight
 def linear(x: jax.Array, w: Weight | LinearWeight, dtype) -> jax.Array:
     """`x @ w` over the last axis of x, float32 result, for any weight the model may hold: a
     LinearWeight (loaded for inference), or the official [in, out] tree (training, `init`)."""
+    dtype = operand_dtype(dtype)
     if not isinstance(w, LinearWeight):
         return quantized_matmul(x, w, dtype, out_dtype=jnp.float32)
     if native_products(w, math.prod(x.shape[:-1])):
@@ -90,7 +92,7 @@ def times_table(x: jax.Array, table: jax.Array | LinearWeight, dtype) -> jax.Arr
     (training) or in the compute layout; float32 [..., V]."""
     if isinstance(table, LinearWeight):
         return linear(x, table, dtype)
-    return rows_times_transposed(x, table, dtype)
+    return rows_times_transposed(x, table, operand_dtype(dtype))
 
 
 def table_rows(table: jax.Array | LinearWeight, tokens: jax.Array) -> jax.Array:

@@ -140,7 +140,7 @@ class Linear(hk.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = get_weight("w", [x.shape[-1], self.output_size])
-        return linear(x, w, self.dtype)  # operands rounded to dtype, result float32
+        return linear(x, w, self.dtype)  # rows as the kernels take them in `dtype`; float32 result
 
 
 def get_weight(name: str, shape: list[int]) -> Weight | LinearWeight:

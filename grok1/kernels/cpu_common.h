@@ -67,10 +67,10 @@ inline float hsum(__m256 v) {
 // order (one unbroken stream through memory, which the hardware prefetcher follows across items),
 // then helps finish the other spans. (Against one shared counter, which interleaves the threads'
 // items: bench-1b's decode-step int8 experts 6.77 -> 6.35 ms, the bfloat16 table 9.67 -> 9.13 ms,
-// medians of four alternating rounds on 2 Zen 3 cores.) Whoever takes an item finishes it; the caller drains every
-// span, so the call completes even if no helper ever runs, and waits only for items a helper has
-// begun. The state is shared-owned so a helper that starts after the call returned finds no items
-// and touches nothing else.
+// medians of four alternating rounds on 2 Zen 3 cores.) Whoever takes an item finishes it; the
+// caller drains every span, so the call completes even if no helper ever runs, and waits only
+// for items a helper has begun. The state is shared-owned so a helper that starts after the call
+// returned finds no items and touches nothing else.
 struct Shared {
   struct alignas(64) Span {  // a cache line each: the threads' counters do not share one
     std::atomic<int64_t> next{0};

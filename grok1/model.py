@@ -534,15 +534,28 @@ class LanguageModel(hk.Module):
     def embed(self, tokens: jax.Array) -> jax.Array:
         table = InOutEmbed(self.config, name="in_out_embed")()
         # The residual stream is float32 in either compute dtype (docs/ARCHITECTURE.md says why).
-        return table_rows(table, tokens).astype(jnp.float32) * self.config.embedding_multiplier_scale
+        multiplier = self.as_compute_dtype(self.config.embedding_multiplier_scale)
+        return table_rows(table, tokens).astype(jnp.float32) * multiplier
 
     @hk.experimental.name_like("__call__")
     def unembed(self, h: jax.Array) -> jax.Array:
         h = hooks.point("ln_final.hook_normalized", RMSNorm(name="rms_norm")(h))
         table = InOutEmbed(self.config, name="in_out_embed")()                          # [V, d]
-        logits = times_table(h, table, self.dtype) * self.config.output_multiplier_scale
-        # Rounded once to the compute dtype, as the official model returns its logits.
-        return hooks.point("hook_logits", logits.astype(self.dtype).astype(jnp.float32))  # [..., V]
+        # The official model holds the product in the compute dtype, scales it, and returns the
+        # logits rounded once more.
+        logits = self.rounded(times_table(h, table, self.dtype))
+        logits = logits * self.as_compute_dtype(self.config.output_multiplier_scale)
+        return hooks.point("hook_logits", self.rounded(logits))                          # [..., V]
+
+    def rounded(self, x: jax.Array) -> jax.Array:
+        """x (float32) rounded to the compute dtype, kept float32."""
+        return x.astype(self.dtype).astype(jnp.float32)
+
+    def as_compute_dtype(self, multiplier: float) -> jax.Array:
+        """A config multiplier as the compute dtype holds it: the official model multiplies its
+        bfloat16 activations by Python floats, which JAX makes bfloat16 constants (Grok-1's
+        embedding multiplier 78.38 is 78.5 there, the output multiplier 0.5774 is 0.5781)."""
+        return jnp.asarray(multiplier, self.dtype).astype(jnp.float32)
 
 
 class InOutEmbed(hk.Module):

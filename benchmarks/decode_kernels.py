@@ -24,26 +24,15 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import median_seconds  # noqa: E402 - benchmarks/bench.py, beside this script
 
 LAYERS = 4
 EXPERTS, EMB, FFN, DOWN_CHUNKS = 8, 1024, 5464, 8
 VOCAB = 131072
-
-
-def median_seconds(fn, args, repeat: int) -> float:
-    import jax
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv=None) -> dict:
@@ -101,8 +90,13 @@ def main(argv=None) -> dict:
 
     expert_bytes = LAYERS * 2 * 3 * FFN * EMB
     table_bytes = VOCAB * EMB * 2
-    rounds = [(median_seconds(experts, (x, hidden, gate, up, down), args.repeat),
-               median_seconds(output_projection, (x, table), args.repeat))
+    def run_experts():
+        jax.block_until_ready(experts(x, hidden, gate, up, down))
+
+    def run_table():
+        jax.block_until_ready(output_projection(x, table))
+
+    rounds = [(median_seconds(run_experts, args.repeat), median_seconds(run_table, args.repeat))
               for _ in range(args.rounds)]
     experts_s = min(r[0] for r in rounds)
     table_s = min(r[1] for r in rounds)

@@ -164,6 +164,12 @@ def rotary_embedding(x: jax.Array, positions: jax.Array) -> jax.Array:
     return x32 * jnp.cos(phase) + rotated * jnp.sin(phase)
 
 
+def rounded(x: jax.Array, dtype) -> jax.Array:
+    """x rounded to the compute dtype and kept float32: where the official run holds a value in
+    bfloat16 (a no-op in float32)."""
+    return x.astype(dtype).astype(jnp.float32)
+
+
 def cap_attention_logits(logits: jax.Array) -> jax.Array:
     """Grok-1's soft cap: 30 * tanh(logits / 30), so no attention logit exceeds +-30."""
     return ATTN_LOGIT_CAP * jnp.tanh(logits / ATTN_LOGIT_CAP)
@@ -211,8 +217,7 @@ class MultiHeadAttention(hk.Module):
         out = out.reshape(B, T, H * K)
         # Rounded to the compute dtype, as the official run (8 devices) holds the projection
         # once its devices' parts are summed; the residual stream it joins stays float32.
-        projected = Linear(c.emb_size, self.dtype, name="linear")(out)
-        return projected.astype(self.dtype).astype(jnp.float32), kv
+        return rounded(Linear(c.emb_size, self.dtype, name="linear")(out), self.dtype), kv
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
         """softmax(masked(cap(q . k * multiplier))) @ v: q [B, T, N, G, K], k and v [B, S, N, K],
@@ -543,13 +548,9 @@ class LanguageModel(hk.Module):
         table = InOutEmbed(self.config, name="in_out_embed")()                          # [V, d]
         # The official model holds the product in the compute dtype, scales it, and returns the
         # logits rounded once more.
-        logits = self.rounded(times_table(h, table, self.dtype))
+        logits = rounded(times_table(h, table, self.dtype), self.dtype)
         logits = logits * self.as_compute_dtype(self.config.output_multiplier_scale)
-        return hooks.point("hook_logits", self.rounded(logits))                          # [..., V]
-
-    def rounded(self, x: jax.Array) -> jax.Array:
-        """x (float32) rounded to the compute dtype, kept float32."""
-        return x.astype(self.dtype).astype(jnp.float32)
+        return hooks.point("hook_logits", rounded(logits, self.dtype))                  # [..., V]
 
     def as_compute_dtype(self, multiplier: float) -> jax.Array:
         """A config multiplier as the compute dtype holds it: the official model multiplies its
